@@ -1,0 +1,3 @@
+"""flexmoe: FlexOlmo-style language models with privately trained, removable experts."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,160 @@
+"""The public anchor: a dense OLMo-2 model every expert is trained against, then frozen.
+
+An anchor directory is a stock `save_pretrained` Olmo2 checkpoint (loadable by
+AutoModelForCausalLM) plus the tokenizer and `flexmoe_anchor.json`: the training or import record
+and the anchor fingerprint that experts and merges use to prove which anchor they were built on.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from transformers import Olmo2Config, Olmo2ForCausalLM
+
+from flexmoe.data.shards import TokenStream
+from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
+from flexmoe.errors import FlexmoeError
+from flexmoe.fsutil import atomic_dir, sha256_file, write_json
+from flexmoe.model import PRESETS, ROPE_THETA, fingerprint, new_anchor, olmo2_config
+from flexmoe.records import library_versions, spec_hash
+from flexmoe.train import TrainConfig, train, unshard_for_save
+
+RECORD = "flexmoe_anchor.json"
+
+
+def open_streams(
+    data: Path, tokenizer_dir: Path, evals: dict[str, Path] | None
+) -> tuple[TokenStream, dict[str, TokenStream]]:
+    """Open training and held-out shards; refuse shards made with a different tokenizer."""
+    tok_sha = sha256_file(Path(tokenizer_dir) / "tokenizer.json")
+    streams = {"train": TokenStream(data)} | {k: TokenStream(v) for k, v in (evals or {}).items()}
+    for name, s in streams.items():
+        if s.index["tokenizer_sha256"] != tok_sha:
+            raise FlexmoeError(f"{s.path} ({name}) was tokenized with a different tokenizer")
+    train_stream = streams.pop("train")
+    return train_stream, streams
+
+
+def train_config_for(preset: str, **overrides) -> TrainConfig:
+    p = PRESETS[preset]
+    base = dict(steps=p.steps, batch_size=p.batch_size, seq_len=p.seq_len, lr=p.lr,
+                warmup=p.warmup, weight_decay=0.1)
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**base)
+
+
+def train_anchor(
+    data: Path,
+    out: Path,
+    tokenizer_dir: Path,
+    preset: str = "demo",
+    evals: dict[str, Path] | None = None,
+    resume: bool = False,
+    reuse: bool = False,
+    **overrides,
+) -> dict:
+    """Pretrain a dense Olmo2 anchor on public token shards and write the anchor directory."""
+    if preset not in PRESETS:
+        raise FlexmoeError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
+    out = Path(out)
+    tok = load_tokenizer(tokenizer_dir)
+    cfg = train_config_for(preset, **overrides)
+    train_stream, eval_streams = open_streams(data, tokenizer_dir, evals)
+    spec = {"preset": preset, "train": cfg.model_dump(exclude={"stop_after"}),
+            "data": [s["sha256"] for s in train_stream.index["shards"]],
+            "tokenizer": train_stream.index["tokenizer_sha256"], "kind": "anchor"}
+    if reuse and (out / RECORD).is_file():
+        rec = json.loads((out / RECORD).read_text())
+        if rec.get("spec_hash") == spec_hash(spec):
+            return rec
+    model_cfg = olmo2_config(preset, len(tok), tok.eos_token_id, tok.pad_token_id)
+    model = new_anchor(model_cfg, cfg.seed)
+    work = out.with_name(out.name + ".train")
+    result = train(
+        model, train_stream, cfg, work, eval_streams=eval_streams,
+        token_bytes=token_byte_lengths(tok), resume=resume, progress_label=f"anchor ({preset})",
+    )
+    model = unshard_for_save(model, lambda: new_anchor(model_cfg, cfg.seed))
+    if result.get("stopped") or model is None:
+        return result
+    record = {
+        "kind": "anchor",
+        "source": "trained",
+        "preset": preset,
+        "spec_hash": spec_hash(spec),
+        "training": {**result, "config": cfg.model_dump(), "seed": cfg.seed,
+                     "data": str(data), "data_tokens": len(train_stream)},
+        "libraries": library_versions(),
+    }
+    return write_anchor(model, tok, out, record)
+
+
+def write_anchor(model: Olmo2ForCausalLM, tokenizer, out: Path, record: dict) -> dict:
+    """save_pretrained + tokenizer + record with fingerprint, atomically."""
+    if model.config.model_type != "olmo2":
+        raise FlexmoeError(f"an anchor must be an OLMo-2 model, got {model.config.model_type}")
+    record = {**record, "fingerprint": fingerprint(model.state_dict()),
+              "rope_theta": model.config.rope_parameters["rope_theta"],
+              "parameters": sum(p.numel() for p in model.parameters())}
+    with atomic_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / RECORD, record)
+    return record
+
+
+def import_anchor(hf_dir: Path, out: Path, tokenizer_dir: Path | None = None) -> dict:
+    """Validate a local HF OLMo-2 dense checkpoint and write it in the anchor layout."""
+    hf_dir = Path(hf_dir)
+    cfg_path = hf_dir / "config.json"
+    if not cfg_path.is_file():
+        raise FlexmoeError(f"not a HF checkpoint (no config.json): {hf_dir}")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise FlexmoeError(f"{cfg_path}: invalid JSON ({e.msg})") from None
+    if raw.get("model_type") != "olmo2":
+        raise FlexmoeError(f"{hf_dir}: model_type is {raw.get('model_type')!r}, expected 'olmo2'")
+    if not any(hf_dir.glob("*.safetensors")):
+        raise FlexmoeError(f"{hf_dir}: no .safetensors weights (pickle checkpoints are refused)")
+    config = Olmo2Config.from_pretrained(hf_dir)
+    rope = dict(config.rope_parameters or {})
+    if "rope_theta" not in raw and "rope_theta" not in (raw.get("rope_parameters") or {}):
+        raise FlexmoeError(
+            f"{hf_dir}: config has no rope_theta; Olmo2Config would silently use 10000 "
+            f"(OLMo-2 uses {ROPE_THETA:g}). Add it to config.json explicitly."
+        )
+    try:
+        model = Olmo2ForCausalLM.from_pretrained(hf_dir, config=config, dtype=torch.float32)
+    except Exception as e:
+        raise FlexmoeError(f"{hf_dir}: cannot load weights ({type(e).__name__}: {e})") from None
+    for name, t in model.state_dict().items():
+        if not torch.isfinite(t).all():
+            raise FlexmoeError(f"{hf_dir}: tensor {name} has non-finite values")
+    tok_src = Path(tokenizer_dir) if tokenizer_dir else hf_dir
+    tok = load_tokenizer(tok_src)
+    if len(tok) > config.vocab_size:
+        raise FlexmoeError(f"tokenizer has {len(tok)} tokens > model vocab {config.vocab_size}")
+    record = {"kind": "anchor", "source": "imported", "imported_from": str(hf_dir.resolve()),
+              "rope_parameters": rope, "libraries": library_versions()}
+    return write_anchor(model, tok, Path(out), record)
+
+
+def load_anchor(path: Path) -> tuple[Olmo2ForCausalLM, dict]:
+    """Load an anchor directory and check its fingerprint."""
+    path = Path(path)
+    rec_path = path / RECORD
+    if not rec_path.is_file():
+        raise FlexmoeError(f"not an anchor directory (no {RECORD}): {path}")
+    record = json.loads(rec_path.read_text())
+    model = Olmo2ForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if fingerprint(model.state_dict()) != record["fingerprint"]:
+        raise FlexmoeError(f"anchor {path}: weights do not match the recorded fingerprint")
+    return model, record
+
+
+def remove_work_dir(out: Path) -> None:
+    shutil.rmtree(Path(out).with_name(Path(out).name + ".train"), ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Data: the embedded FlexMix-mini corpus, the shared tokenizer, and token shards."""

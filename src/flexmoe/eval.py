@@ -1,0 +1,69 @@
+"""Evaluation: per-domain held-out bits per byte for every kind of model flexmoe makes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from flexmoe.bpb import evaluate_bpb, unigram_bpb
+from flexmoe.data.corpus import DOMAINS
+from flexmoe.data.shards import INDEX, TokenStream
+from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
+from flexmoe.errors import FlexmoeError
+
+
+def load_for_eval(path: Path):
+    """(model, tokenizer) for an anchor, a merged model, or any HF causal LM directory."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FlexmoeError(f"not a model directory (no config.json): {path}")
+    cfg = AutoConfig.from_pretrained(path)
+    if cfg.model_type == "flex_olmo":
+        from flexmoe.infer import load_merged
+
+        return load_merged(path), load_tokenizer(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.eval(), load_tokenizer(path)
+
+
+def domain_streams(root: Path, split: str) -> dict[str, TokenStream]:
+    """All <root>/<domain>/<split> shard dirs, FlexMix domains first, then any others."""
+    root = Path(root)
+    found = sorted(p.parent.parent.name for p in root.glob(f"*/{split}/{INDEX}"))
+    if not found:
+        raise FlexmoeError(f"no token shards under {root}/<domain>/{split}/")
+    order = [d for d in DOMAINS if d in found] + [d for d in found if d not in DOMAINS]
+    return {d: TokenStream(root / d / split) for d in order}
+
+
+@torch.no_grad()
+def bpb_by_domain(model, token_bytes, streams: dict[str, TokenStream], seq_len: int,
+                  max_tokens: int, batch_size: int = 8) -> dict[str, float]:
+    model.eval()
+    return {
+        d: evaluate_bpb(lambda ids: model(ids).logits, s, token_bytes, seq_len,
+                        batch_size=batch_size, max_tokens=max_tokens)["bpb"]
+        for d, s in streams.items()
+    }
+
+
+def bpb_table(model_dir: Path, data: Path, split: str = "heldout", max_tokens: int = 131072,
+              seq_len: int = 256, unigram: bool = True) -> list[dict]:
+    model, tok = load_for_eval(model_dir)
+    tb = token_byte_lengths(tok)
+    streams = domain_streams(data, split)
+    scores = bpb_by_domain(model, tb, streams, seq_len, max_tokens)
+    rows = []
+    for d, s in streams.items():
+        row = {"domain": d, "bpb": scores[d]}
+        train_dir = Path(data) / d / "train"
+        if unigram and (train_dir / INDEX).is_file():
+            row["unigram bpb"] = unigram_bpb(TokenStream(train_dir), s, tb, max_tokens, seq_len)
+        rows.append(row)
+    mean = {"domain": "mean", "bpb": sum(scores.values()) / len(scores)}
+    if unigram and all("unigram bpb" in r for r in rows):
+        mean["unigram bpb"] = sum(r["unigram bpb"] for r in rows) / len(rows)
+    return rows + [mean]

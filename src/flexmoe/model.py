@@ -1,0 +1,213 @@
+"""The model: HF's Olmo2 (dense anchor) and FlexOlmo (MoE) plus what FlexOlmo-the-method adds.
+
+flexmoe does not re-implement the transformer. It adds, as a small diff over HF's FlexOlmo:
+- a per-layer, per-expert router bias b ≤ 0 (the paper's negative bias; stock HF has none),
+- expert masks (global or per batch row) that set excluded experts' logits to −∞ before the
+  softmax, with top-k clipped to the active experts — the exact opt-out,
+- optional recording of routing weights, for attribution.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import FlexOlmoConfig, FlexOlmoForCausalLM, Olmo2Config, Olmo2ForCausalLM
+from transformers.models.flex_olmo.modeling_flex_olmo import FlexOlmoTopKRouter
+
+from flexmoe.errors import FlexmoeError
+
+ROPE_THETA = 500_000.0  # OLMo-2's value; HF's Olmo2Config would default to 10_000.
+EXPERTS_IMPL = "eager"  # measured faster than grouped_mm on CPU (see docs/benchmarks.md)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Model shape plus the training defaults that go with it."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    seq_len: int
+    batch_size: int
+    steps: int
+    lr: float
+    warmup: int
+    num_key_value_heads: int | None = None
+
+
+PRESETS: dict[str, Preset] = {
+    # seconds on a CPU: for tests
+    "tiny": Preset(64, 2, 4, 192, seq_len=64, batch_size=8, steps=40, lr=3e-3, warmup=5),
+    # ≤ 6 minutes on 2 CPU cores (see scripts/bench_train.py)
+    "demo": Preset(256, 4, 4, 768, seq_len=256, batch_size=16, steps=400, lr=2e-3, warmup=30),
+    "small": Preset(512, 6, 8, 1536, seq_len=512, batch_size=16, steps=4000, lr=1e-3, warmup=200),
+    # OLMo-2 1B / 7B shapes, for GPUs
+    "1b": Preset(2048, 16, 16, 8192, seq_len=4096, batch_size=8, steps=10000, lr=4e-4, warmup=2000),
+    "7b": Preset(4096, 32, 32, 11008, seq_len=4096, batch_size=4, steps=10000, lr=3e-4, warmup=2000),
+}
+
+
+def olmo2_config(preset: str | Preset, vocab_size: int, eos_token_id: int, pad_token_id: int):
+    p = PRESETS[preset] if isinstance(preset, str) else preset
+    return Olmo2Config(
+        vocab_size=vocab_size,
+        hidden_size=p.hidden_size,
+        intermediate_size=p.intermediate_size,
+        num_hidden_layers=p.num_hidden_layers,
+        num_attention_heads=p.num_attention_heads,
+        num_key_value_heads=p.num_key_value_heads or p.num_attention_heads,
+        max_position_embeddings=max(p.seq_len, 4096),
+        rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+
+
+def new_anchor(config: Olmo2Config, seed: int) -> Olmo2ForCausalLM:
+    torch.manual_seed(seed)
+    return Olmo2ForCausalLM(config).float()
+
+
+def fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every tensor, in sorted-name order."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- MoE
+class FlexmoeRouter(FlexOlmoTopKRouter):
+    """HF's top-k router plus bias, masks and recording. Softmax spans the ACTIVE experts only."""
+
+    def __init__(self, config: FlexOlmoConfig):
+        super().__init__(config)
+        self.bias = nn.Parameter(torch.zeros(self.num_experts))
+        self.register_buffer("active", torch.ones(self.num_experts, dtype=torch.bool), False)
+        self.row_mask: torch.Tensor | None = None  # (batch, experts) bool, set per request
+        self.use_bias = True
+        self.records: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def forward(self, hidden_states: torch.Tensor):
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        logits = F.linear(hidden_states, self.weight)
+        if self.use_bias:
+            logits = logits + self.bias.clamp(max=0.0).to(logits.dtype)
+        mask = self.active.unsqueeze(0)
+        if self.row_mask is not None:
+            rows = self.row_mask.shape[0]
+            mask = mask & self.row_mask.repeat_interleave(hidden_states.shape[0] // rows, dim=0)
+        mask = mask.expand_as(logits)
+        if not bool(mask.all()):
+            logits = logits.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(logits, dtype=torch.float, dim=-1)
+        k = min(self.top_k, int(mask.sum(-1).max()))
+        top_value, top_index = torch.topk(probs, k, dim=-1)
+        if self.norm_topk_prob:
+            top_value = top_value / top_value.sum(dim=-1, keepdim=True)
+        chosen_active = mask.gather(1, top_index)
+        if not bool(chosen_active.all()):  # a row with fewer active experts than k
+            top_index = top_index.masked_fill(~chosen_active, self.num_experts)  # HF's "no expert"
+            top_value = top_value.masked_fill(~chosen_active, 0.0)
+        top_value = top_value.to(logits.dtype)
+        if self.records is not None:
+            self.records.append((top_index.detach(), top_value.detach().float()))
+        return logits, top_value, top_index
+
+
+def flexolmo_config(anchor: Olmo2Config, num_experts: int, top_k: int) -> FlexOlmoConfig:
+    """A FlexOlmo config with the anchor's shapes and rope θ (FlexOlmoConfig defaults differ)."""
+    cfg = FlexOlmoConfig(
+        vocab_size=anchor.vocab_size,
+        hidden_size=anchor.hidden_size,
+        intermediate_size=anchor.intermediate_size,
+        num_hidden_layers=anchor.num_hidden_layers,
+        num_attention_heads=anchor.num_attention_heads,
+        num_key_value_heads=anchor.num_key_value_heads,
+        max_position_embeddings=anchor.max_position_embeddings,
+        rms_norm_eps=anchor.rms_norm_eps,
+        rope_parameters=dict(anchor.rope_parameters),
+        eos_token_id=anchor.eos_token_id,
+        pad_token_id=anchor.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=anchor.tie_word_embeddings,
+        num_experts=num_experts,
+        num_experts_per_tok=top_k,
+        norm_topk_prob=False,
+        output_router_logits=False,
+    )
+    cfg._experts_implementation = EXPERTS_IMPL
+    return cfg
+
+
+def install_routers(model: FlexOlmoForCausalLM) -> FlexOlmoForCausalLM:
+    """Swap HF's routers for FlexmoeRouter in place, keeping their weights."""
+    for layer in model.model.layers:
+        old = layer.mlp.gate
+        if isinstance(old, FlexmoeRouter):
+            continue
+        new = FlexmoeRouter(model.config).to(old.weight.device, old.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(old.weight)
+        layer.mlp.gate = new
+    model.set_experts_implementation(EXPERTS_IMPL)
+    return model
+
+
+def routers(model: nn.Module) -> list[FlexmoeRouter]:
+    return [m for m in model.modules() if isinstance(m, FlexmoeRouter)]
+
+
+def upcycle(anchor: Olmo2ForCausalLM, num_experts: int, top_k: int) -> FlexOlmoForCausalLM:
+    """An MoE whose every expert is a copy of the anchor's FFN; all shared weights copied.
+
+    Router rows start at zero: callers initialise them (domain embedding, random, hidden).
+    """
+    cfg = flexolmo_config(anchor.config, num_experts, top_k)
+    with torch.device("meta"):
+        model = FlexOlmoForCausalLM(cfg)
+    model = model.to_empty(device="cpu")
+    model.model.rotary_emb = type(model.model.rotary_emb)(cfg)
+    src = anchor.state_dict()
+    dst = {}
+    for name, t in src.items():
+        if ".mlp." in name:
+            continue
+        dst[name] = t.clone()
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}.mlp"
+        gate_up = torch.cat([src[f"{p}.gate_proj.weight"], src[f"{p}.up_proj.weight"]], dim=0)
+        dst[f"{p}.experts.gate_up_proj"] = gate_up.unsqueeze(0).repeat(num_experts, 1, 1)
+        dst[f"{p}.experts.down_proj"] = (
+            src[f"{p}.down_proj.weight"].unsqueeze(0).repeat(num_experts, 1, 1)
+        )
+        dst[f"{p}.gate.weight"] = torch.zeros(num_experts, cfg.hidden_size)
+    missing, unexpected = model.load_state_dict(dst, strict=False)
+    missing = [m for m in missing if "rotary" not in m]
+    if missing or unexpected:
+        raise FlexmoeError(f"upcycle: state dict mismatch (missing {missing}, extra {unexpected})")
+    return install_routers(model.float())
+
+
+def set_active_experts(model: nn.Module, active: list[bool] | torch.Tensor) -> None:
+    """Include/exclude experts for every following request; no reload, no weight change."""
+    active = torch.as_tensor(active, dtype=torch.bool)
+    for r in routers(model):
+        r.active.copy_(active)
+
+
+def set_row_masks(model: nn.Module, row_mask: torch.Tensor | None) -> None:
+    """Per-request expert selection: row_mask[b, e] says whether batch row b may use expert e."""
+    for r in routers(model):
+        r.row_mask = None if row_mask is None else row_mask.to(torch.bool)

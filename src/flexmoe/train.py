@@ -1,0 +1,384 @@
+"""The one training loop: anchor pretraining, expert training and router tuning all run here.
+
+They differ only in which parameters have requires_grad (plus optional gradient masks that freeze
+rows/slices of a tensor) and which token streams they read. The loop gives:
+AdamW + warmup/cosine, clipping, accumulation, optional bf16 autocast, periodic held-out loss/BPB,
+a rich progress bar, a JSONL metrics log, a seed-determined data order, atomic checkpoints and an
+exact `--resume`. Under `torchrun` it shards the model with FSDP2 and gives every rank its own
+rows of each global batch, so N processes see the same data as one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from flexmoe.bpb import evaluate_bpb
+from flexmoe.data.shards import TokenStream
+from flexmoe.errors import FlexmoeError
+from flexmoe.fsutil import atomic_dir, write_json
+
+
+class TrainConfig(BaseModel):
+    steps: int = Field(gt=0)
+    batch_size: int = Field(8, gt=0, description="sequences per optimizer step (global)")
+    seq_len: int = Field(256, gt=1)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, ge=0)
+    bf16: bool = False
+    seed: int = 0
+    eval_every: int = Field(0, ge=0, description="0 = only at the end")
+    eval_tokens: int = Field(65536, gt=0)
+    ckpt_every: int = Field(0, ge=0, description="0 = only at the end")
+    log_every: int = Field(10, gt=0)
+    stop_after: int | None = Field(None, description="exit after this step (testing a kill)")
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warmup, then cosine decay to min_lr_ratio·lr at the last step."""
+    if cfg.warmup and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(cfg.steps - cfg.warmup, 1)
+    progress = min((step - cfg.warmup) / span, 1.0)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ---------------------------------------------------------------- distributed
+def dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the torchrun group if launched by torchrun (gloo on CPU, nccl on GPU)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist_info()
+
+
+def shard_model(model: nn.Module) -> nn.Module:
+    """FSDP2: one unit per decoder layer plus the root. Works on CPU (gloo) and GPU."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    if dist_info()[1] == 1:
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts)
+
+
+def unshard_for_save(model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module | None:
+    """After distributed training: rank 0 gets a plain model holding the full weights, other
+    ranks get None (only rank 0 writes outputs). A no-op in a single process."""
+    rank, world = dist_info()
+    if world == 1:
+        return model
+    state = full_state_dict(model)
+    plain = build() if rank == 0 else None
+    if plain is not None:
+        plain.load_state_dict(state)
+    dist.barrier()
+    return plain
+
+
+# ---------------------------------------------------------------- data
+def batch_starts(n_tokens: int, cfg: TrainConfig, step: int, micro: int) -> np.ndarray:
+    """Window starts of one micro-batch; a pure function of (seed, step, micro)."""
+    micro_bs = cfg.batch_size // cfg.grad_accum
+    rng = np.random.default_rng([cfg.seed, step, micro])
+    return rng.integers(0, n_tokens - cfg.seq_len - 1, size=micro_bs)
+
+
+def get_batch(stream: TokenStream, cfg: TrainConfig, step: int, micro: int) -> torch.Tensor:
+    rank, world = dist_info()
+    starts = batch_starts(len(stream), cfg, step, micro)[rank::world]
+    return torch.from_numpy(np.stack([stream.window(int(s), cfg.seq_len + 1) for s in starts]))
+
+
+# ---------------------------------------------------------------- checkpoints
+CKPT_DIR = "checkpoints"
+
+
+def _trainable_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def save_checkpoint(out: Path, model, optimizer, step: int, cfg: TrainConfig) -> Path:
+    """Model, optimizer, schedule position, data position and RNG, atomically."""
+    rank, world = dist_info()
+    state = full_state_dict(model)
+    if world > 1:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
+
+        osd = get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+    else:
+        osd = optimizer.state_dict()
+    if rank == 0:
+        dest = out / CKPT_DIR / f"step_{step:07d}"
+        with atomic_dir(dest, overwrite=True) as tmp:
+            save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors")
+            torch.save(osd, tmp / "optimizer.pt")
+            torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+            write_json(
+                tmp / "state.json",
+                {"step": step, "lr": lr_at(cfg, step - 1), "data_position": {"step": step},
+                 "world_size": world, "config": cfg.model_dump()},
+            )
+        write_json(out / CKPT_DIR / "latest.json", {"step": step, "path": dest.name})
+        for old in sorted((out / CKPT_DIR).glob("step_*"))[:-2]:  # keep the last two
+            shutil.rmtree(old, ignore_errors=True)
+    if world > 1:
+        dist.barrier()
+    return out / CKPT_DIR / f"step_{step:07d}"
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ptr = out / CKPT_DIR / "latest.json"
+    if not ptr.is_file():
+        return None
+    path = out / CKPT_DIR / json.loads(ptr.read_text())["path"]
+    return path if path.is_dir() else None
+
+
+def load_checkpoint(path: Path, model, optimizer) -> int:
+    _, world = dist_info()
+    state = load_file(path / "model.safetensors")
+    osd = torch.load(path / "optimizer.pt", weights_only=True)
+    if world > 1:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+        set_model_state_dict(model, state, options=opts)
+        set_optimizer_state_dict(model, optimizer, osd, options=opts)
+    else:
+        model.load_state_dict(state)
+        optimizer.load_state_dict(osd)
+    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
+    return json.loads((path / "state.json").read_text())["step"]
+
+
+# ---------------------------------------------------------------- the loop
+def train(
+    model: nn.Module,
+    train_stream: TokenStream,
+    cfg: TrainConfig,
+    out: str | Path,
+    eval_streams: dict[str, TokenStream] | None = None,
+    token_bytes: np.ndarray | None = None,
+    grad_masks: dict[str, torch.Tensor] | None = None,
+    post_step: Callable[[nn.Module], None] | None = None,
+    resume: bool = False,
+    progress_label: str = "train",
+) -> dict:
+    """Train `model`'s requires_grad parameters. Returns the final metrics.
+
+    grad_masks: parameter name → 0/1 tensor multiplied into its gradient (freezes slices, e.g. the
+    public expert inside a stacked expert tensor; with weight decay 0 AdamW then leaves them
+    bit-identical). post_step runs after each optimizer step (e.g. projecting a bias to ≤ 0).
+    """
+    out = Path(out)
+    rank, world = init_distributed()
+    if cfg.batch_size % (cfg.grad_accum * world):
+        raise FlexmoeError(
+            f"batch size {cfg.batch_size} must be divisible by grad_accum×world "
+            f"({cfg.grad_accum}×{world})"
+        )
+    if len(train_stream) <= cfg.seq_len + 1:
+        raise FlexmoeError(f"training data has {len(train_stream)} tokens; need > seq_len+1")
+    torch.manual_seed(cfg.seed)
+    names = _trainable_names(model)
+    if not names:
+        raise FlexmoeError("nothing to train: no parameter has requires_grad")
+    if world > 1:
+        model = shard_model(model)
+    masks = _place_masks(model, grad_masks or {})
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=cfg.betas, foreach=False,
+    )
+    start = 0
+    if resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise FlexmoeError(f"--resume given but no checkpoint under {out / CKPT_DIR}")
+        start = load_checkpoint(ckpt, model, optimizer)
+    elif (out / CKPT_DIR).exists() and rank == 0:
+        shutil.rmtree(out / CKPT_DIR)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "metrics.jsonl"
+    if rank == 0 and not resume and log_path.exists():
+        log_path.unlink()
+    autocast = (
+        torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
+        if cfg.bf16
+        else nullcontext()
+    )
+    device = next(model.parameters()).device
+
+    def evaluate() -> dict:
+        if not eval_streams or token_bytes is None:
+            return {}
+        model.eval()
+        res = {}
+        with autocast:
+            for name, stream in eval_streams.items():
+                r = evaluate_bpb(
+                    lambda ids: model(ids.to(device)).logits, stream, token_bytes,
+                    cfg.seq_len, batch_size=max(1, cfg.batch_size // cfg.grad_accum),
+                    max_tokens=cfg.eval_tokens,
+                )
+                res[f"eval/{name}/loss"], res[f"eval/{name}/bpb"] = r["loss"], r["bpb"]
+        model.train()
+        return res
+
+    def log(rec: dict) -> None:
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec, sort_keys=True) + "\n")
+
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    model.train()
+    last: dict = {}
+    t_start = time.perf_counter()
+    with _progress(rank == 0, progress_label, cfg.steps, start) as bar:
+        for step in range(start, cfg.steps):
+            lr = lr_at(cfg, step)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for micro in range(cfg.grad_accum):
+                batch = get_batch(train_stream, cfg, step, micro).to(device)
+                with autocast:
+                    logits = model(batch[:, :-1]).logits
+                loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach().double()
+            for p, m in masks:
+                if p.grad is not None:
+                    p.grad.mul_(m)
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                               cfg.grad_clip)
+                if cfg.grad_clip > 0 else torch.zeros(())
+            )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if post_step is not None:
+                post_step(model)
+            loss_val = loss_sum / cfg.grad_accum
+            if world > 1:
+                dist.all_reduce(loss_val, op=dist.ReduceOp.AVG)
+            done = step + 1
+            elapsed = time.perf_counter() - t_start
+            tok_s = (done - start) * tokens_per_step / max(elapsed, 1e-9)
+            last = {"step": done, "loss": float(loss_val), "lr": lr,
+                    "grad_norm": float(grad_norm), "tokens": done * tokens_per_step,
+                    "tokens_per_s": tok_s}
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                log(last)
+            if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+                log({"step": done, **evaluate()})
+            if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done != cfg.steps:
+                save_checkpoint(out, model, optimizer, done, cfg)
+            bar(done, float(loss_val), tok_s)
+            if cfg.stop_after is not None and done >= cfg.stop_after:
+                return {**last, "stopped": True}
+    final = {**last, **evaluate(), "seconds": time.perf_counter() - t_start}
+    log(final)
+    save_checkpoint(out, model, optimizer, cfg.steps, cfg)
+    return final
+
+
+def _place_masks(model: nn.Module, grad_masks: dict[str, torch.Tensor]) -> list:
+    """Pair each masked parameter with its mask, sharded like the parameter under FSDP2."""
+    params = dict(model.named_parameters())
+    placed = []
+    for name, mask in grad_masks.items():
+        if name not in params:
+            raise FlexmoeError(f"gradient mask for unknown parameter {name}")
+        p = params[name]
+        m = mask.to(p.dtype)
+        if hasattr(p, "device_mesh"):  # a DTensor shard
+            from torch.distributed.tensor import distribute_tensor
+
+            m = distribute_tensor(m, p.device_mesh, p.placements)
+        placed.append((p, m))
+    return placed
+
+
+class _progress:
+    """A rich progress bar (loss, tokens/s, ETA) on rank 0; a no-op elsewhere."""
+
+    def __init__(self, enabled: bool, label: str, total: int, start: int):
+        self.enabled, self.label, self.total, self.start = enabled, label, total, start
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda *a: None
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.p = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
+            TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
+            disable=os.environ.get("FLEXMOE_NO_PROGRESS") == "1",
+        )
+        self.p.start()
+        task = self.p.add_task(self.label, total=self.total, completed=self.start, loss=float("nan"),
+                               tps=0.0)
+        return lambda done, loss, tps: self.p.update(task, completed=done, loss=loss, tps=tps)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.p.stop()
+        return False
