@@ -23,6 +23,39 @@ from flexmoe.records import library_versions, spec_hash
 from flexmoe.train import TrainConfig, train, unshard_for_save
 
 RECORD = "flexmoe_anchor.json"
+ROUTER = "flexmoe_router.safetensors"  # the anchor's router-space tensors (shared by all owners)
+
+
+def router_extras(model, tokenizer, public: TokenStream, seed: int = 0, docs: int = 1000,
+                  windows: int = 32, seq_len: int = 256) -> dict[str, torch.Tensor]:
+    """The projection and the public router rows for each init method, computed once per anchor
+    so every owner (and the merge) uses bit-identical public rows."""
+    import numpy as np
+
+    from flexmoe.router_init import (
+        domain_rows,
+        hidden_rows,
+        projection,
+        random_rows,
+        sample_documents,
+    )
+
+    cfg = model.config
+    proj = projection(cfg.hidden_size)
+    texts = sample_documents(public, tokenizer, docs, seed)
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, max(len(public) - seq_len, 1), size=windows)
+    ids = torch.from_numpy(np.stack([public.window(int(s), seq_len) for s in starts]))
+    return {
+        "projection": proj.contiguous(),
+        "public.domain": domain_rows(texts, proj, cfg.num_hidden_layers).contiguous(),
+        "public.hidden": hidden_rows(model, ids).contiguous(),
+        "public.random": random_rows(cfg.num_hidden_layers, cfg.hidden_size, seed).contiguous(),
+    }
+
+
+def anchor_fingerprint(model, extras: dict[str, torch.Tensor]) -> str:
+    return fingerprint(model.state_dict() | {f"flexmoe_router.{k}": v for k, v in extras.items()})
 
 
 def open_streams(
@@ -54,6 +87,7 @@ def train_anchor(
     evals: dict[str, Path] | None = None,
     resume: bool = False,
     reuse: bool = False,
+    router_docs: int = 1000,
     **overrides,
 ) -> dict:
     """Pretrain a dense Olmo2 anchor on public token shards and write the anchor directory."""
@@ -80,6 +114,8 @@ def train_anchor(
     model = unshard_for_save(model, lambda: new_anchor(model_cfg, cfg.seed))
     if result.get("stopped") or model is None:
         return result
+    model.eval()
+    extras = router_extras(model, tok, train_stream, seed=cfg.seed, docs=router_docs)
     record = {
         "kind": "anchor",
         "source": "trained",
@@ -89,24 +125,30 @@ def train_anchor(
                      "data": str(data), "data_tokens": len(train_stream)},
         "libraries": library_versions(),
     }
-    return write_anchor(model, tok, out, record)
+    return write_anchor(model, tok, extras, out, record)
 
 
-def write_anchor(model: Olmo2ForCausalLM, tokenizer, out: Path, record: dict) -> dict:
-    """save_pretrained + tokenizer + record with fingerprint, atomically."""
+def write_anchor(model: Olmo2ForCausalLM, tokenizer, extras: dict, out: Path, record: dict) -> dict:
+    """save_pretrained + tokenizer + router extras + record with fingerprint, atomically."""
+    from safetensors.torch import save_file
+
     if model.config.model_type != "olmo2":
         raise FlexmoeError(f"an anchor must be an OLMo-2 model, got {model.config.model_type}")
-    record = {**record, "fingerprint": fingerprint(model.state_dict()),
+    record = {**record, "fingerprint": anchor_fingerprint(model, extras),
               "rope_theta": model.config.rope_parameters["rope_theta"],
               "parameters": sum(p.numel() for p in model.parameters())}
     with atomic_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        save_file(extras, tmp / ROUTER)
         write_json(tmp / RECORD, record)
     return record
 
 
-def import_anchor(hf_dir: Path, out: Path, tokenizer_dir: Path | None = None) -> dict:
+def import_anchor(
+    hf_dir: Path, out: Path, public: Path, tokenizer_dir: Path | None = None,
+    router_docs: int = 1000,
+) -> dict:
     """Validate a local HF OLMo-2 dense checkpoint and write it in the anchor layout."""
     hf_dir = Path(hf_dir)
     cfg_path = hf_dir / "config.json"
@@ -138,22 +180,29 @@ def import_anchor(hf_dir: Path, out: Path, tokenizer_dir: Path | None = None) ->
     tok = load_tokenizer(tok_src)
     if len(tok) > config.vocab_size:
         raise FlexmoeError(f"tokenizer has {len(tok)} tokens > model vocab {config.vocab_size}")
+    public_stream = TokenStream(public)
+    if public_stream.index["vocab_size"] != len(tok):
+        raise FlexmoeError(f"{public} was tokenized with a different tokenizer")
+    extras = router_extras(model.eval(), tok, public_stream, docs=router_docs)
     record = {"kind": "anchor", "source": "imported", "imported_from": str(hf_dir.resolve()),
               "rope_parameters": rope, "libraries": library_versions()}
-    return write_anchor(model, tok, Path(out), record)
+    return write_anchor(model, tok, extras, Path(out), record)
 
 
-def load_anchor(path: Path) -> tuple[Olmo2ForCausalLM, dict]:
-    """Load an anchor directory and check its fingerprint."""
+def load_anchor(path: Path) -> tuple[Olmo2ForCausalLM, dict, dict[str, torch.Tensor]]:
+    """Load an anchor directory (model, record, router extras) and check its fingerprint."""
+    from safetensors.torch import load_file
+
     path = Path(path)
     rec_path = path / RECORD
     if not rec_path.is_file():
         raise FlexmoeError(f"not an anchor directory (no {RECORD}): {path}")
     record = json.loads(rec_path.read_text())
     model = Olmo2ForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if fingerprint(model.state_dict()) != record["fingerprint"]:
+    extras = load_file(path / ROUTER)
+    if anchor_fingerprint(model, extras) != record["fingerprint"]:
         raise FlexmoeError(f"anchor {path}: weights do not match the recorded fingerprint")
-    return model, record
+    return model.eval(), record, extras
 
 
 def remove_work_dir(out: Path) -> None:

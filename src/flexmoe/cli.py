@@ -135,6 +135,7 @@ def anchor_train(
     ckpt_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
     reuse: Annotated[bool, typer.Option(help="Skip if OUT was built from the same spec.")] = False,
+    router_docs: Annotated[int, typer.Option(help="Public documents to embed.")] = 1000,
 ) -> None:
     """Pretrain a dense OLMo-2 anchor on public data (runs under torchrun for FSDP2)."""
     from flexmoe.anchor import train_anchor
@@ -143,7 +144,7 @@ def anchor_train(
         data, out_dir, tokenizer, preset=preset, evals=_parse_named(eval_data, "--eval"),
         resume=resume, reuse=reuse, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
         warmup=warmup, grad_accum=grad_accum, bf16=bf16 or None, seed=seed,
-        eval_every=eval_every, ckpt_every=ckpt_every,
+        eval_every=eval_every, ckpt_every=ckpt_every, router_docs=router_docs,
     )
     if "fingerprint" in rec:
         out.print(f"anchor → {out_dir}  fingerprint {rec['fingerprint'][:16]}…")
@@ -153,14 +154,18 @@ def anchor_train(
 def anchor_import(
     hf_dir: Annotated[Path, typer.Argument(help="A local HF OLMo-2 dense checkpoint directory.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Anchor directory to write.")],
+    public: Annotated[
+        Path, typer.Option(help="Public token shards (for the public router embedding).")
+    ],
     tokenizer: Annotated[
         Path | None, typer.Option(help="Tokenizer dir, if HF_DIR has none.")
     ] = None,
+    router_docs: Annotated[int, typer.Option(help="Public documents to embed.")] = 1000,
 ) -> None:
     """Validate an existing OLMo-2 checkpoint and write it in the anchor layout."""
     from flexmoe.anchor import import_anchor
 
-    rec = import_anchor(hf_dir, out_dir, tokenizer)
+    rec = import_anchor(hf_dir, out_dir, public, tokenizer, router_docs=router_docs)
     out.print(f"anchor → {out_dir}  fingerprint {rec['fingerprint'][:16]}…")
 
 
@@ -190,6 +195,10 @@ def eval_bpb(
     for r in rows:
         table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r.values()])
     out.print(table)
+
+
+# ---- merge / generate commands: begin (owned by src/flexmoe/merge.py + infer.py) ----
+# ---- merge / generate commands: end ----
 
 
 def main() -> None:
