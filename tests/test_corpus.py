@@ -83,8 +83,9 @@ def test_no_heldout_leakage(corpus) -> None:
         assert d["id"] not in held_ids
         assert hashlib.sha1(normalize_text(d["text"]).encode()).digest() not in held_text, d["id"]
     hasher = ShingleHasher()
-    pairs = find_near_duplicates([hasher(d["text"]) for d in train],
-                                 [hasher(d["text"]) for d in held])
+    pairs = find_near_duplicates(
+        [hasher(d["text"]) for d in train], [hasher(d["text"]) for d in held]
+    )
     assert not pairs, [(train[q]["id"], held[r]["id"], j) for q, r, j in pairs[:5]]
 
 
@@ -110,40 +111,47 @@ def _bow(text: str, cache: dict[str, int], dim: int) -> tuple[np.ndarray, np.nda
 
 
 def test_domains_are_distinct(corpus) -> None:
-    """Nearest-centroid bag-of-words (tf-idf) classifier: held-out docs land in their domain."""
+    """Nearest-prototype tf-idf bag of words: held-out docs land in their own domain.
+
+    One centroid per source (labelled with its domain), built from train splits only, so a
+    domain whose text resembled another domain's would lose its held-out docs to it.
+    """
     dim, cache = 1 << 18, {}
-    budget = 2_000_000  # characters of train text per domain, enough for stable centroids
-    train_vecs: dict[str, list] = {}
-    df = np.zeros(dim)
-    n_docs = 0
+    budget = 1_000_000  # characters of train text per source, enough for stable centroids
+    by_source: dict[str, list] = {}
     for dom in DOMAINS:
-        docs = corpus[dom, "train"]
+        for d in corpus[dom, "train"]:
+            by_source.setdefault(d["source"], []).append(d)
+    labels, vecs = [], []
+    df = np.zeros(dim)
+    for src in sorted(by_source):
+        docs = by_source[src]
         step = max(1, int(sum(len(d["text"]) for d in docs) / budget))
-        vecs = [_bow(d["text"], cache, dim) for d in docs[::step]]
-        for idx, _ in vecs:
+        vs = [_bow(d["text"], cache, dim) for d in docs[::step]]
+        for idx, _ in vs:
             df[idx] += 1
-        n_docs += len(vecs)
-        train_vecs[dom] = vecs
-    idf = np.log((1 + n_docs) / (1 + df)) + 1
-    cents = np.zeros((len(DOMAINS), dim))
-    for i, dom in enumerate(DOMAINS):
-        for idx, val in train_vecs[dom]:
+        labels.append(docs[0]["domain"])
+        vecs.append(vs)
+    idf = np.log((1 + sum(len(v) for v in vecs)) / (1 + df)) + 1
+    cents = np.zeros((len(labels), dim))
+    for i, vs in enumerate(vecs):
+        for idx, val in vs:
             w = val * idf[idx]
             cents[i, idx] += w / np.linalg.norm(w)
         cents[i] /= np.linalg.norm(cents[i])
     correct = total = 0
     per_domain = {}
-    for i, dom in enumerate(DOMAINS):
-        ok = 0
+    for dom in DOMAINS:
         docs = corpus[dom, "heldout"]
+        ok = 0
         for d in docs:
             idx, val = _bow(d["text"], cache, dim)
-            ok += int(np.argmax(cents[:, idx] @ (val * idf[idx])) == i)
-        per_domain[dom] = ok / len(docs)
+            ok += int(labels[int(np.argmax(cents[:, idx] @ (val * idf[idx])))] == dom)
+        per_domain[dom] = round(ok / len(docs), 3)
         correct += ok
         total += len(docs)
     assert correct / total >= 0.9, per_domain
-    assert min(per_domain.values()) >= 0.7, per_domain
+    assert min(per_domain.values()) >= 0.8, per_domain
 
 
 def test_near_duplicate_detector() -> None:

@@ -26,8 +26,15 @@ RECORD = "flexmoe_anchor.json"
 ROUTER = "flexmoe_router.safetensors"  # the anchor's router-space tensors (shared by all owners)
 
 
-def router_extras(model, tokenizer, public: TokenStream, seed: int = 0, docs: int = 1000,
-                  windows: int = 32, seq_len: int = 256) -> dict[str, torch.Tensor]:
+def router_extras(
+    model,
+    tokenizer,
+    public: TokenStream,
+    seed: int = 0,
+    docs: int = 1000,
+    windows: int = 32,
+    seq_len: int = 256,
+) -> dict[str, torch.Tensor]:
     """The projection and the public router rows for each init method, computed once per anchor
     so every owner (and the merge) uses bit-identical public rows."""
     import numpy as np
@@ -73,8 +80,14 @@ def open_streams(
 
 def train_config_for(preset: str, **overrides) -> TrainConfig:
     p = PRESETS[preset]
-    base = dict(steps=p.steps, batch_size=p.batch_size, seq_len=p.seq_len, lr=p.lr,
-                warmup=p.warmup, weight_decay=0.1)
+    base = dict(
+        steps=p.steps,
+        batch_size=p.batch_size,
+        seq_len=p.seq_len,
+        lr=p.lr,
+        warmup=p.warmup,
+        weight_decay=0.1,
+    )
     base.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(**base)
 
@@ -97,9 +110,13 @@ def train_anchor(
     tok = load_tokenizer(tokenizer_dir)
     cfg = train_config_for(preset, **overrides)
     train_stream, eval_streams = open_streams(data, tokenizer_dir, evals)
-    spec = {"preset": preset, "train": cfg.model_dump(exclude={"stop_after"}),
-            "data": [s["sha256"] for s in train_stream.index["shards"]],
-            "tokenizer": train_stream.index["tokenizer_sha256"], "kind": "anchor"}
+    spec = {
+        "preset": preset,
+        "train": cfg.model_dump(exclude={"stop_after"}),
+        "data": [s["sha256"] for s in train_stream.index["shards"]],
+        "tokenizer": train_stream.index["tokenizer_sha256"],
+        "kind": "anchor",
+    }
     if reuse and (out / RECORD).is_file():
         rec = json.loads((out / RECORD).read_text())
         if rec.get("spec_hash") == spec_hash(spec):
@@ -108,8 +125,14 @@ def train_anchor(
     model = new_anchor(model_cfg, cfg.seed)
     work = out.with_name(out.name + ".train")
     result = train(
-        model, train_stream, cfg, work, eval_streams=eval_streams,
-        token_bytes=token_byte_lengths(tok), resume=resume, progress_label=f"anchor ({preset})",
+        model,
+        train_stream,
+        cfg,
+        work,
+        eval_streams=eval_streams,
+        token_bytes=token_byte_lengths(tok),
+        resume=resume,
+        progress_label=f"anchor ({preset})",
     )
     model = unshard_for_save(model, lambda: new_anchor(model_cfg, cfg.seed))
     if result.get("stopped") or model is None:
@@ -121,8 +144,13 @@ def train_anchor(
         "source": "trained",
         "preset": preset,
         "spec_hash": spec_hash(spec),
-        "training": {**result, "config": cfg.model_dump(), "seed": cfg.seed,
-                     "data": str(data), "data_tokens": len(train_stream)},
+        "training": {
+            **result,
+            "config": cfg.model_dump(),
+            "seed": cfg.seed,
+            "data": str(data),
+            "data_tokens": len(train_stream),
+        },
         "libraries": library_versions(),
     }
     return write_anchor(model, tok, extras, out, record)
@@ -134,9 +162,12 @@ def write_anchor(model: Olmo2ForCausalLM, tokenizer, extras: dict, out: Path, re
 
     if model.config.model_type != "olmo2":
         raise FlexmoeError(f"an anchor must be an OLMo-2 model, got {model.config.model_type}")
-    record = {**record, "fingerprint": anchor_fingerprint(model, extras),
-              "rope_theta": model.config.rope_parameters["rope_theta"],
-              "parameters": sum(p.numel() for p in model.parameters())}
+    record = {
+        **record,
+        "fingerprint": anchor_fingerprint(model, extras),
+        "rope_theta": model.config.rope_parameters["rope_theta"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
     with atomic_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -146,7 +177,10 @@ def write_anchor(model: Olmo2ForCausalLM, tokenizer, extras: dict, out: Path, re
 
 
 def import_anchor(
-    hf_dir: Path, out: Path, public: Path, tokenizer_dir: Path | None = None,
+    hf_dir: Path,
+    out: Path,
+    public: Path,
+    tokenizer_dir: Path | None = None,
     router_docs: int = 1000,
 ) -> dict:
     """Validate a local HF OLMo-2 dense checkpoint and write it in the anchor layout."""
@@ -184,8 +218,13 @@ def import_anchor(
     if public_stream.index["vocab_size"] != len(tok):
         raise FlexmoeError(f"{public} was tokenized with a different tokenizer")
     extras = router_extras(model.eval(), tok, public_stream, docs=router_docs)
-    record = {"kind": "anchor", "source": "imported", "imported_from": str(hf_dir.resolve()),
-              "rope_parameters": rope, "libraries": library_versions()}
+    record = {
+        "kind": "anchor",
+        "source": "imported",
+        "imported_from": str(hf_dir.resolve()),
+        "rope_parameters": rope,
+        "libraries": library_versions(),
+    }
     return write_anchor(model, tok, extras, Path(out), record)
 
 

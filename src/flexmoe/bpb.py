@@ -65,8 +65,11 @@ def evaluate_bpb(
 
 
 def unigram_bpb(
-    train: TokenStream, heldout: TokenStream, token_bytes: np.ndarray,
-    max_tokens: int | None = None, seq_len: int = 256,
+    train: TokenStream,
+    heldout: TokenStream,
+    token_bytes: np.ndarray,
+    max_tokens: int | None = None,
+    seq_len: int = 256,
 ) -> float:
     """BPB of an add-one unigram model fit on `train`, on the same targets evaluate_bpb scores."""
     vocab = len(token_bytes)

@@ -141,10 +141,24 @@ def anchor_train(
     from flexmoe.anchor import train_anchor
 
     rec = train_anchor(
-        data, out_dir, tokenizer, preset=preset, evals=_parse_named(eval_data, "--eval"),
-        resume=resume, reuse=reuse, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
-        warmup=warmup, grad_accum=grad_accum, bf16=bf16 or None, seed=seed,
-        eval_every=eval_every, ckpt_every=ckpt_every, router_docs=router_docs,
+        data,
+        out_dir,
+        tokenizer,
+        preset=preset,
+        evals=_parse_named(eval_data, "--eval"),
+        resume=resume,
+        reuse=reuse,
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=lr,
+        warmup=warmup,
+        grad_accum=grad_accum,
+        bf16=bf16 or None,
+        seed=seed,
+        eval_every=eval_every,
+        ckpt_every=ckpt_every,
+        router_docs=router_docs,
     )
     if "fingerprint" in rec:
         out.print(f"anchor → {out_dir}  fingerprint {rec['fingerprint'][:16]}…")
@@ -169,8 +183,106 @@ def anchor_import(
     out.print(f"anchor → {out_dir}  fingerprint {rec['fingerprint'][:16]}…")
 
 
-eval_app = typer.Typer(help="Evaluation: held-out bits per byte, downstream tasks.",
-                       no_args_is_help=True)
+expert_app = typer.Typer(
+    help="Experts: train against the frozen anchor, verify packages.", no_args_is_help=True
+)
+app.add_typer(expert_app, name="expert")
+
+
+@expert_app.command("train")
+def expert_train(
+    anchor: Annotated[Path, typer.Option(help="The anchor directory.")],
+    data: Annotated[Path, typer.Option(help="Token shards of the owner's training data.")],
+    name: Annotated[str, typer.Option(help="Expert name (lowercase, digits, - _).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Package directory to write.")],
+    heldout: Annotated[Path | None, typer.Option(help="Owner's held-out shards.")] = None,
+    domain: Annotated[str | None, typer.Option(help="Domain label (default: name).")] = None,
+    owner: Annotated[str, typer.Option(help="Data owner.")] = "unknown",
+    licence: Annotated[str, typer.Option(help="Licence of the expert weights.")] = "unspecified",
+    consent_use: Annotated[
+        list[str] | None,
+        typer.Option("--consent-use", help="Allowed use: research | commercial (repeatable)."),
+    ] = None,
+    consent_expires: Annotated[
+        str | None, typer.Option("--consent-expires", help="Consent expiry date YYYY-MM-DD.")
+    ] = None,
+    router_init: Annotated[str, typer.Option(help="domain | random | hidden")] = "domain",
+    router_docs: Annotated[int, typer.Option(help="Owner documents to embed.")] = 1000,
+    dense: Annotated[
+        bool, typer.Option(help="Baseline: continue-pretrain the whole anchor instead.")
+    ] = False,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per step.")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per sequence.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    warmup: Annotated[int | None, typer.Option(help="Warmup steps.")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per step.")] = None,
+    bf16: Annotated[bool, typer.Option(help="bf16 autocast.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    ckpt_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
+) -> None:
+    """Train an expert on private data against the frozen anchor; write its package."""
+    import datetime as dt
+
+    from flexmoe.expert import train_expert
+
+    expires = None
+    if consent_expires:
+        try:
+            expires = dt.date.fromisoformat(consent_expires)
+        except ValueError:
+            raise FlexmoeError(f"--consent-expires '{consent_expires}' is not YYYY-MM-DD") from None
+    res = train_expert(
+        anchor,
+        data,
+        out_dir,
+        name,
+        heldout=heldout,
+        domain=domain,
+        owner=owner,
+        licence=licence,
+        allowed_uses=consent_use,
+        expires=expires,
+        router_init=router_init,
+        router_docs=router_docs,
+        dense=dense,
+        resume=resume,
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=lr,
+        warmup=warmup,
+        grad_accum=grad_accum,
+        bf16=bf16 or None,
+        seed=seed,
+        ckpt_every=ckpt_every,
+    )
+    tr = res.get("training", {})
+    if "heldout_bpb" in tr or "anchor_heldout_bpb" in tr:
+        out.print(
+            f"expert '{name}' → {out_dir}  held-out bpb {tr.get('heldout_bpb')} "
+            f"(anchor {tr.get('anchor_heldout_bpb')})"
+        )
+
+
+@expert_app.command("verify")
+def expert_verify(
+    package: Annotated[Path, typer.Argument(help="Expert package directory.")],
+    anchor: Annotated[Path, typer.Option(help="The anchor it claims to be built on.")],
+) -> None:
+    """Check schema, hashes, shapes, dtypes, finite values and the anchor fingerprint."""
+    from flexmoe.anchor import load_anchor
+    from flexmoe.package import verify_package
+
+    model, record, extras = load_anchor(anchor)
+    m, _ = verify_package(package, record, extras, model.config)
+    out.print(f"ok: expert '{m.name}' ({m.domain}, owner {m.owner}) verified against {anchor}")
+
+
+eval_app = typer.Typer(
+    help="Evaluation: held-out bits per byte, downstream tasks.", no_args_is_help=True
+)
 app.add_typer(eval_app, name="eval")
 
 
@@ -186,8 +298,9 @@ def eval_bpb(
     """Per-domain held-out bits per byte."""
     from flexmoe.eval import bpb_table
 
-    rows = bpb_table(model, data, split=split, max_tokens=max_tokens, seq_len=seq_len,
-                     unigram=unigram)
+    rows = bpb_table(
+        model, data, split=split, max_tokens=max_tokens, seq_len=seq_len, unigram=unigram
+    )
     table = Table(title=f"held-out bits per byte: {model}")
     cols = list(rows[0].keys())
     for c in cols:
@@ -198,6 +311,138 @@ def eval_bpb(
 
 
 # ---- merge / generate commands: begin (owned by src/flexmoe/merge.py + infer.py) ----
+def _names(items: list[str] | None) -> list[str] | None:
+    """Repeated and/or comma-separated option values → a flat list (None if not given)."""
+    if not items:
+        return None
+    return [x.strip() for item in items for x in item.split(",") if x.strip()]
+
+
+@app.command("merge")
+def merge_cmd(
+    anchor: Annotated[Path, typer.Option(help="The anchor directory every expert was built on.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Merged model directory to write.")],
+    experts: Annotated[
+        list[str] | None,
+        typer.Option("--experts", help="Expert package dirs (repeat or comma-separate)."),
+    ] = None,
+    include: Annotated[
+        list[str] | None, typer.Option(help="Only these experts (names; public always kept).")
+    ] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Leave out these experts.")] = None,
+    top_k: Annotated[
+        int | None, typer.Option(help="Active experts per token (default min(E, 4)).")
+    ] = None,
+    use: Annotated[
+        str | None, typer.Option(help="Intended use (commercial | research) for consent.")
+    ] = None,
+    base: Annotated[
+        Path | None, typer.Option(help="An existing merged model to add to / remove from.")
+    ] = None,
+    add: Annotated[list[str] | None, typer.Option(help="Package dirs to append to --base.")] = None,
+    remove: Annotated[
+        list[str] | None, typer.Option(help="Expert names to drop from --base.")
+    ] = None,
+    allow_no_public: Annotated[
+        bool, typer.Option(help="Permit excluding the public expert.")
+    ] = False,
+) -> None:
+    """Verify every package, then merge anchor + experts into one FlexOlmo MoE (atomic)."""
+    from flexmoe.merge import merge
+    from flexmoe.package import USES
+
+    if use is not None and use not in USES:
+        raise FlexmoeError(f"--use must be one of {', '.join(USES)}")
+    pkgs = [Path(p) for p in _names(experts) or []]
+    if not pkgs and not add and base is None:
+        raise FlexmoeError("give expert packages with --experts (or --base with --add/--remove)")
+    res = merge(
+        anchor,
+        pkgs,
+        out_dir,
+        include=_names(include),
+        exclude=_names(exclude),
+        top_k=top_k,
+        use=use,
+        allow_no_public=allow_no_public,
+        base=base,
+        add=[Path(p) for p in _names(add) or []],
+        remove=_names(remove) or [],
+        log=lambda msg: console.print(f"[yellow]{msg}[/]", highlight=False),
+    )
+    out.print(
+        f"merged {len(res.experts)} experts ({', '.join(res.experts)}), top-k {res.top_k} "
+        f"→ {res.path}"
+    )
+
+
+@app.command("generate")
+def generate_cmd(
+    model: Annotated[Path, typer.Option(help="A merged model directory.")],
+    prompt: Annotated[str, typer.Option(help="The prompt text.")],
+    include: Annotated[
+        list[str] | None, typer.Option(help="Only these experts (public always kept).")
+    ] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Opt these experts out.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    attribution: Annotated[
+        bool, typer.Option(help="Show each expert's share of routing weight.")
+    ] = False,
+    per_layer: Annotated[bool, typer.Option(help="Attribution per layer too.")] = False,
+    use: Annotated[
+        str | None, typer.Option(help="Intended use: masks experts whose consent forbids it.")
+    ] = None,
+    allow_no_public: Annotated[
+        bool, typer.Option(help="Permit excluding the public expert.")
+    ] = False,
+) -> None:
+    """Generate text with chosen experts (KV cache); optionally attribute it to experts."""
+    from flexmoe.data.tokenizer import load_tokenizer
+    from flexmoe.infer import generate, load_merged
+    from flexmoe.package import USES
+
+    if use is not None and use not in USES:
+        raise FlexmoeError(f"--use must be one of {', '.join(USES)}")
+    m = load_merged(model)
+    tok = load_tokenizer(model)
+    g = generate(
+        m,
+        tok,
+        prompt,
+        max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        include=_names(include),
+        exclude=_names(exclude),
+        attribution=attribution,
+        per_layer=per_layer,
+        seed=seed,
+        allow_no_public=allow_no_public,
+        use=use,
+    )
+    for name, reason in g.excluded:
+        console.print(f"[yellow]expert '{name}' masked: {reason}[/]", highlight=False)
+    out.print(prompt + g.text, highlight=False, markup=False)
+    if g.attribution is not None or g.per_layer is not None:
+        names = m.flexmoe_experts
+        table = Table(title=f"attribution over {len(g.token_ids)} generated tokens")
+        table.add_column("expert")
+        if g.attribution is not None:
+            table.add_column("share", justify="right")
+        for i in range(len(g.per_layer or [])):
+            table.add_column(f"L{i}", justify="right")
+        for n in names:
+            cells = [n + ("" if n in g.active else " (off)")]
+            if g.attribution is not None:
+                cells.append(f"{g.attribution[n]:.3f}")
+            cells += [f"{row[n]:.3f}" for row in g.per_layer or []]
+            table.add_row(*cells)
+        out.print(table)
+
+
 # ---- merge / generate commands: end ----
 
 

@@ -40,18 +40,36 @@ def domain_streams(root: Path, split: str) -> dict[str, TokenStream]:
 
 
 @torch.no_grad()
-def bpb_by_domain(model, token_bytes, streams: dict[str, TokenStream], seq_len: int,
-                  max_tokens: int, batch_size: int = 8) -> dict[str, float]:
+def bpb_by_domain(
+    model,
+    token_bytes,
+    streams: dict[str, TokenStream],
+    seq_len: int,
+    max_tokens: int,
+    batch_size: int = 8,
+) -> dict[str, float]:
     model.eval()
     return {
-        d: evaluate_bpb(lambda ids: model(ids).logits, s, token_bytes, seq_len,
-                        batch_size=batch_size, max_tokens=max_tokens)["bpb"]
+        d: evaluate_bpb(
+            lambda ids: model(ids).logits,
+            s,
+            token_bytes,
+            seq_len,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+        )["bpb"]
         for d, s in streams.items()
     }
 
 
-def bpb_table(model_dir: Path, data: Path, split: str = "heldout", max_tokens: int = 131072,
-              seq_len: int = 256, unigram: bool = True) -> list[dict]:
+def bpb_table(
+    model_dir: Path,
+    data: Path,
+    split: str = "heldout",
+    max_tokens: int = 131072,
+    seq_len: int = 256,
+    unigram: bool = True,
+) -> list[dict]:
     model, tok = load_for_eval(model_dir)
     tb = token_byte_lengths(tok)
     streams = domain_streams(data, split)

@@ -91,7 +91,9 @@ class Manifest(BaseModel):
 
 def tensor_sha256(t: torch.Tensor) -> str:
     t = t.detach().cpu().contiguous()
-    return hashlib.sha256(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"").hexdigest()
+    return hashlib.sha256(
+        t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    ).hexdigest()
 
 
 def expected_shapes(arch: Architecture) -> dict[str, list[int]]:
@@ -99,8 +101,13 @@ def expected_shapes(arch: Architecture) -> dict[str, list[int]]:
     shapes = {}
     for layer in range(arch.num_hidden_layers):
         p = f"layers.{layer}"
-        shapes |= {f"{p}.gate_proj": [i, h], f"{p}.up_proj": [i, h], f"{p}.down_proj": [h, i],
-                   f"{p}.router": [h], f"{p}.bias": []}
+        shapes |= {
+            f"{p}.gate_proj": [i, h],
+            f"{p}.up_proj": [i, h],
+            f"{p}.down_proj": [h, i],
+            f"{p}.router": [h],
+            f"{p}.bias": [],
+        }
     return shapes
 
 
@@ -109,9 +116,13 @@ def write_package(out: Path, tensors: dict[str, torch.Tensor], manifest: dict) -
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().float().contiguous() for k, v in tensors.items()}
-    manifest = {**manifest, "tensors": {
-        k: {"shape": list(v.shape), "dtype": "float32", "sha256": tensor_sha256(v)}
-        for k, v in tensors.items()}}
+    manifest = {
+        **manifest,
+        "tensors": {
+            k: {"shape": list(v.shape), "dtype": "float32", "sha256": tensor_sha256(v)}
+            for k, v in tensors.items()
+        },
+    }
     m = Manifest.model_validate(manifest)
     with atomic_dir(out, overwrite=True) as tmp:
         save_file(tensors, tmp / WEIGHTS)
@@ -152,9 +163,12 @@ def load_tensors(pkg: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FlexmoeError(f"{pkg}: {WEIGHTS} is missing")
     try:
-        return load_file(path)
+        # copies, not mmap views: the file may be replaced while the tensors are in use
+        return {k: v.clone() for k, v in load_file(path).items()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise FlexmoeError(f"{path}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
+        raise FlexmoeError(
+            f"{path}: not a valid safetensors file ({str(e).splitlines()[0]})"
+        ) from None
 
 
 def verify_package(

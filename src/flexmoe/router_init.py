@@ -54,8 +54,13 @@ def embed_documents(texts: Sequence[str], batch_size: int = 32, max_length: int 
     enc = AutoModel.from_pretrained(path).eval()
     total = torch.zeros(EMBED_DIM, dtype=torch.float64)
     for i in range(0, len(texts), batch_size):
-        batch = tok(list(texts[i : i + batch_size]), padding=True, truncation=True,
-                    max_length=max_length, return_tensors="pt")
+        batch = tok(
+            list(texts[i : i + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
         h = enc(**batch).last_hidden_state
         m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
         emb = (h * m).sum(1) / m.sum(1).clamp(min=1)
@@ -83,9 +88,13 @@ def hidden_rows(model, windows: torch.Tensor) -> torch.Tensor:
     hooks = []
     layers = model.model.layers
     for layer in layers:
-        hooks.append(layer.mlp.register_forward_pre_hook(
-            lambda mod, args: means.append(args[0].reshape(-1, args[0].shape[-1]).double().mean(0))
-        ))
+        hooks.append(
+            layer.mlp.register_forward_pre_hook(
+                lambda mod, args: means.append(
+                    args[0].reshape(-1, args[0].shape[-1]).double().mean(0)
+                )
+            )
+        )
     try:
         for i in range(0, windows.shape[0], 8):
             model(windows[i : i + 8])

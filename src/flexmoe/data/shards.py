@@ -39,7 +39,9 @@ def _kind(path: Path) -> str | None:
 
 
 def _is_hf_dataset_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "state.json").is_file() and (path / "dataset_info.json").exists()
+    return (
+        path.is_dir() and (path / "state.json").is_file() and (path / "dataset_info.json").exists()
+    )
 
 
 def discover_inputs(paths: list[str | Path]) -> list[tuple[str, Path]]:
@@ -195,8 +197,14 @@ def tokenize_to_shards(
             if s_docs == 0:
                 raise FlexmoeError(f"{path}: no documents (empty input)")
             sources.append(
-                {"path": str(path), "kind": kind, "sha256": _source_hash(kind, path),
-                 "documents": s_docs, "tokens": s_tokens, "bytes": s_bytes}
+                {
+                    "path": str(path),
+                    "kind": kind,
+                    "sha256": _source_hash(kind, path),
+                    "documents": s_docs,
+                    "tokens": s_tokens,
+                    "bytes": s_bytes,
+                }
             )
             n_docs += s_docs
             n_bytes += s_bytes

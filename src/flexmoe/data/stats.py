@@ -27,7 +27,12 @@ def corpus_stats(corpus: str | Path, tokens_root: str | Path | None = None) -> l
                 if idx.is_file():
                     ntok = json.loads(idx.read_text())["tokens"]
             rows.append(
-                {"domain": domain, "split": split, "documents": docs, "mb": nbytes / 1e6,
-                 "tokens": ntok}
+                {
+                    "domain": domain,
+                    "split": split,
+                    "documents": docs,
+                    "mb": nbytes / 1e6,
+                    "tokens": ntok,
+                }
             )
     return rows

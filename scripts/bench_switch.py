@@ -1,0 +1,52 @@
+"""Median time to switch the active expert set (set_active_experts) on a demo-size merged model.
+
+No reload and no weight change: switching is a copy into each layer's (E,) bool mask, so it
+should cost microseconds. Target: < 1 ms. Usage: python scripts/bench_switch.py [--calls N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from flexmoe.infer import expert_mask
+from flexmoe.model import new_anchor, olmo2_config, set_active_experts, upcycle
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--experts", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cfg = olmo2_config("demo", vocab_size=8192, eos_token_id=0, pad_token_id=1)  # H256, 4 layers
+    model = upcycle(new_anchor(cfg, seed=0), args.experts, min(args.experts, 4)).eval()
+    model.flexmoe_experts = ["public"] + [f"e{i}" for i in range(1, args.experts)]
+    masks = [torch.ones(args.experts, dtype=torch.bool), expert_mask(model, exclude=["e1", "e3"])]
+    times, named = [], []
+    for i in range(args.calls):
+        m = masks[i % 2]
+        t0 = time.perf_counter()
+        set_active_experts(model, m)
+        times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        set_active_experts(model, expert_mask(model, exclude=["e2"] if i % 2 else None))
+        named.append(time.perf_counter() - t0)
+    print(
+        f"model: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
+        f"{args.experts} experts; {args.calls} switches"
+    )
+    print(
+        f"set_active_experts: median {statistics.median(times) * 1e6:.1f} µs, "
+        f"p99 {sorted(times)[int(0.99 * len(times))] * 1e6:.1f} µs"
+    )
+    print(
+        f"expert_mask(names) + set_active_experts: median {statistics.median(named) * 1e6:.1f} µs"
+    )
+
+
+if __name__ == "__main__":
+    main()

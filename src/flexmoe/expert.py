@@ -1,0 +1,246 @@
+"""Expert training: one data owner, alone, against the frozen anchor (FlexOlmo §3.3).
+
+The owner's model is a 2-expert FlexOlmo: expert 0 is the public (anchor) FFN, expert 1 starts as
+a copy of it. top_k = 2, so both always run and the router acts as a soft gate
+σ((r_owner − r_public)·x + b). Trained: the owner's FFN, the owner's router row in every layer and a
+per-layer bias b ≤ 0. Everything else — embeddings, attention, norms, lm_head, the public FFN and
+the public router row — stays bit-identical to the anchor. The owner ships only the package.
+
+`--dense` instead continues pretraining the whole anchor on the owner's data: the "individual
+expert" baseline needed for model soup, BTM and the no-coordination ablation.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flexmoe.anchor import load_anchor, open_streams, write_anchor
+from flexmoe.bpb import evaluate_bpb
+from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
+from flexmoe.errors import FlexmoeError
+from flexmoe.model import routers, upcycle
+from flexmoe.package import USES, tensor_sha256, validate_name, write_package
+from flexmoe.records import library_versions
+from flexmoe.router_init import METHODS, domain_rows, hidden_rows, random_rows, sample_documents
+from flexmoe.train import TrainConfig, train, unshard_for_save
+
+OWNER = 1  # the owner's expert index inside the 2-expert model
+
+
+def expert_train_config(**overrides) -> TrainConfig:
+    """Defaults for expert training at demo scale (AI2 at 7B: lr 9e-4, wd 0, clip 1)."""
+    base = dict(
+        steps=150,
+        batch_size=16,
+        seq_len=256,
+        lr=2e-3,
+        warmup=15,
+        weight_decay=0.0,
+        min_lr_ratio=0.1,
+    )
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = TrainConfig(**base)
+    if cfg.weight_decay != 0:
+        raise FlexmoeError("expert training needs weight decay 0 (frozen slices must stay exact)")
+    return cfg
+
+
+def owner_router_rows(
+    method: str, anchor, extras, tok, stream, seed: int, docs: int, seq_len: int
+) -> torch.Tensor:
+    """(layers, hidden) initial router embedding for the owner."""
+    cfg = anchor.config
+    if method == "domain":
+        texts = sample_documents(stream, tok, docs, seed)
+        return domain_rows(texts, extras["projection"], cfg.num_hidden_layers)
+    if method == "random":
+        return random_rows(cfg.num_hidden_layers, cfg.hidden_size, seed + 1)
+    if method == "hidden":
+        rng = np.random.default_rng(seed)
+        starts = rng.integers(0, max(len(stream) - seq_len, 1), size=32)
+        ids = torch.from_numpy(np.stack([stream.window(int(s), seq_len) for s in starts]))
+        return hidden_rows(anchor, ids)
+    raise FlexmoeError(f"unknown router init '{method}' (choose from {', '.join(METHODS)})")
+
+
+def build_two_expert(anchor, extras, owner_rows: torch.Tensor, method: str):
+    """The owner's 2-expert model: public row from the anchor, owner row from its own data."""
+    model = upcycle(anchor, num_experts=2, top_k=2)
+    public = extras[f"public.{method}"]
+    for i, r in enumerate(routers(model)):
+        with torch.no_grad():
+            r.weight[0].copy_(public[i])
+            r.weight[OWNER].copy_(owner_rows[i])
+            r.bias.zero_()
+    return model
+
+
+def freeze_for_expert(model) -> dict[str, torch.Tensor]:
+    """requires_grad only on expert/router tensors; masks keep the public slices frozen."""
+    masks: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        trainable = ".mlp.experts." in name or ".mlp.gate." in name
+        p.requires_grad_(trainable)
+        if trainable:
+            m = torch.zeros_like(p)
+            m[OWNER] = 1.0
+            masks[name] = m
+    return masks
+
+
+def project_bias(model) -> None:
+    """Keep b ≤ 0 as stored values too (the forward also clamps)."""
+    with torch.no_grad():
+        for r in routers(model):
+            r.bias.clamp_(max=0.0)
+
+
+def extract_package_tensors(model) -> dict[str, torch.Tensor]:
+    tensors = {}
+    inter = model.config.intermediate_size
+    for i, layer in enumerate(model.model.layers):
+        gate_up = layer.mlp.experts.gate_up_proj[OWNER].detach()
+        tensors |= {
+            f"layers.{i}.gate_proj": gate_up[:inter].clone(),
+            f"layers.{i}.up_proj": gate_up[inter:].clone(),
+            f"layers.{i}.down_proj": layer.mlp.experts.down_proj[OWNER].detach().clone(),
+            f"layers.{i}.router": layer.mlp.gate.weight[OWNER].detach().clone(),
+            f"layers.{i}.bias": layer.mlp.gate.bias[OWNER].detach().clone().reshape(()),
+        }
+    return tensors
+
+
+def train_expert(
+    anchor_dir: Path,
+    data: Path,
+    out: Path,
+    name: str,
+    heldout: Path | None = None,
+    domain: str | None = None,
+    owner: str = "unknown",
+    licence: str = "unspecified",
+    allowed_uses: list[str] | None = None,
+    expires: dt.date | None = None,
+    router_init: str = "domain",
+    router_docs: int = 1000,
+    dense: bool = False,
+    resume: bool = False,
+    eval_tokens: int = 131072,
+    **overrides,
+) -> dict:
+    """Train an expert (or the dense baseline) and write its package (or dense model)."""
+    validate_name(name)
+    for use in allowed_uses or []:
+        if use not in USES:
+            raise FlexmoeError(f"unknown use '{use}' (choose from {', '.join(USES)})")
+    anchor, record, extras = load_anchor(anchor_dir)
+    tok = load_tokenizer(anchor_dir)
+    cfg = expert_train_config(eval_tokens=eval_tokens, **overrides)
+    stream, evals = open_streams(data, anchor_dir, {"heldout": heldout} if heldout else None)
+    tb = token_byte_lengths(tok)
+    anchor_bpb = None
+    if heldout is not None:
+        anchor_bpb = evaluate_bpb(
+            lambda ids: anchor(ids).logits,
+            evals["heldout"],
+            tb,
+            cfg.seq_len,
+            max_tokens=cfg.eval_tokens,
+        )["bpb"]
+    work = Path(out).with_name(Path(out).name + ".train")
+    if dense:
+        model = anchor
+        model.requires_grad_(True)
+        result = train(
+            model,
+            stream,
+            cfg,
+            work,
+            eval_streams=evals,
+            token_bytes=tb,
+            resume=resume,
+            progress_label=f"dense expert {name}",
+        )
+        model = unshard_for_save(model, lambda: load_anchor(anchor_dir)[0])
+        if result.get("stopped") or model is None:
+            return result
+        rec = {
+            "kind": "dense-expert",
+            "name": name,
+            "domain": domain or name,
+            "anchor_fingerprint": record["fingerprint"],
+            "source": "trained",
+            "training": {
+                **result,
+                "config": cfg.model_dump(),
+                "seed": cfg.seed,
+                "anchor_heldout_bpb": anchor_bpb,
+            },
+            "libraries": library_versions(),
+        }
+        return write_anchor(model, tok, extras, Path(out), rec)
+
+    owner_rows = owner_router_rows(
+        router_init, anchor, extras, tok, stream, cfg.seed, router_docs, cfg.seq_len
+    )
+    model = build_two_expert(anchor, extras, owner_rows, router_init)
+    masks = freeze_for_expert(model)
+    result = train(
+        model,
+        stream,
+        cfg,
+        work,
+        eval_streams=evals,
+        token_bytes=tb,
+        grad_masks=masks,
+        post_step=project_bias,
+        resume=resume,
+        progress_label=f"expert {name}",
+    )
+
+    def rebuild():
+        m = build_two_expert(anchor, extras, owner_rows, router_init)
+        freeze_for_expert(m)
+        return m
+
+    model = unshard_for_save(model, rebuild)
+    if result.get("stopped") or model is None:
+        return result
+    manifest = {
+        "name": name,
+        "domain": domain or name,
+        "owner": owner,
+        "licence": licence,
+        "consent": {
+            "allowed_uses": allowed_uses or list(USES),
+            "expires": expires.isoformat() if expires else None,
+        },
+        "anchor_fingerprint": record["fingerprint"],
+        "public_router_sha256": tensor_sha256(extras[f"public.{router_init}"]),
+        "architecture": {
+            "hidden_size": anchor.config.hidden_size,
+            "intermediate_size": anchor.config.intermediate_size,
+            "num_hidden_layers": anchor.config.num_hidden_layers,
+            "hidden_act": anchor.config.hidden_act,
+        },
+        "router_init": router_init,
+        "training": {
+            "tokens": result["tokens"],
+            "steps": result["step"],
+            "seed": cfg.seed,
+            "hyperparameters": cfg.model_dump(exclude={"stop_after"}),
+            "heldout_bpb": result.get("eval/heldout/bpb"),
+            "anchor_heldout_bpb": anchor_bpb,
+            "final_loss": result["loss"],
+            "seconds": result.get("seconds"),
+            "tokens_per_s": result.get("tokens_per_s"),
+            "router_docs": router_docs,
+        },
+        "created_with": library_versions(),
+    }
+    m = write_package(Path(out), extract_package_tensors(model), manifest)
+    return m.model_dump(mode="json")

@@ -1,0 +1,208 @@
+"""Inference on a merged model: load, choose experts per request, generate, attribute.
+
+Choosing experts never reloads or changes weights: it flips the routers' `active` masks (or sets
+per-row masks), which put −∞ on excluded experts' logits before the softmax. That is the exact
+opt-out — the same function as a model merged without those experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import FlexOlmoForCausalLM
+
+from flexmoe.errors import FlexmoeError
+from flexmoe.merge import BIAS, PUBLIC, read_merged_meta
+from flexmoe.model import install_routers, routers, set_active_experts
+from flexmoe.package import Manifest
+
+
+def load_merged(path: Path) -> FlexOlmoForCausalLM:
+    """A merged (or stock FlexOlmo) directory → FlexOlmo with flexmoe routers, biases and names.
+
+    Without flexmoe extras (a stock FlexOlmo checkpoint) the bias is 0 and experts are named
+    expert_0, expert_1, ….
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FlexmoeError(f"not a model directory (no config.json): {path}")
+    try:
+        model = FlexOlmoForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except Exception as e:
+        msg = f"{type(e).__name__}: {e}"
+        raise FlexmoeError(f"{path}: cannot load a FlexOlmo model ({msg})") from None
+    install_routers(model)
+    n = model.config.num_experts
+    meta = read_merged_meta(path) or {}
+    names = list(meta.get("experts") or [f"expert_{i}" for i in range(n)])
+    if len(names) != n:
+        raise FlexmoeError(f"{path}: {len(names)} expert names for {n} experts")
+    rs = routers(model)
+    if (path / BIAS).is_file():
+        bias = load_file(path / BIAS)
+        with torch.no_grad():
+            for i, r in enumerate(rs):
+                b = bias.get(f"layers.{i}.bias")
+                if b is None or tuple(b.shape) != (n,) or not torch.isfinite(b).all():
+                    raise FlexmoeError(f"{path / BIAS}: bad or missing layers.{i}.bias")
+                r.bias.copy_(b)
+    model.flexmoe_experts = names
+    model.flexmoe_manifests = {
+        k: Manifest.model_validate(v) for k, v in (meta.get("manifests") or {}).items()
+    }
+    return model.eval()
+
+
+def expert_names(model) -> list[str]:
+    return list(
+        getattr(model, "flexmoe_experts", None)
+        or [f"expert_{i}" for i in range(model.config.num_experts)]
+    )
+
+
+def expert_mask(
+    model,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    allow_no_public: bool = False,
+) -> torch.Tensor:
+    """Names → bool mask over experts. `include` keeps the public expert; only `exclude` (with
+    allow_no_public) drops it, because the public expert carries the shared anchor's knowledge."""
+    names = expert_names(model)
+    for what, given in (("include", include), ("exclude", exclude)):
+        unknown = sorted(set(given or []) - set(names))
+        if unknown:
+            raise FlexmoeError(
+                f"{what}: unknown expert(s) {', '.join(unknown)} (known: {', '.join(names)})"
+            )
+    public = PUBLIC if PUBLIC in names else names[0]
+    keep = (set(include) | {public}) if include else set(names)
+    keep -= set(exclude or [])
+    if public not in keep and not allow_no_public:
+        raise FlexmoeError(
+            f"excluding the public expert '{public}' is refused (pass --allow-no-public)"
+        )
+    mask = torch.tensor([n in keep for n in names], dtype=torch.bool)
+    if not mask.any():
+        raise FlexmoeError("at least one expert must stay active")
+    return mask
+
+
+def consent_exclusions(model, use: str | None) -> list[tuple[str, str]]:
+    """Experts whose stored consent no longer permits `use` (or has expired): checked at every
+    request, so consent that lapses after the merge is still honoured."""
+    manifests: dict[str, Manifest] = getattr(model, "flexmoe_manifests", {})
+    out = []
+    for name in expert_names(model):
+        m = manifests.get(name)
+        reason = m.consent.permits(use) if m is not None else None
+        if reason is not None:
+            out.append((name, reason))
+    return out
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    prompt_ids: list[int]
+    active: list[str]
+    attribution: dict[str, float] | None = None
+    per_layer: list[dict[str, float]] | None = None
+    excluded: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _shares(index: torch.Tensor, value: torch.Tensor, n: int) -> torch.Tensor:
+    """Total routing weight per expert; the sentinel index n ("no expert") is dropped."""
+    total = torch.zeros(n + 1, dtype=torch.float64)
+    total.index_add_(0, index.reshape(-1), value.reshape(-1).double())
+    return total[:n]
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    attribution: bool = False,
+    per_layer: bool = False,
+    seed: int | None = None,
+    allow_no_public: bool = False,
+    use: str | None = None,
+) -> Generation:
+    """Generate with the KV cache (greedy at temperature 0). Attribution is each expert's share of
+    the routing weight at the positions that produced the GENERATED tokens (not the prompt).
+    The expert choice (include/exclude, consent for `use`) holds for this call only: the model's
+    previous mask is restored afterwards."""
+    if max_new_tokens < 1:
+        raise FlexmoeError("--max-new-tokens must be ≥ 1")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise FlexmoeError("need temperature ≥ 0 and 0 < top-p ≤ 1")
+    names = expert_names(model)
+    excluded = consent_exclusions(model, use)
+    exclude = sorted(set(exclude or []) | {n for n, _ in excluded})
+    mask = expert_mask(model, include, exclude, allow_no_public)
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    if ids.shape[1] == 0:
+        ids = torch.tensor([[tokenizer.eos_token_id]])
+    rs = routers(model)
+    previous = rs[0].active.clone() if rs else None
+    set_active_experts(model, mask)
+    record = attribution or per_layer
+    for r in rs:
+        r.records = [] if record else None
+    try:
+        if seed is not None:
+            torch.manual_seed(seed)
+        sample = temperature > 0
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=top_p if sample else None,
+            top_k=None,
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        records = [r.records for r in rs] if record else []
+    finally:
+        for r in rs:
+            r.records = None
+        if previous is not None:
+            set_active_experts(model, previous)
+    new = out[0, ids.shape[1] :].tolist()
+    result = Generation(
+        text=tokenizer.decode(new, skip_special_tokens=True),
+        token_ids=new,
+        prompt_ids=ids[0].tolist(),
+        active=[n for n, a in zip(names, mask, strict=True) if a],
+        excluded=excluded,
+    )
+    if record and new:
+        n = len(names)
+        layer_tot = []
+        for recs in records:  # one router (layer): a (rows, k) record per forward call
+            index = torch.cat([i for i, _ in recs])[-len(new) :]  # rows that produced new tokens
+            value = torch.cat([v for _, v in recs])[-len(new) :]
+            layer_tot.append(_shares(index, value, n))
+        total = torch.stack(layer_tot).sum(0)
+        if attribution:
+            result.attribution = dict(zip(names, (total / total.sum()).tolist(), strict=True))
+        if per_layer:
+            result.per_layer = [
+                dict(zip(names, (t / t.sum()).tolist(), strict=True)) for t in layer_tot
+            ]
+    return result

@@ -1,0 +1,99 @@
+"""Shared fixtures: a small tokenizer, token shards and a tiny trained anchor, built once per
+session from the committed FlexMix-mini corpus (real data, tiny sizes)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("FLEXMOE_NO_PROGRESS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from flexmoe.data.corpus import DEFAULT_ROOT, iter_docs  # noqa: E402
+
+TINY_VOCAB = 512
+
+
+def sample_texts(domain: str, split: str, n: int, max_chars: int = 4000) -> list[str]:
+    return [
+        d["text"][:max_chars] for d in itertools.islice(iter_docs(DEFAULT_ROOT, domain, split), n)
+    ]
+
+
+def write_jsonl(path: Path, texts: list[str], field: str = "text") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for t in texts:
+            f.write(json.dumps({field: t}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("flexmoe")
+
+
+@pytest.fixture(scope="session")
+def tok_dir(work) -> Path:
+    from flexmoe.data.tokenizer import train_tokenizer
+
+    return train_tokenizer(sample_texts("public", "train", 300), work / "tokenizer", TINY_VOCAB)
+
+
+@pytest.fixture(scope="session")
+def shards(work, tok_dir) -> dict[str, Path]:
+    """Token shards: public/code × train/heldout, from small real samples."""
+    from flexmoe.data.shards import tokenize_to_shards
+
+    out = {}
+    for domain, split, n in [
+        ("public", "train", 120),
+        ("public", "heldout", 20),
+        ("code", "train", 60),
+        ("code", "heldout", 10),
+    ]:
+        src = write_jsonl(work / "raw" / f"{domain}-{split}.jsonl", sample_texts(domain, split, n))
+        dest = work / "tokens" / domain / split
+        tokenize_to_shards([src], dest, tok_dir)
+        out[f"{domain}/{split}"] = dest
+    return out
+
+
+@pytest.fixture(scope="session")
+def anchor_dir(work, tok_dir, shards) -> Path:
+    from flexmoe.anchor import train_anchor
+
+    out = work / "anchor"
+    train_anchor(
+        shards["public/train"],
+        out,
+        tok_dir,
+        preset="tiny",
+        steps=60,
+        router_docs=8,
+        evals={"public": shards["public/heldout"]},
+    )
+    return out
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """Run the `flexmoe` entry point in-process; return (exit code, stdout, stderr)."""
+    from flexmoe.cli import main
+
+    old = sys.argv
+    sys.argv = ["flexmoe", *map(str, args)]
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err

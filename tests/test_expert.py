@@ -1,0 +1,209 @@
+"""Expert training against the frozen anchor, and expert packages as untrusted input."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import run_cli
+from flexmoe.anchor import load_anchor
+from flexmoe.expert import build_two_expert, freeze_for_expert, train_expert
+from flexmoe.model import routers
+from flexmoe.package import MANIFEST, WEIGHTS, read_manifest, verify_package
+
+
+@pytest.fixture(scope="module")
+def expert_pkg(work, anchor_dir, shards):
+    out = work / "expert-code"
+    train_expert(
+        anchor_dir,
+        shards["code/train"],
+        out,
+        "code",
+        heldout=shards["code/heldout"],
+        steps=25,
+        batch_size=8,
+        seq_len=64,
+        lr=3e-3,
+        warmup=2,
+        router_docs=8,
+        owner="PSF",
+        licence="PSF-2.0",
+        allowed_uses=["research"],
+    )
+    return out
+
+
+def test_untrained_two_expert_equals_anchor(anchor_dir):
+    anchor, _, extras = load_anchor(anchor_dir)
+    rows = torch.randn(anchor.config.num_hidden_layers, anchor.config.hidden_size)
+    model = build_two_expert(anchor, extras, rows, "domain")
+    ids = torch.randint(0, anchor.config.vocab_size, (2, 48))
+    with torch.no_grad():
+        diff = (model(ids).logits - anchor(ids).logits).abs().max().item()
+    assert diff <= 2e-6
+
+
+def test_frozen_tensors_bit_identical_after_training(work, anchor_dir, shards):
+    """Train in-process and compare every frozen tensor (and frozen slice) to the anchor."""
+    from flexmoe.train import TrainConfig, train
+
+    anchor, _, extras = load_anchor(anchor_dir)
+    ref = {k: v.clone() for k, v in anchor.state_dict().items()}
+    L, H = anchor.config.num_hidden_layers, anchor.config.hidden_size
+    model = build_two_expert(anchor, extras, torch.randn(L, H) * 0.1, "domain")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    masks = freeze_for_expert(model)
+    from flexmoe.data.shards import TokenStream
+    from flexmoe.expert import project_bias
+
+    train(
+        model,
+        TokenStream(shards["code/train"]),
+        TrainConfig(steps=8, batch_size=4, seq_len=64, lr=1e-2),
+        work / "freeze-run",
+        grad_masks=masks,
+        post_step=project_bias,
+    )
+    after = model.state_dict()
+    changed = set()
+    for k, v in after.items():
+        if ".mlp.experts." in k or ".mlp.gate." in k:
+            assert torch.equal(v[0], before[k][0]), f"public slice of {k} changed"
+            if not torch.equal(v[1], before[k][1]):
+                changed.add(k)
+        else:
+            assert torch.equal(v, before[k]), f"frozen {k} changed"
+            if k in ref:
+                assert torch.equal(v, ref[k])
+    assert any("experts.gate_up_proj" in k for k in changed)
+    assert any("gate.weight" in k for k in changed)
+    for r in routers(model):
+        assert r.bias[0] == 0 and r.bias[1] <= 0
+
+
+def test_bias_constraint_holds_even_when_pushed_up(anchor_dir):
+    """The forward clamps b ≤ 0, and the post-step projection keeps stored values ≤ 0."""
+    from flexmoe.expert import project_bias
+
+    anchor, _, extras = load_anchor(anchor_dir)
+    L, H = anchor.config.num_hidden_layers, anchor.config.hidden_size
+    model = build_two_expert(anchor, extras, torch.randn(L, H), "domain")
+    ids = torch.randint(0, 512, (1, 16))
+    base = model(ids).logits
+    for r in routers(model):
+        r.bias.data.fill_(5.0)
+    assert torch.equal(model(ids).logits, base)  # +5 acts as 0
+    project_bias(model)
+    assert all((r.bias <= 0).all() for r in routers(model))
+
+
+def test_expert_beats_anchor_on_its_domain_and_package_contents(expert_pkg, anchor_dir):
+    m = read_manifest(expert_pkg)
+    assert m.training.heldout_bpb < m.training.anchor_heldout_bpb
+    assert m.consent.allowed_uses == ["research"] and m.owner == "PSF"
+    tensors = load_file(expert_pkg / WEIGHTS)
+    L = json.loads((anchor_dir / "config.json").read_text())["num_hidden_layers"]
+    assert len(tensors) == 5 * L
+    assert not any("embed" in k or "attn" in k or "lm_head" in k for k in tensors)
+    assert all(float(tensors[f"layers.{i}.bias"]) <= 0 for i in range(L))
+    assert sorted(p.name for p in expert_pkg.iterdir()) == [WEIGHTS, MANIFEST]
+
+
+def test_verify_accepts_good_package(expert_pkg, anchor_dir, capsys):
+    code, out, err = run_cli(["expert", "verify", expert_pkg, "--anchor", anchor_dir], capsys)
+    assert code == 0 and "ok" in out, err
+
+
+def _tamper(src, dst, problem, other_anchor_fp=None):
+    shutil.copytree(src, dst)
+    mpath, wpath = dst / MANIFEST, dst / WEIGHTS
+    manifest = json.loads(mpath.read_text())
+    tensors = {k: v.clone() for k, v in load_file(wpath).items()}
+    if problem == "tampered":
+        tensors["layers.0.down_proj"][0, 0] += 1e-4
+        save_file(tensors, wpath)
+    elif problem == "shape":
+        tensors["layers.0.router"] = torch.zeros(3)
+        manifest["tensors"]["layers.0.router"]["shape"] = [3]
+        save_file(tensors, wpath)
+    elif problem == "nan":
+        from flexmoe.package import tensor_sha256
+
+        tensors["layers.1.up_proj"][0, 0] = float("nan")
+        manifest["tensors"]["layers.1.up_proj"]["sha256"] = tensor_sha256(
+            tensors["layers.1.up_proj"]
+        )
+        save_file(tensors, wpath)
+    elif problem == "anchor":
+        manifest["anchor_fingerprint"] = "0" * 64
+    elif problem == "field":
+        del manifest["owner"]
+    elif problem == "pickle":
+        with open(wpath, "wb") as f:
+            pickle.dump({k: v.numpy() for k, v in tensors.items()}, f)
+    elif problem == "positive-bias":
+        from flexmoe.package import tensor_sha256
+
+        tensors["layers.0.bias"] = torch.tensor(0.5)
+        manifest["tensors"]["layers.0.bias"]["sha256"] = tensor_sha256(tensors["layers.0.bias"])
+        save_file(tensors, wpath)
+    elif problem == "extra":
+        tensors["embed_tokens"] = torch.zeros(2, 2)
+        save_file(tensors, wpath)
+    mpath.write_text(json.dumps(manifest))
+    return dst
+
+
+@pytest.mark.parametrize(
+    "problem, expect",
+    [
+        ("tampered", "does not match its sha256"),
+        ("shape", "has shape [3]"),
+        ("nan", "non-finite"),
+        ("anchor", "not this anchor"),
+        ("field", "field 'owner' is missing"),
+        ("pickle", "not a valid safetensors file"),
+        ("positive-bias", "bias must be ≤ 0"),
+        ("extra", "unexpected tensor 'embed_tokens'"),
+    ],
+)
+def test_verify_rejects(work, expert_pkg, anchor_dir, capsys, problem, expect):
+    bad = _tamper(expert_pkg, work / f"pkg-{problem}", problem)
+    code, out, err = run_cli(["expert", "verify", bad, "--anchor", anchor_dir], capsys)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and expect in lines[0], err
+
+
+def test_verify_is_the_library_check(expert_pkg, anchor_dir):
+    anchor, rec, extras = load_anchor(anchor_dir)
+    m, tensors = verify_package(expert_pkg, rec, extras, anchor.config)
+    assert m.name == "code" and len(tensors) == len(m.tensors)
+
+
+def test_dense_expert_baseline(work, anchor_dir, shards):
+    out = work / "dense-code"
+    rec = train_expert(
+        anchor_dir,
+        shards["code/train"],
+        out,
+        "code",
+        dense=True,
+        heldout=shards["code/heldout"],
+        steps=10,
+        batch_size=8,
+        seq_len=64,
+    )
+    assert rec["kind"] == "dense-expert"
+    dense, _, _ = load_anchor(out)
+    anchor, arec, _ = load_anchor(anchor_dir)
+    assert rec["anchor_fingerprint"] == arec["fingerprint"]
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(dense.state_dict().values(), anchor.state_dict().values(), strict=True)
+    )
