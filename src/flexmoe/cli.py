@@ -446,6 +446,14 @@ def generate_cmd(
 # ---- merge / generate commands: end ----
 
 
+# ---- eval tasks command: begin (owned by src/flexmoe/tasks.py) ----
+# ---- eval tasks command: end ----
+
+
+# ---- router-tune / expert proxy commands: begin (owned by src/flexmoe/router_tune.py) ----
+# ---- router-tune / expert proxy commands: end ----
+
+
 def main() -> None:
     from transformers.utils import logging as hf_logging
 
