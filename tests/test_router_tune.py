@@ -1,0 +1,190 @@
+"""Router tuning: proxies are public ids only; tuning moves router weight/bias and nothing else;
+the output is a merged dir marked router-tuned with top_k = all experts. Tiny random models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli, sample_texts
+from flexmoe.anchor import load_anchor, write_anchor
+from flexmoe.data.shards import tokenize_to_shards
+from flexmoe.data.tokenizer import load_tokenizer, train_tokenizer
+from flexmoe.errors import FlexmoeError
+from flexmoe.infer import load_merged
+from flexmoe.merge import BIAS, merge, read_merged_meta
+from flexmoe.model import new_anchor, olmo2_config, routers
+from flexmoe.package import tensor_sha256, write_package
+from flexmoe.router_tune import (
+    load_proxies,
+    optout_comparison,
+    read_owner_texts,
+    router_tune,
+    select_proxies,
+    write_proxies,
+)
+
+NAMES = ["code", "math"]
+
+
+def _package(out: Path, anchor_dir: Path, name: str, seed: int) -> Path:
+    model, record, extras = load_anchor(anchor_dir)
+    cfg = model.config
+    h, i, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(n):
+        p = f"layers.{layer}"
+        tensors |= {
+            f"{p}.gate_proj": torch.randn(i, h, generator=g) * 0.2,
+            f"{p}.up_proj": torch.randn(i, h, generator=g) * 0.2,
+            f"{p}.down_proj": torch.randn(h, i, generator=g) * 0.2,
+            f"{p}.router": torch.randn(h, generator=g),
+            f"{p}.bias": -torch.rand((), generator=g),
+        }
+    manifest = {
+        "name": name,
+        "domain": name,
+        "owner": f"{name} owner",
+        "licence": "CC-BY-4.0",
+        "consent": {"allowed_uses": ["research", "commercial"], "expires": None},
+        "anchor_fingerprint": record["fingerprint"],
+        "public_router_sha256": tensor_sha256(extras["public.domain"]),
+        "architecture": {"hidden_size": h, "intermediate_size": i, "num_hidden_layers": n},
+        "router_init": "domain",
+        "training": {"tokens": 0, "steps": 0, "seed": seed, "hyperparameters": {}},
+    }
+    write_package(out, tensors, manifest)
+    return out
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("rt")
+    public = [(f"pub-{i}", t) for i, t in enumerate(sample_texts("public", "train", 24, 400))]
+    owner = sample_texts("code", "train", 8, 400)
+    pub_path = root / "public.jsonl"
+    pub_path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in public))
+    owner_path = root / "owner.jsonl"
+    owner_path.write_text("".join(json.dumps({"text": t}) + "\n" for t in owner))
+    tok = load_tokenizer(train_tokenizer([t for _, t in public], root / "tok", vocab_size=300))
+    cfg = olmo2_config("tiny", len(tok), tok.eos_token_id, tok.pad_token_id)
+    g = torch.Generator().manual_seed(1)
+    h, n = cfg.hidden_size, cfg.num_hidden_layers
+    extras = {"projection": torch.randn(h, 384, generator=g)}
+    extras |= {f"public.{k}": torch.randn(n, h, generator=g) for k in ("domain", "hidden")}
+    write_anchor(new_anchor(cfg, seed=0), tok, extras, root / "anchor", record={"kind": "anchor"})
+    pkgs = [_package(root / f"pkg-{m}", root / "anchor", m, 10 + k) for k, m in enumerate(NAMES)]
+    merge(root / "anchor", pkgs, root / "merged", top_k=1, log=None)
+    return {"root": root, "public": public, "pub_path": pub_path, "owner": owner,
+            "owner_path": owner_path, "merged": root / "merged"}  # fmt: skip
+
+
+RT_ARGS = dict(steps=3, batch_size=4, seq_len=32, warmup=1, lr=5e-2, public_docs=6)
+
+
+@pytest.fixture(scope="module")
+def proxies(env) -> list[Path]:
+    """Two owners' proxies files (the second hand-picked, to keep the test fast)."""
+    ids = select_proxies(env["owner"], env["public"], k=3, seed=1)
+    assert len(set(ids)) == 3 and set(ids) <= {i for i, _ in env["public"]}
+    write_proxies(env["root"] / "p1.json", "p1", env["pub_path"], ids)
+    write_proxies(env["root"] / "p2.json", "p2", env["pub_path"], ["pub-20", "pub-21", "pub-22"])
+    return [env["root"] / "p1.json", env["root"] / "p2.json"]
+
+
+@pytest.fixture(scope="module")
+def tuned(env, proxies) -> Path:
+    out = env["root"] / "tuned"
+    router_tune(env["merged"], proxies, env["pub_path"], out, **RT_ARGS)
+    return out
+
+
+def test_proxy_cli_writes_public_ids_only(env, capsys) -> None:
+    p = env["root"] / "cli-proxies.json"
+    code, stdout, err = run_cli(
+        ["expert", "proxy", "--data", env["owner_path"], "--public", env["pub_path"],
+         "--out", p, "--k", "5"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    rec = json.loads(p.read_text())
+    public_ids = {i for i, _ in env["public"]}
+    assert len(rec["ids"]) == 5 == len(set(rec["ids"])) and set(rec["ids"]) <= public_ids
+    assert set(rec) == {"format", "owner", "public_source_sha256", "ids"}
+    text = p.read_text()
+    assert not any(t[:40] in text for t in env["owner"])  # no owner text leaves the owner
+    assert load_proxies(p)["ids"] == rec["ids"]
+    code, _, err = run_cli(
+        ["expert", "proxy", "--data", env["owner_path"], "--public", env["pub_path"],
+         "--out", p, "--k", "999"],
+        capsys,
+    )  # fmt: skip
+    assert code == 2 and "--k" in err
+
+
+def test_router_tune_changes_only_routers(env, tuned, capsys) -> None:
+    before, after = load_merged(env["merged"]), load_merged(tuned)
+    a, b = before.state_dict(), after.state_dict()
+    assert a.keys() == b.keys()
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    router = {k for k in a if k.endswith((".mlp.gate.weight", ".mlp.gate.bias"))}
+    assert changed and changed <= router  # every other tensor is bit-identical
+    assert any(k.endswith(".weight") for k in changed)
+    bias = load_file(tuned / BIAS)
+    assert all((v <= 0).all() for v in bias.values())
+    # marked router-tuned; top_k = number of experts
+    n = after.config.num_experts
+    assert after.flexmoe_router_tuned and not before.flexmoe_router_tuned
+    assert after.config.num_experts_per_tok == n and all(r.top_k == n for r in routers(after))
+    meta = read_merged_meta(tuned)
+    rt = meta["router_tuned"]
+    assert meta["top_k"] == n and rt["steps"] == 3 and rt["top_k_before"] == 1
+    assert 3 <= rt["proxy_documents"] <= 6 and len(rt["proxies"]) == 2
+    assert meta["experts"] == ["public", *NAMES]
+    assert sorted(p.name for p in (tuned / "experts").iterdir()) == sorted(NAMES)
+    code, _, err = run_cli(
+        ["generate", "--model", tuned, "--prompt", "The", "--max-new-tokens", "2"], capsys
+    )
+    assert code == 0 and "router-tuned" in err
+
+
+def test_router_tune_cli(env, proxies, capsys) -> None:
+    out = env["root"] / "tuned-cli"
+    args = ["router-tune", "--model", env["merged"], "--proxies", *proxies]  # P1 P2 after one flag
+    args += ["--public", env["pub_path"], "-o", out, "--steps", "1", "--batch-size", "2"]
+    code, stdout, err = run_cli([*args, "--seq-len", "16", "--public-docs", "2"], capsys)
+    assert code == 0, err
+    assert "router-tuned" in stdout and load_merged(out).flexmoe_router_tuned
+    assert len(read_merged_meta(out)["router_tuned"]["proxies"]) == 2
+
+
+def test_router_tune_rejects_foreign_proxies(env, capsys) -> None:
+    bad = env["root"] / "bad.json"
+    bad.write_text(json.dumps({"public_source_sha256": "0" * 64, "ids": ["pub-1"]}))
+    args = ["router-tune", "--model", env["merged"], "--proxies", bad, "--public", env["pub_path"]]
+    code, _, err = run_cli([*args, "-o", env["root"] / "never"], capsys)
+    assert code == 2 and "different public file" in err
+    assert not (env["root"] / "never").exists()
+    with pytest.raises(FlexmoeError, match="neither"):
+        read_owner_texts("no-such-domain")
+
+
+def test_optout_comparison(env, tuned) -> None:
+    root = env["root"] / "tokens"
+    for d in ("public", "code"):
+        src = env["root"] / f"{d}-heldout.jsonl"
+        texts = sample_texts(d, "heldout", 4, 1500)
+        src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        tokenize_to_shards([src], root / d / "heldout", env["root"] / "tok")
+    res = optout_comparison(env["merged"], tuned, root, max_tokens=128, seq_len=32)
+    assert set(res) == {"untuned", "tuned"}
+    for rows in res.values():
+        assert set(rows) == {"none", *NAMES}
+        assert all(set(r) == {"public", "code"} for r in rows.values())
+        assert all(v > 0 and v == v for r in rows.values() for v in r.values())
+    assert res["untuned"]["none"] != res["tuned"]["none"]

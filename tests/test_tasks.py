@@ -1,0 +1,82 @@
+"""`flexmoe eval tasks`: the lm-eval plumbing on a tiny random Olmo2, from the committed OLMES
+task files (no network, no HF hub)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli, sample_texts
+
+TASK_DIR = Path(__file__).resolve().parents[1] / "data" / "olmes-tasks"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    from flexmoe.data.tokenizer import train_tokenizer
+    from flexmoe.model import new_anchor, olmo2_config
+
+    out = tmp_path_factory.mktemp("tasks") / "tiny"
+    train_tokenizer(sample_texts("public", "train", 20, max_chars=400), out, vocab_size=300)
+    from flexmoe.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(out)
+    cfg = olmo2_config("tiny", len(tok), tok.eos_token_id, tok.pad_token_id)
+    new_anchor(cfg, seed=0).save_pretrained(out)
+    return out
+
+
+def test_committed_task_files_complete():
+    from flexmoe.tasks import TASKS
+
+    for name in TASKS:
+        assert (TASK_DIR / f"{name}.yaml").is_file()
+        assert (TASK_DIR / f"{name}.jsonl.gz").is_file()
+    assert (TASK_DIR / "utils.py").is_file()
+
+
+def test_run_tasks_metrics(tiny_model):
+    from flexmoe.tasks import run_tasks
+
+    res = run_tasks(
+        tiny_model, ["arc_easy", "winogrande", "humaneval_bpb"], TASK_DIR, limit=5, batch_size=4
+    )
+    assert set(res) == {"arc_easy", "winogrande", "humaneval_bpb"}
+    for name in ("arc_easy", "winogrande"):
+        for m in ("acc", "acc_norm"):
+            assert 0.0 <= res[name][m] <= 1.0
+    bpb = res["humaneval_bpb"]["bits_per_byte"]
+    assert math.isfinite(bpb) and bpb > 0
+
+
+def test_cli_tasks_table(tiny_model, capsys):
+    code, out, err = run_cli(
+        ["eval", "tasks", "--model", tiny_model, "--tasks", "boolq", "--limit", "3",
+         "--task-dir", TASK_DIR],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "boolq" in out and "acc_norm" in out
+
+
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["--tasks", "arc_easy,nope"], "unknown task"),
+        (["--task-dir", "/nonexistent/tasks"], "no task dir"),
+    ],
+)
+def test_cli_tasks_bad_input(tiny_model, capsys, args, msg):
+    code, _, err = run_cli(["eval", "tasks", "--model", tiny_model, *args], capsys)
+    assert code == 2
+    assert msg in err and len(err.strip().splitlines()) == 1
+
+
+def test_include_needs_merged_model(tiny_model):
+    from flexmoe.errors import FlexmoeError
+    from flexmoe.tasks import run_tasks
+
+    with pytest.raises(FlexmoeError, match="merged"):
+        run_tasks(tiny_model, ["sciq"], TASK_DIR, limit=1, include=["code"])
