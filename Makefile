@@ -7,7 +7,6 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-export TOKENIZERS_PARALLELISM := false
 
 .PHONY: demo demo-full test test-slow lint format bench clean-runs
 

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main() -> int:
@@ -26,6 +25,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--full", action="store_true", help="all 7 domains, longer training")
     p.add_argument("--smoke", action="store_true", help="tiny models (plumbing check)")
+    p.add_argument(
+        "--ablations",
+        action="store_true",
+        help="also train the ablations (router init, no bias, no coordination, unrestricted MoE)",
+    )
+    p.add_argument("--rt", action="store_true", help="also run router tuning on public proxies")
     p.add_argument("--out", type=Path, help="run directory")
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -50,6 +55,8 @@ def main() -> int:
         cfg = DemoConfig()
     if args.out:
         cfg.out = args.out
+    cfg.ablations = cfg.ablations or args.ablations
+    cfg.router_tuning = cfg.router_tuning or args.rt
     try:
         run_demo(cfg)
     except FlexmoeError as e:

@@ -207,3 +207,49 @@ def test_dense_expert_baseline(work, anchor_dir, shards):
         not torch.equal(a, b)
         for a, b in zip(dense.state_dict().values(), anchor.state_dict().values(), strict=True)
     )
+
+
+def test_no_bias_ablation_keeps_bias_zero(anchor_dir):
+    anchor, _, extras = load_anchor(anchor_dir)
+    L, H = anchor.config.num_hidden_layers, anchor.config.hidden_size
+    model = build_two_expert(anchor, extras, torch.randn(L, H), "domain")
+    masks = freeze_for_expert(model, train_bias=False)
+    assert all(not m.any() for k, m in masks.items() if k.endswith("gate.bias"))
+
+
+def test_eval_bpb_optout_of_only_expert_equals_anchor(work, expert_pkg, anchor_dir, shards, capsys):
+    """Merged = public + code. Excluding code must score exactly like the anchor; keeping it
+    must help on code."""
+    from flexmoe.eval import bpb_table
+    from flexmoe.merge import merge
+
+    merged = work / "merged-code"
+    merge(anchor_dir, [expert_pkg], merged, log=None)
+    root = shards["code/heldout"].parent.parent
+    kw = dict(max_tokens=4096, seq_len=64, unigram=False)
+    anchor_rows, _ = bpb_table(anchor_dir, root, **kw)
+    out_rows, notes = bpb_table(merged, root, exclude=["code"], **kw)
+    full_rows, _ = bpb_table(merged, root, **kw)
+    assert notes and "active experts: public" in notes[0] and "code" not in notes[0]
+    for a, o in zip(anchor_rows, out_rows, strict=True):
+        assert o["bpb"] == pytest.approx(a["bpb"], abs=1e-6)
+    code = {r["domain"]: r["bpb"] for r in full_rows}["code"]
+    assert code < {r["domain"]: r["bpb"] for r in anchor_rows}["code"]
+    code_cli, stdout, err = run_cli(
+        [
+            "eval",
+            "bpb",
+            "--model",
+            merged,
+            "--data",
+            root,
+            "--exclude",
+            "code",
+            "--max-tokens",
+            4096,
+            "--seq-len",
+            64,
+        ],
+        capsys,
+    )
+    assert code_cli == 0 and "public" in stdout, err

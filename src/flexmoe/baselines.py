@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -84,3 +85,112 @@ class BTMEnsemble:
         top, idx = score.topk(k, dim=0)
         w = torch.zeros_like(score).scatter(0, idx, torch.softmax(top, dim=0))
         return torch.logsumexp(logps + torch.log(w.clamp(min=1e-30))[..., None], dim=0)
+
+
+# ---------------------------------------------------------------- ablations
+def package_from_dense(anchor_dir, dense_dir, data, out, name: str, router_docs: int = 200):
+    """ "No coordinated training": a dense expert's FFNs (trained without the frozen anchor around
+    them) packaged like an expert, with the domain-informed router row and b = 0."""
+    from pathlib import Path
+
+    from flexmoe.anchor import load_anchor
+    from flexmoe.data.tokenizer import load_tokenizer
+    from flexmoe.expert import owner_router_rows
+    from flexmoe.package import tensor_sha256, write_package
+
+    anchor, record, extras = load_anchor(anchor_dir)
+    dense, drec, _ = load_anchor(dense_dir)
+    tok = load_tokenizer(anchor_dir)
+    rows = owner_router_rows("domain", anchor, extras, tok, TokenStream(data), 0, router_docs, 256)
+    sd = dense.state_dict()
+    tensors = {}
+    for i in range(dense.config.num_hidden_layers):
+        p = f"model.layers.{i}.mlp"
+        tensors |= {
+            f"layers.{i}.gate_proj": sd[f"{p}.gate_proj.weight"],
+            f"layers.{i}.up_proj": sd[f"{p}.up_proj.weight"],
+            f"layers.{i}.down_proj": sd[f"{p}.down_proj.weight"],
+            f"layers.{i}.router": rows[i],
+            f"layers.{i}.bias": torch.zeros(()),
+        }
+    cfg = anchor.config
+    tr = json.loads((Path(dense_dir) / "flexmoe_anchor.json").read_text())["training"]
+    manifest = {
+        "name": name,
+        "domain": name,
+        "owner": "ablation",
+        "licence": "see DATA_CARD",
+        "consent": {"allowed_uses": ["research"]},
+        "anchor_fingerprint": record["fingerprint"],
+        "public_router_sha256": tensor_sha256(extras["public.domain"]),
+        "architecture": {
+            "hidden_size": cfg.hidden_size,
+            "intermediate_size": cfg.intermediate_size,
+            "num_hidden_layers": cfg.num_hidden_layers,
+        },
+        "router_init": "domain",
+        "training": {
+            "tokens": tr["tokens"],
+            "steps": tr["step"],
+            "seed": tr["seed"],
+            "hyperparameters": tr["config"],
+            "note": "FFNs of a dense expert",
+        },
+    }
+    return write_package(Path(out), tensors, manifest)
+
+
+def train_unrestricted(anchor_dir, data: dict, out, router_docs: int = 200, **overrides):
+    """Unrestricted MoE: the anchor upcycled to 1+N experts (domain-initialised router rows) and
+    trained on ALL data jointly, every parameter free. The real setting forbids it (data would
+    have to be pooled); it is the upper-bound reference. `data` maps expert name → shard dir."""
+    from pathlib import Path
+
+    from flexmoe.anchor import load_anchor
+    from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
+    from flexmoe.expert import expert_train_config, owner_router_rows, project_bias
+    from flexmoe.merge import default_top_k, save_merged
+    from flexmoe.model import routers, upcycle
+    from flexmoe.records import library_versions
+    from flexmoe.train import train
+
+    anchor, record, extras = load_anchor(anchor_dir)
+    tok = load_tokenizer(anchor_dir)
+    names = ["public", *data]
+    model = upcycle(anchor, len(names), default_top_k(len(names)))
+    rows = [extras["public.domain"]] + [
+        owner_router_rows("domain", anchor, extras, tok, TokenStream(d), 0, router_docs, 256)
+        for d in data.values()
+    ]
+    with torch.no_grad():
+        for i, r in enumerate(routers(model)):
+            r.weight.copy_(torch.stack([x[i] for x in rows]))
+    model.requires_grad_(True)
+    cfg = expert_train_config(**overrides)
+    stream = TokenStream.concat(list(data.values()))
+    result = train(
+        model,
+        stream,
+        cfg,
+        Path(str(out) + ".train"),
+        post_step=project_bias,
+        token_bytes=token_byte_lengths(tok),
+        progress_label="unrestricted MoE",
+    )
+    meta = {
+        "format": "flexmoe-merged",
+        "schema_version": 1,
+        "experts": names,
+        "anchor_fingerprint": record["fingerprint"],
+        "top_k": model.config.num_experts_per_tok,
+        "router_init": "domain",
+        "manifests": {},
+        "unrestricted": {
+            "tokens": result["tokens"],
+            "steps": result["step"],
+            "config": cfg.model_dump(),
+        },
+        "libraries": library_versions(),
+    }
+    save_merged(Path(out), model, tok, meta, [])
+    return result

@@ -288,22 +288,40 @@ app.add_typer(eval_app, name="eval")
 
 @eval_app.command("bpb")
 def eval_bpb(
-    model: Annotated[Path, typer.Option(help="Anchor, expert or merged model directory.")],
-    data: Annotated[Path, typer.Option(help="Token-shard root: <domain>/heldout/.")],
+    model: Annotated[Path, typer.Option(help="Anchor, dense expert or merged model directory.")],
+    data: Annotated[Path, typer.Option(help="Token-shard root: <domain>/<split>/.")],
     split: Annotated[str, typer.Option(help="Split to score.")] = "heldout",
+    include: Annotated[
+        list[str] | None, typer.Option(help="Merged models: only these experts (+ public).")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option(help="Merged models: opt these experts out.")
+    ] = None,
+    allow_no_public: Annotated[
+        bool, typer.Option(help="Allow excluding the public expert.")
+    ] = False,
     max_tokens: Annotated[int, typer.Option(help="Tokens scored per domain.")] = 131072,
     seq_len: Annotated[int, typer.Option(help="Window length.")] = 256,
     unigram: Annotated[bool, typer.Option(help="Also show a unigram baseline.")] = True,
 ) -> None:
-    """Per-domain held-out bits per byte."""
+    """Per-domain held-out bits per byte (lower is better)."""
     from flexmoe.eval import bpb_table
 
-    rows = bpb_table(
-        model, data, split=split, max_tokens=max_tokens, seq_len=seq_len, unigram=unigram
+    rows, notes = bpb_table(
+        model,
+        data,
+        split=split,
+        max_tokens=max_tokens,
+        seq_len=seq_len,
+        unigram=unigram,
+        include=_names(include),
+        exclude=_names(exclude),
+        allow_no_public=allow_no_public,
     )
-    table = Table(title=f"held-out bits per byte: {model}")
-    cols = list(rows[0].keys())
-    for c in cols:
+    for n in notes:
+        console.print(n)
+    table = Table(title=f"{split} bits per byte: {model}")
+    for c in rows[0]:
         table.add_column(c, justify="left" if c == "domain" else "right")
     for r in rows:
         table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r.values()])

@@ -69,8 +69,27 @@ def bpb_table(
     max_tokens: int = 131072,
     seq_len: int = 256,
     unigram: bool = True,
-) -> list[dict]:
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    allow_no_public: bool = False,
+) -> tuple[list[dict], list[str]]:
+    """Per-domain BPB rows (+ mean) and notes to show the user (active experts, router tuning)."""
     model, tok = load_for_eval(model_dir)
+    notes = []
+    if model.config.model_type == "flex_olmo":
+        from flexmoe.infer import expert_mask, expert_names
+        from flexmoe.model import set_active_experts
+
+        mask = expert_mask(model, include, exclude, allow_no_public)
+        set_active_experts(model, mask)
+        names = expert_names(model)
+        notes.append(
+            "active experts: " + ", ".join(n for n, a in zip(names, mask, strict=True) if a)
+        )
+        if getattr(model, "flexmoe_router_tuned", False):
+            notes.append("note: router-tuned model (exact opt-out holds for the un-tuned model)")
+    elif include or exclude:
+        raise FlexmoeError(f"{model_dir} is a dense model: --include/--exclude need a merged model")
     tb = token_byte_lengths(tok)
     streams = domain_streams(data, split)
     scores = bpb_by_domain(model, tb, streams, seq_len, max_tokens)
@@ -84,4 +103,4 @@ def bpb_table(
     mean = {"domain": "mean", "bpb": sum(scores.values()) / len(scores)}
     if unigram and all("unigram bpb" in r for r in rows):
         mean["unigram bpb"] = sum(r["unigram bpb"] for r in rows) / len(rows)
-    return rows + [mean]
+    return rows + [mean], notes

@@ -79,15 +79,17 @@ def build_two_expert(anchor, extras, owner_rows: torch.Tensor, method: str):
     return model
 
 
-def freeze_for_expert(model) -> dict[str, torch.Tensor]:
-    """requires_grad only on expert/router tensors; masks keep the public slices frozen."""
+def freeze_for_expert(model, train_bias: bool = True) -> dict[str, torch.Tensor]:
+    """requires_grad only on expert/router tensors; masks keep the public slices frozen.
+    train_bias=False keeps b = 0 (the "no bias" ablation)."""
     masks: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         trainable = ".mlp.experts." in name or ".mlp.gate." in name
         p.requires_grad_(trainable)
         if trainable:
             m = torch.zeros_like(p)
-            m[OWNER] = 1.0
+            if train_bias or not name.endswith("gate.bias"):
+                m[OWNER] = 1.0
             masks[name] = m
     return masks
 
@@ -128,6 +130,7 @@ def train_expert(
     router_init: str = "domain",
     router_docs: int = 1000,
     dense: bool = False,
+    train_bias: bool = True,
     resume: bool = False,
     eval_tokens: int = 131072,
     **overrides,
@@ -188,7 +191,7 @@ def train_expert(
         router_init, anchor, extras, tok, stream, cfg.seed, router_docs, cfg.seq_len
     )
     model = build_two_expert(anchor, extras, owner_rows, router_init)
-    masks = freeze_for_expert(model)
+    masks = freeze_for_expert(model, train_bias)
     result = train(
         model,
         stream,
@@ -239,6 +242,7 @@ def train_expert(
             "seconds": result.get("seconds"),
             "tokens_per_s": result.get("tokens_per_s"),
             "router_docs": router_docs,
+            "train_bias": train_bias,
         },
         "created_with": library_versions(),
     }

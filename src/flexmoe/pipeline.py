@@ -32,15 +32,21 @@ class DemoConfig:
     vocab_size: int = 8192
     anchor_preset: str = "demo"
     anchor_steps: int | None = None
-    expert_steps: int = 120
-    expert_lr: float = 2e-3
-    dense_lr: float = 5e-4
+    expert_steps: int = 40
+    expert_warmup: int = 4
+    expert_lr: float = 3e-3
+    dense_lr: float = 1e-3
+    bf16: bool = True
     batch_size: int = 16
     seq_len: int = 256
     router_docs: int = 200
-    eval_tokens: int = 16384
+    eval_tokens: int = 8192
     seed: int = 0
     baselines: bool = True
+    ablations: bool = False
+    router_tuning: bool = False
+    rt_proxies: int = 64
+    rt_steps: int = 40
     prompt: str = "def fibonacci(n):"
 
     @classmethod
@@ -50,8 +56,12 @@ class DemoConfig:
         return cls(
             out=out,
             domains=list(CLOSED_DOMAINS),
-            expert_steps=400,
+            anchor_steps=600,
+            expert_steps=200,
+            expert_warmup=20,
             router_docs=1000,
+            ablations=True,
+            router_tuning=True,
             eval_tokens=65536,
         )
 
@@ -133,6 +143,7 @@ def train_models(cfg: DemoConfig, tok_dir: Path, tokens: Path) -> dict[str, Path
         "tokenizer": tok_sha,
         "seed": cfg.seed,
         "router_docs": cfg.router_docs,
+        "bf16": cfg.bf16,
         "v": 1,
     }
     _stage(
@@ -148,12 +159,15 @@ def train_models(cfg: DemoConfig, tok_dir: Path, tokens: Path) -> dict[str, Path
             router_docs=cfg.router_docs,
             seed=cfg.seed,
             eval_tokens=cfg.eval_tokens,
+            bf16=cfg.bf16,
         ),
         f"anchor: dense OLMo-2, preset '{cfg.anchor_preset}', public data",
     )
     anchor_fp = json.loads((paths["anchor"] / "flexmoe_anchor.json").read_text())["fingerprint"]
     common = dict(
         steps=cfg.expert_steps,
+        warmup=cfg.expert_warmup,
+        bf16=cfg.bf16,
         batch_size=cfg.batch_size,
         seq_len=cfg.seq_len,
         seed=cfg.seed,
@@ -209,6 +223,174 @@ def train_models(cfg: DemoConfig, tok_dir: Path, tokens: Path) -> dict[str, Path
     return paths
 
 
+def train_ablations(cfg: DemoConfig, paths: dict[str, Path], tokens: Path) -> dict[str, Path]:
+    """Merged models of the ablations, each from the same anchor and data budget: random or
+    hidden-state router init, experts trained without the bias, no coordinated training
+    (dense experts' FFNs), and the unrestricted MoE trained on all closed data jointly."""
+    from flexmoe.baselines import package_from_dense, train_unrestricted
+    from flexmoe.expert import train_expert
+    from flexmoe.merge import merge
+
+    root = cfg.out / "ablations"
+    anchor = paths["anchor"]
+    anchor_fp = json.loads((anchor / "flexmoe_anchor.json").read_text())["fingerprint"]
+    common = dict(
+        steps=cfg.expert_steps,
+        warmup=cfg.expert_warmup,
+        bf16=cfg.bf16,
+        batch_size=cfg.batch_size,
+        seq_len=cfg.seq_len,
+        seed=cfg.seed,
+        eval_tokens=cfg.eval_tokens,
+    )
+    variants = {
+        "random router init": {"router_init": "random"},
+        "hidden-state router init": {"router_init": "hidden"},
+        "no bias (trained without)": {"train_bias": False},
+    }
+    merged: dict[str, Path] = {}
+    for label, kw in variants.items():
+        slug = label.split(" (")[0].replace(" ", "-")
+        pkgs = []
+        for d in cfg.domains:
+            out = root / slug / "experts" / d
+            spec = {
+                "anchor": anchor_fp,
+                "d": d,
+                "lr": cfg.expert_lr,
+                **common,
+                **kw,
+                "router_docs": cfg.router_docs,
+                "v": 1,
+            }
+            _stage(
+                root / slug / "experts" / f".{d}.json",
+                spec,
+                lambda d=d, out=out, kw=kw: train_expert(
+                    anchor,
+                    tokens / d / "train",
+                    out,
+                    d,
+                    heldout=tokens / d / "heldout",
+                    router_docs=cfg.router_docs,
+                    lr=cfg.expert_lr,
+                    **common,
+                    **kw,
+                ),
+                f"ablation '{label}': expert {d}",
+            )
+            pkgs.append(out)
+        merged[label] = root / slug / "merged"
+        _stage(
+            root / slug / ".merged.json",
+            {"p": [sha256_file(p / "manifest.json") for p in pkgs]},
+            lambda pkgs=pkgs, label=label: merge(anchor, pkgs, merged[label], log=None),
+            f"ablation '{label}': merge",
+        )
+    if cfg.baselines:
+        pkgs = []
+        for d in cfg.domains:
+            out = root / "no-coordination" / "experts" / d
+            dense = paths[f"dense/{d}"]
+            _stage(
+                root / "no-coordination" / "experts" / f".{d}.json",
+                {"dense": sha256_file(dense / "model.safetensors"), "v": 1},
+                lambda d=d, out=out, dense=dense: package_from_dense(
+                    anchor, dense, tokens / d / "train", out, d, cfg.router_docs
+                ),
+                f"ablation 'no coordinated training': package dense {d} FFNs",
+            )
+            pkgs.append(out)
+        merged["no coordinated training"] = root / "no-coordination" / "merged"
+        _stage(
+            root / "no-coordination" / ".merged.json",
+            {"p": [sha256_file(p / "manifest.json") for p in pkgs]},
+            lambda: merge(anchor, pkgs, merged["no coordinated training"], log=None),
+            "ablation 'no coordinated training': merge",
+        )
+    n = len(cfg.domains)
+    merged["unrestricted MoE (joint data)"] = root / "unrestricted"
+    u_common = {**common, "steps": cfg.expert_steps * n, "warmup": cfg.expert_warmup * n}
+    _stage(
+        root / ".unrestricted.json",
+        {"anchor": anchor_fp, "domains": cfg.domains, **u_common, "v": 1},
+        lambda: train_unrestricted(
+            anchor,
+            {d: tokens / d / "train" for d in cfg.domains},
+            root / "unrestricted",
+            router_docs=cfg.router_docs,
+            lr=cfg.expert_lr,
+            **u_common,
+        ),
+        f"reference 'unrestricted MoE': all {n} closed sets pooled, {n}× an expert's tokens",
+    )
+    return merged
+
+
+def router_tune_stage(cfg: DemoConfig, paths: dict[str, Path], merged: Path) -> Path:
+    """Optional RT: each owner picks proxies from the public train split with its classifier;
+    the merged model's routers are tuned on their union plus a public sample."""
+    from flexmoe.router_tune import read_public, router_tune, select_proxies, write_proxies
+
+    public = split_path(cfg.corpus, PUBLIC, "train")
+    root = cfg.out / "router-tuned"
+    proxy_files = []
+    pub_docs = None
+    for d in cfg.domains:
+        pf = root / "proxies" / f"{d}.json"
+        proxy_files.append(pf)
+
+        def pick(d=d, pf=pf):
+            nonlocal pub_docs
+            from flexmoe.data.corpus import iter_docs
+
+            if pub_docs is None:
+                import numpy as np
+
+                allp = read_public(public)
+                keep = np.random.default_rng(cfg.seed).permutation(len(allp))[:1000]
+                pub_docs = [allp[i] for i in sorted(keep.tolist())]
+            owner = [
+                x["text"]
+                for x, _ in zip(
+                    iter_docs(cfg.corpus, d, "train"), range(cfg.router_docs), strict=False
+                )
+            ]
+            ids = select_proxies(owner, pub_docs, cfg.rt_proxies, cfg.seed)
+            write_proxies(pf, f"{d}-owner", public, ids)
+
+        _stage(
+            root / "proxies" / f".{d}.json",
+            {"public": sha256_file(public), "k": cfg.rt_proxies, "v": 1},
+            pick,
+            f"router tuning: owner '{d}' picks {cfg.rt_proxies} public proxies",
+        )
+    out = root / "merged"
+    _stage(
+        root / ".merged.json",
+        {
+            "merged": sha256_file(merged / "model.safetensors"),
+            "proxies": [sha256_file(p) for p in proxy_files],
+            "steps": cfg.rt_steps,
+            "v": 1,
+        },
+        lambda: router_tune(
+            merged,
+            proxy_files,
+            public,
+            out,
+            steps=cfg.rt_steps,
+            batch_size=cfg.batch_size,
+            seq_len=cfg.seq_len,
+            seed=cfg.seed,
+            bf16=cfg.bf16,
+            public_docs=500,
+        ),
+        "router tuning: routers only, on proxies ∪ public sample",
+    )
+    return out
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     from flexmoe.merge import merge
     from flexmoe.report import evaluate_all, print_main_table, write_report
@@ -227,7 +409,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         lambda: merge(paths["anchor"], pkgs, merged, log=console.print),
         f"merge: public + {len(pkgs)} experts, no joint training",
     )
-    results = evaluate_all(cfg, paths, merged, tokens)
+    extra = train_ablations(cfg, paths, tokens) if cfg.ablations else {}
+    tuned = router_tune_stage(cfg, paths, merged) if cfg.router_tuning else None
+    results = evaluate_all(cfg, paths, merged, tokens, extra, tuned)
     report_dir = write_report(results, cfg.out / "report")
     print_main_table(results)
     console.print(f"report → {report_dir / 'report.md'}   total {time.perf_counter() - t0:.0f} s")

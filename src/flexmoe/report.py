@@ -34,7 +34,14 @@ def _bpb(model_fn, streams, tb, cfg) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate_all(cfg, paths: dict[str, Path], merged_dir: Path, tokens: Path) -> dict:
+def evaluate_all(
+    cfg,
+    paths: dict[str, Path],
+    merged_dir: Path,
+    tokens: Path,
+    extra: dict[str, Path] | None = None,
+    tuned_dir: Path | None = None,
+) -> dict:
     from flexmoe.anchor import load_anchor
     from flexmoe.baselines import BTMEnsemble, likelihood_weights, soup
     from flexmoe.data.shards import TokenStream
@@ -73,11 +80,22 @@ def evaluate_all(cfg, paths: dict[str, Path], merged_dir: Path, tokens: Path) ->
     set_active_experts(merged, expert_mask(merged))
     rows["FlexOlmo merged"] = _bpb(logits(merged), streams, tb, cfg)
 
-    optout = {}
-    for d in cfg.domains:
-        set_active_experts(merged, expert_mask(merged, exclude=[d]))
-        optout[d] = _bpb(logits(merged), streams, tb, cfg)
-    set_active_experts(merged, expert_mask(merged))
+    def optout_of(model) -> dict:
+        res = {}
+        for d in cfg.domains:
+            set_active_experts(model, expert_mask(model, exclude=[d]))
+            res[d] = _bpb(logits(model), streams, tb, cfg)
+        set_active_experts(model, expert_mask(model))
+        return res
+
+    optout = optout_of(merged)
+    for label, path in (extra or {}).items():
+        rows[f"ablation: {label}"] = _bpb(logits(load_merged(path)), streams, tb, cfg)
+    optout_rt = None
+    if tuned_dir is not None:
+        tuned = load_merged(tuned_dir)
+        rows["FlexOlmo merged + router tuning"] = _bpb(logits(tuned), streams, tb, cfg)
+        optout_rt = optout_of(tuned)
 
     for r in routers(merged):
         r.use_bias = False
@@ -87,7 +105,7 @@ def evaluate_all(cfg, paths: dict[str, Path], merged_dir: Path, tokens: Path) ->
 
     default_k = merged.config.num_experts_per_tok
     topk = {}
-    for k in range(1, len(names) + 1):
+    for k in range(1, len(names) + 1) if extra else []:  # the top-k sweep is an ablation
         for r in routers(merged):
             r.top_k = k
         topk[k] = _bpb(logits(merged), streams, tb, cfg)
@@ -111,6 +129,7 @@ def evaluate_all(cfg, paths: dict[str, Path], merged_dir: Path, tokens: Path) ->
         "experts": names,
         "main": rows,
         "optout": optout,
+        "optout_rt": optout_rt,
         "no_bias": no_bias,
         "topk": {str(k): v for k, v in topk.items()},
         "default_top_k": default_k,
@@ -234,6 +253,27 @@ def write_report(results: dict, out: Path) -> Path:
     ]
     for d, r in results["optout"].items():
         md.append(f"| {d} | " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+    if results.get("optout_rt"):
+        tuned = results["main"]["FlexOlmo merged + router tuning"]
+        md += [
+            "",
+            "## Router tuning (RT)",
+            "",
+            "Routers tuned on the owners' public proxies (experts frozen). The exact opt-out "
+            "guarantee holds for the un-tuned model; below, each expert excluded from the "
+            "router-tuned model (Δ vs the same model with all experts).",
+            "",
+            "| excluded | " + " | ".join(cols) + " |",
+            "|---|" + "---:|" * len(cols),
+            "| (none), no RT | " + " | ".join(_fmt(full[c]) for c in cols) + " |",
+            "| (none), RT | " + " | ".join(_fmt(tuned[c]) for c in cols) + " |",
+        ]
+        for d, r in results["optout_rt"].items():
+            md.append(
+                f"| {d}, RT | "
+                + " | ".join(f"{_fmt(r[c])} ({r[c] - tuned[c]:+.3f})" for c in cols)
+                + " |"
+            )
     nb = results["no_bias"]
     md += [
         "",
@@ -247,13 +287,18 @@ def write_report(results: dict, out: Path) -> Path:
         "| with bias (flexmoe loader) | " + " | ".join(_fmt(full[c]) for c in cols) + " |",
         "| without bias (stock load) | " + " | ".join(_fmt(nb[c]) for c in cols) + " |",
         "",
-        "## Active experts (top-k)",
-        "",
-        "| k | " + " | ".join(cols) + " |",
-        "|---|" + "---:|" * len(cols),
     ]
-    for k, r in results["topk"].items():
-        md.append(f"| {k} | " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+    if results["topk"]:
+        md += [
+            "## Active experts (top-k)",
+            "",
+            "| k | " + " | ".join(cols) + " |",
+            "|---|" + "---:|" * len(cols),
+        ]
+        md += [
+            f"| {k} | " + " | ".join(_fmt(r[c]) for c in cols) + " |"
+            for k, r in results["topk"].items()
+        ]
     names = results["experts"]
     md += [
         "",
@@ -326,21 +371,20 @@ def make_plots(results: dict, out: Path) -> list[Path]:
     paths.append(out / "routing.png")
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
-    # top-k curve
+    # top-k curve (ablation runs only)
     ks = sorted(int(k) for k in results["topk"])
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(ks, [results["topk"][str(k)]["mean"] for k in ks], marker="o", label="mean")
-    ax.plot(
-        ks, [results["topk"][str(k)]["closed mean"] for k in ks], marker="s", label="closed domains"
-    )
-    ax.set_xlabel("active experts per token (top-k)")
-    ax.set_ylabel("held-out BPB")
-    ax.legend()
-    ax.set_title("top-k")
-    fig.tight_layout()
-    paths.append(out / "topk.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    if ks:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for key, marker in (("mean", "o"), ("closed mean", "s")):
+            ax.plot(ks, [results["topk"][str(k)][key] for k in ks], marker=marker, label=key)
+        ax.set_xlabel("active experts per token (top-k)")
+        ax.set_ylabel("held-out BPB")
+        ax.legend()
+        ax.set_title("top-k")
+        fig.tight_layout()
+        paths.append(out / "topk.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
     # main table bars
     models = list(results["main"])
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(models) + 1.5))

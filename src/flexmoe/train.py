@@ -248,7 +248,6 @@ def train(
         ],
         lr=cfg.lr,
         betas=cfg.betas,
-        foreach=False,
     )
     start = 0
     if resume:

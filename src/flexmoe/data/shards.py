@@ -289,6 +289,19 @@ class TokenStream:
         ]
         self.offsets = np.cumsum([0] + [a.size for a in self.arrays])
 
+    @classmethod
+    def concat(cls, paths: list[str | Path]) -> TokenStream:
+        """Several shard directories (same tokenizer) read as one stream, e.g. a data mix."""
+        streams = [cls(p) for p in paths]
+        shas = {s.index["tokenizer_sha256"] for s in streams}
+        if len(shas) != 1:
+            raise FlexmoeError("cannot mix token shards made with different tokenizers")
+        out = streams[0]
+        out.arrays = [a for s in streams for a in s.arrays]
+        out.offsets = np.cumsum([0] + [a.size for a in out.arrays])
+        out.index = {**out.index, "shards": [sh for s in streams for sh in s.index["shards"]]}
+        return out
+
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
