@@ -116,6 +116,7 @@ def train_anchor(
         "data": [s["sha256"] for s in train_stream.index["shards"]],
         "tokenizer": train_stream.index["tokenizer_sha256"],
         "kind": "anchor",
+        "router_docs": router_docs,
     }
     if reuse and (out / RECORD).is_file():
         rec = json.loads((out / RECORD).read_text())

@@ -24,11 +24,13 @@ def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
 
 
 def eval_windows(stream: TokenStream, seq_len: int, max_tokens: int | None) -> list[int]:
-    """Start offsets of non-overlapping (seq_len+1)-token windows covering the stream, in order."""
+    """Start offsets of non-overlapping (seq_len+1)-token windows. With a token budget, the windows
+    are spread evenly over the whole stream (not its first documents), deterministically."""
     n = len(stream) - 1
     starts = list(range(0, max(n - seq_len, 0) + 1, seq_len))
-    if max_tokens is not None:
-        starts = starts[: max(1, max_tokens // seq_len)]
+    if max_tokens is not None and len(starts) > max(1, max_tokens // seq_len):
+        keep = max(1, max_tokens // seq_len)
+        starts = [starts[i] for i in np.linspace(0, len(starts) - 1, keep).round().astype(int)]
     return starts
 
 

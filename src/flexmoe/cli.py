@@ -342,7 +342,7 @@ def report(
     out.print(f"report → {out_dir / 'report.md'}")
 
 
-# ---- merge / generate commands: begin (owned by src/flexmoe/merge.py + infer.py) ----
+# ---- merge and generate ----
 def _names(items: list[str] | None) -> list[str] | None:
     """Repeated and/or comma-separated option values → a flat list (None if not given)."""
     if not items:
@@ -477,10 +477,7 @@ def generate_cmd(
         out.print(table)
 
 
-# ---- merge / generate commands: end ----
-
-
-# ---- eval tasks command: begin (owned by src/flexmoe/tasks.py) ----
+# ---- downstream tasks ----
 @eval_app.command("tasks")
 def eval_tasks(
     model: Annotated[Path, typer.Option(help="Anchor or merged model directory.")],
@@ -558,10 +555,7 @@ def eval_build_tasks(
     out.print(f"{len(counts)} tasks, {sum(counts.values())} documents → {out_dir}")
 
 
-# ---- eval tasks command: end ----
-
-
-# ---- router-tune / expert proxy commands: begin (owned by src/flexmoe/router_tune.py) ----
+# ---- router tuning ----
 @expert_app.command("proxy")
 def expert_proxy(
     data: Annotated[
@@ -641,9 +635,6 @@ def router_tune_cmd(
             "router row)[/]",
             highlight=False,
         )
-
-
-# ---- router-tune / expert proxy commands: end ----
 
 
 def main() -> None:

@@ -47,6 +47,7 @@ class DemoConfig:
     router_tuning: bool = False
     rt_proxies: int = 64
     rt_steps: int = 40
+    ablation_variants: tuple[str, ...] = ("random", "hidden")  # + "no-bias" in --full
     prompt: str = "def fibonacci(n):"
 
     @classmethod
@@ -62,6 +63,7 @@ class DemoConfig:
             router_docs=1000,
             ablations=True,
             router_tuning=True,
+            ablation_variants=("random", "hidden", "no-bias"),
             eval_tokens=65536,
         )
 
@@ -244,12 +246,12 @@ def train_ablations(cfg: DemoConfig, paths: dict[str, Path], tokens: Path) -> di
         eval_tokens=cfg.eval_tokens,
     )
     variants = {
-        "random router init": {"router_init": "random"},
-        "hidden-state router init": {"router_init": "hidden"},
-        "no bias (trained without)": {"train_bias": False},
+        "random": ("random router init", {"router_init": "random"}),
+        "hidden": ("hidden-state router init", {"router_init": "hidden"}),
+        "no-bias": ("no bias (trained without)", {"train_bias": False}),
     }
     merged: dict[str, Path] = {}
-    for label, kw in variants.items():
+    for label, kw in (variants[v] for v in cfg.ablation_variants):
         slug = label.split(" (")[0].replace(" ", "-")
         pkgs = []
         for d in cfg.domains:

