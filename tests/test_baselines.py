@@ -74,3 +74,47 @@ def test_demo_smoke_end_to_end(tmp_path):
     assert "Main table" in report and "Opt-out" in report and "Router tuning" in report
     for png in ("optout.png", "routing.png", "topk.png", "main.png"):
         assert (out / "report" / png).is_file()
+
+
+def test_unrestricted_moe_and_no_coordination_package(work, anchor_dir, shards):
+    """The two ablation builders produce a loadable merged model and a verifiable package."""
+    from flexmoe.baselines import package_from_dense, train_unrestricted
+    from flexmoe.expert import train_expert
+    from flexmoe.infer import load_merged
+    from flexmoe.package import verify_package
+
+    out = work / "unrestricted"
+    train_unrestricted(
+        anchor_dir,
+        {"code": shards["code/train"]},
+        out,
+        router_docs=4,
+        steps=3,
+        batch_size=4,
+        seq_len=32,
+        warmup=1,
+    )
+    m = load_merged(out)
+    assert m.flexmoe_experts == ["public", "code"] and m.config.num_experts == 2
+    anchor, rec, extras = load_anchor(anchor_dir)
+    changed = [
+        k
+        for k, v in m.state_dict().items()
+        if k in anchor.state_dict() and not torch.equal(v, anchor.state_dict()[k])
+    ]
+    assert changed  # every parameter was free to train, shared ones included
+    dense = work / "dense-for-nocoord"
+    train_expert(
+        anchor_dir,
+        shards["code/train"],
+        dense,
+        "code",
+        dense=True,
+        steps=3,
+        batch_size=4,
+        seq_len=32,
+    )
+    pkg = work / "nocoord-code"
+    package_from_dense(anchor_dir, dense, shards["code/train"], pkg, "code", router_docs=4)
+    man, _ = verify_package(pkg, rec, extras, anchor.config)
+    assert man.router_init == "domain"

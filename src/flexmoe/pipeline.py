@@ -48,6 +48,7 @@ class DemoConfig:
     rt_proxies: int = 64
     rt_steps: int = 40
     ablation_variants: tuple[str, ...] = ("random", "hidden")  # + "no-bias" in --full
+    unrestricted: bool = False  # the unrestricted-MoE reference (--full)
     prompt: str = "def fibonacci(n):"
 
     @classmethod
@@ -64,6 +65,7 @@ class DemoConfig:
             ablations=True,
             router_tuning=True,
             ablation_variants=("random", "hidden", "no-bias"),
+            unrestricted=True,
             eval_tokens=65536,
         )
 
@@ -310,6 +312,8 @@ def train_ablations(cfg: DemoConfig, paths: dict[str, Path], tokens: Path) -> di
             lambda: merge(anchor, pkgs, merged["no coordinated training"], log=None),
             "ablation 'no coordinated training': merge",
         )
+    if not cfg.unrestricted:
+        return merged
     n = len(cfg.domains)
     merged["unrestricted MoE (joint data)"] = root / "unrestricted"
     u_common = {**common, "steps": cfg.expert_steps * n, "warmup": cfg.expert_warmup * n}
