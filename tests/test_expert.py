@@ -41,12 +41,15 @@ def expert_pkg(work, anchor_dir, shards):
 
 def test_untrained_two_expert_equals_anchor(anchor_dir):
     anchor, _, extras = load_anchor(anchor_dir)
-    rows = torch.randn(anchor.config.num_hidden_layers, anchor.config.hidden_size)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(anchor.config.num_hidden_layers, anchor.config.hidden_size, generator=g)
     model = build_two_expert(anchor, extras, rows, "domain")
-    ids = torch.randint(0, anchor.config.vocab_size, (2, 48))
+    ids = torch.randint(0, anchor.config.vocab_size, (2, 48), generator=g)
     with torch.no_grad():
-        diff = (model(ids).logits - anchor(ids).logits).abs().max().item()
-    assert diff <= 2e-6
+        ref = anchor(ids).logits
+        diff = (model(ids).logits - ref).abs().max().item()
+    # p·M(x) + (1−p)·M(x) = M(x) up to fp32 rounding: 2e-6 per unit of logit scale
+    assert diff <= 2e-6 * max(1.0, ref.abs().max().item())
 
 
 def test_frozen_tensors_bit_identical_after_training(work, anchor_dir, shards):

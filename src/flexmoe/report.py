@@ -187,11 +187,33 @@ def _fmt(v: float) -> str:
     return f"{v:.3f}"
 
 
+ROW_ORDER = (
+    "anchor",
+    "dense expert",
+    "model soup",
+    "BTM",
+    "2-expert",
+    "FlexOlmo merged",
+    "FlexOlmo merged + router tuning",
+    "ablation",
+)
+
+
+def row_order(names) -> list[str]:
+    """Table order by model family (results.json stores rows with sorted keys)."""
+
+    def rank(n: str) -> int:
+        return max(i for i, p in enumerate(ROW_ORDER) if n.startswith(p))
+
+    return sorted(names, key=lambda n: (rank(n), n))
+
+
 def main_table_md(results: dict) -> str:
     cols = [*results["domains"], "mean"]
     lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     best = {c: min(r[c] for r in results["main"].values()) for c in cols}
-    for name, r in results["main"].items():
+    for name in row_order(results["main"]):
+        r = results["main"][name]
         cells = [f"**{_fmt(r[c])}**" if r[c] == best[c] else _fmt(r[c]) for c in cols]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -203,8 +225,8 @@ def print_main_table(results: dict) -> None:
     t.add_column("model")
     for c in cols:
         t.add_column(c, justify="right")
-    for name, r in results["main"].items():
-        t.add_row(name, *[_fmt(r[c]) for c in cols])
+    for name in row_order(results["main"]):
+        t.add_row(name, *[_fmt(results["main"][name][c]) for c in cols])
     Console().print(t)
     oo = Table(title="opt-out: FlexOlmo merged with one expert excluded")
     oo.add_column("excluded")
@@ -386,7 +408,7 @@ def make_plots(results: dict, out: Path) -> list[Path]:
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
     # main table bars
-    models = list(results["main"])
+    models = row_order(results["main"])
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(models) + 1.5))
     ax.barh(range(len(models)), [results["main"][m]["mean"] for m in models], color="tab:gray")
     ax.set_yticks(range(len(models)), models)
