@@ -97,3 +97,40 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
         sys.argv = old
     cap = capsys.readouterr()
     return code, cap.out, cap.err
+
+
+def random_package(out: Path, anchor_dir: Path, name: str, seed: int, **manifest) -> Path:
+    """A well-formed expert package with seeded random weights (for merge/routing mechanics)."""
+    import torch
+
+    from flexmoe.anchor import load_anchor
+    from flexmoe.package import tensor_sha256, write_package
+
+    model, record, extras = load_anchor(anchor_dir)
+    cfg = model.config
+    h, i, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(n):
+        p = f"layers.{layer}"
+        tensors |= {
+            f"{p}.gate_proj": torch.randn(i, h, generator=g) * 0.2,
+            f"{p}.up_proj": torch.randn(i, h, generator=g) * 0.2,
+            f"{p}.down_proj": torch.randn(h, i, generator=g) * 0.2,
+            f"{p}.router": torch.randn(h, generator=g),
+            f"{p}.bias": -torch.rand((), generator=g),
+        }
+    m = {
+        "name": name,
+        "domain": name,
+        "owner": f"{name} owner",
+        "licence": "CC-BY-4.0",
+        "consent": {"allowed_uses": ["research", "commercial"], "expires": None},
+        "anchor_fingerprint": record["fingerprint"],
+        "public_router_sha256": tensor_sha256(extras["public.domain"]),
+        "architecture": {"hidden_size": h, "intermediate_size": i, "num_hidden_layers": n},
+        "router_init": "domain",
+        "training": {"tokens": 0, "steps": 0, "seed": seed, "hyperparameters": {}},
+    } | manifest
+    write_package(out, tensors, m)
+    return out

@@ -13,13 +13,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from conftest import random_package
 from flexmoe.anchor import load_anchor, write_anchor
 from flexmoe.data.tokenizer import load_tokenizer, train_tokenizer
 from flexmoe.errors import FlexmoeError
 from flexmoe.infer import expert_mask, generate, load_merged
 from flexmoe.merge import BIAS, build_merged, merge
 from flexmoe.model import new_anchor, olmo2_config, routers, set_active_experts, set_row_masks
-from flexmoe.package import WEIGHTS, tensor_sha256, verify_package, write_package
+from flexmoe.package import WEIGHTS, verify_package
 
 NAMES = ["code", "math", "news", "law"]
 TEXT = " ".join(
@@ -29,34 +30,7 @@ TEXT = " ".join(
 
 
 def make_package(out: Path, anchor_dir: Path, name: str, seed: int, **manifest) -> Path:
-    _, record, extras = load_anchor(anchor_dir)
-    cfg = olmo2_config("tiny", 300, 0, 1)
-    h, i, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(n):
-        p = f"layers.{layer}"
-        tensors |= {
-            f"{p}.gate_proj": torch.randn(i, h, generator=g) * 0.2,
-            f"{p}.up_proj": torch.randn(i, h, generator=g) * 0.2,
-            f"{p}.down_proj": torch.randn(h, i, generator=g) * 0.2,
-            f"{p}.router": torch.randn(h, generator=g),
-            f"{p}.bias": -torch.rand((), generator=g),
-        }
-    m = {
-        "name": name,
-        "domain": name,
-        "owner": f"{name} owner",
-        "licence": "CC-BY-4.0",
-        "consent": {"allowed_uses": ["research", "commercial"], "expires": None},
-        "anchor_fingerprint": record["fingerprint"],
-        "public_router_sha256": tensor_sha256(extras["public.domain"]),
-        "architecture": {"hidden_size": h, "intermediate_size": i, "num_hidden_layers": n},
-        "router_init": "domain",
-        "training": {"tokens": 0, "steps": 0, "seed": seed, "hyperparameters": {}},
-    } | manifest
-    write_package(out, tensors, m)
-    return out
+    return random_package(out, anchor_dir, name, seed, **manifest)
 
 
 @pytest.fixture(scope="module")

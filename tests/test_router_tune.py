@@ -10,15 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli, sample_texts
-from flexmoe.anchor import load_anchor, write_anchor
+from conftest import random_package, run_cli, sample_texts
+from flexmoe.anchor import write_anchor
 from flexmoe.data.shards import tokenize_to_shards
 from flexmoe.data.tokenizer import load_tokenizer, train_tokenizer
 from flexmoe.errors import FlexmoeError
 from flexmoe.infer import load_merged
 from flexmoe.merge import BIAS, merge, read_merged_meta
 from flexmoe.model import new_anchor, olmo2_config, routers
-from flexmoe.package import tensor_sha256, write_package
 from flexmoe.router_tune import (
     load_proxies,
     optout_comparison,
@@ -32,34 +31,7 @@ NAMES = ["code", "math"]
 
 
 def _package(out: Path, anchor_dir: Path, name: str, seed: int) -> Path:
-    model, record, extras = load_anchor(anchor_dir)
-    cfg = model.config
-    h, i, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(n):
-        p = f"layers.{layer}"
-        tensors |= {
-            f"{p}.gate_proj": torch.randn(i, h, generator=g) * 0.2,
-            f"{p}.up_proj": torch.randn(i, h, generator=g) * 0.2,
-            f"{p}.down_proj": torch.randn(h, i, generator=g) * 0.2,
-            f"{p}.router": torch.randn(h, generator=g),
-            f"{p}.bias": -torch.rand((), generator=g),
-        }
-    manifest = {
-        "name": name,
-        "domain": name,
-        "owner": f"{name} owner",
-        "licence": "CC-BY-4.0",
-        "consent": {"allowed_uses": ["research", "commercial"], "expires": None},
-        "anchor_fingerprint": record["fingerprint"],
-        "public_router_sha256": tensor_sha256(extras["public.domain"]),
-        "architecture": {"hidden_size": h, "intermediate_size": i, "num_hidden_layers": n},
-        "router_init": "domain",
-        "training": {"tokens": 0, "steps": 0, "seed": seed, "hyperparameters": {}},
-    }
-    write_package(out, tensors, manifest)
-    return out
+    return random_package(out, anchor_dir, name, seed)
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,18 @@ class DemoConfig:
     unrestricted: bool = False  # the unrestricted-MoE reference (--full)
     prompt: str = "def fibonacci(n):"
 
+    def expert_kwargs(self) -> dict:
+        """Settings shared by every expert-sized run (experts, dense experts, ablations)."""
+        return dict(
+            steps=self.expert_steps,
+            warmup=self.expert_warmup,
+            bf16=self.bf16,
+            batch_size=self.batch_size,
+            seq_len=self.seq_len,
+            seed=self.seed,
+            eval_tokens=self.eval_tokens,
+        )
+
     @classmethod
     def full(cls, out: Path = Path("runs/demo-full")) -> DemoConfig:
         from flexmoe.data.corpus import CLOSED_DOMAINS
@@ -168,15 +180,7 @@ def train_models(cfg: DemoConfig, tok_dir: Path, tokens: Path) -> dict[str, Path
         f"anchor: dense OLMo-2, preset '{cfg.anchor_preset}', public data",
     )
     anchor_fp = json.loads((paths["anchor"] / "flexmoe_anchor.json").read_text())["fingerprint"]
-    common = dict(
-        steps=cfg.expert_steps,
-        warmup=cfg.expert_warmup,
-        bf16=cfg.bf16,
-        batch_size=cfg.batch_size,
-        seq_len=cfg.seq_len,
-        seed=cfg.seed,
-        eval_tokens=cfg.eval_tokens,
-    )
+    common = cfg.expert_kwargs()
     for d in cfg.domains:
         paths[f"expert/{d}"] = cfg.out / "experts" / d
         spec = {
@@ -238,15 +242,7 @@ def train_ablations(cfg: DemoConfig, paths: dict[str, Path], tokens: Path) -> di
     root = cfg.out / "ablations"
     anchor = paths["anchor"]
     anchor_fp = json.loads((anchor / "flexmoe_anchor.json").read_text())["fingerprint"]
-    common = dict(
-        steps=cfg.expert_steps,
-        warmup=cfg.expert_warmup,
-        bf16=cfg.bf16,
-        batch_size=cfg.batch_size,
-        seq_len=cfg.seq_len,
-        seed=cfg.seed,
-        eval_tokens=cfg.eval_tokens,
-    )
+    common = cfg.expert_kwargs()
     variants = {
         "random": ("random router init", {"router_init": "random"}),
         "hidden": ("hidden-state router init", {"router_init": "hidden"}),
