@@ -362,37 +362,48 @@ def make_plots(results: dict, out: Path) -> list[Path]:
 
     doms, names = results["domains"], results["experts"]
     paths = []
-    # opt-out heatmap: BPB change vs the full merged model
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        paths.append(out / name)
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+
+    def heatmap(mat, rows, cols, cmap, fmt, label, title, name, **kw) -> None:
+        fig, ax = plt.subplots(figsize=(1.2 * len(cols) + 2, 0.6 * len(rows) + 1.5))
+        im = ax.imshow(mat, cmap=cmap, **kw)
+        ax.set_xticks(range(len(cols)), cols, rotation=30)
+        ax.set_yticks(range(len(rows)), rows)
+        for (i, j), v in np.ndenumerate(mat):
+            ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=8)
+        fig.colorbar(im, label=label)
+        ax.set_title(title)
+        save(fig, name)
+
     full = results["main"]["FlexOlmo merged"]
-    delta = np.array([[results["optout"][e][d] - full[d] for d in doms] for e in results["optout"]])
-    fig, ax = plt.subplots(figsize=(1.2 * len(doms) + 2, 0.6 * len(delta) + 1.5))
-    im = ax.imshow(delta, cmap="Reds")
-    ax.set_xticks(range(len(doms)), doms, rotation=30)
-    ax.set_yticks(range(len(delta)), [f"without {e}" for e in results["optout"]])
-    for i in range(delta.shape[0]):
-        for j in range(delta.shape[1]):
-            ax.text(j, i, f"{delta[i, j]:+.3f}", ha="center", va="center", fontsize=8)
-    fig.colorbar(im, label="Δ BPB vs all experts")
-    ax.set_title("opt-out: held-out BPB change")
-    fig.tight_layout()
-    paths.append(out / "optout.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    # routing heatmap (mean over layers)
-    mat = np.array([np.mean(results["routing"][d], axis=0) for d in doms])
-    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2, 0.6 * len(doms) + 1.5))
-    im = ax.imshow(mat, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(names)), names, rotation=30)
-    ax.set_yticks(range(len(doms)), doms)
-    for i in range(mat.shape[0]):
-        for j in range(mat.shape[1]):
-            ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=8)
-    fig.colorbar(im, label="share of routing weight")
-    ax.set_title("routing: held-out tokens of each domain → experts")
-    fig.tight_layout()
-    paths.append(out / "routing.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    optout = results["optout"]
+    heatmap(
+        np.array([[optout[e][d] - full[d] for d in doms] for e in optout]),
+        [f"without {e}" for e in optout],
+        doms,
+        "Reds",
+        "+.3f",
+        "Δ BPB vs all experts",
+        "opt-out: held-out BPB change",
+        "optout.png",
+    )
+    heatmap(
+        np.array([np.mean(results["routing"][d], axis=0) for d in doms]),
+        doms,
+        names,
+        "Blues",
+        ".2f",
+        "share of routing weight",
+        "routing: held-out tokens of each domain → experts",
+        "routing.png",
+        vmin=0,
+        vmax=1,
+    )
     # top-k curve (ablation runs only)
     ks = sorted(int(k) for k in results["topk"])
     if ks:
@@ -403,10 +414,7 @@ def make_plots(results: dict, out: Path) -> list[Path]:
         ax.set_ylabel("held-out BPB")
         ax.legend()
         ax.set_title("top-k")
-        fig.tight_layout()
-        paths.append(out / "topk.png")
-        fig.savefig(paths[-1], dpi=110)
-        plt.close(fig)
+        save(fig, "topk.png")
     # main table bars
     models = row_order(results["main"])
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(models) + 1.5))
@@ -414,10 +422,7 @@ def make_plots(results: dict, out: Path) -> list[Path]:
     ax.set_yticks(range(len(models)), models)
     ax.invert_yaxis()
     ax.set_xlabel("mean held-out BPB (lower is better)")
-    fig.tight_layout()
-    paths.append(out / "main.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    save(fig, "main.png")
     return paths
 
 

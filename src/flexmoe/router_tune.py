@@ -76,7 +76,7 @@ def select_proxies(
 
 def read_public(path: Path) -> list[tuple[str, str]]:
     """(id, text) of a FlexMix-style jsonl(.gz/.xz) with `id` and `text` fields; ids unique."""
-    from flexmoe.data.shards import _open_text
+    from flexmoe.data.shards import iter_jsonl
 
     path = Path(path)
     if not path.is_file():
@@ -84,23 +84,16 @@ def read_public(path: Path) -> list[tuple[str, str]]:
     docs: list[tuple[str, str]] = []
     seen: set[str] = set()
     try:
-        with _open_text(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise FlexmoeError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                    raise FlexmoeError(f"{path}:{lineno}: needs a string field 'text'")
-                if not isinstance(rec.get("id"), str | int) or isinstance(rec["id"], bool):
-                    raise FlexmoeError(f"{path}:{lineno}: needs a string or integer field 'id'")
-                doc_id = str(rec["id"])
-                if doc_id in seen:
-                    raise FlexmoeError(f"{path}:{lineno}: duplicate id '{doc_id}'")
-                seen.add(doc_id)
-                docs.append((doc_id, rec["text"]))
+        for lineno, rec in iter_jsonl(path):
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise FlexmoeError(f"{path}:{lineno}: needs a string field 'text'")
+            if not isinstance(rec.get("id"), str | int) or isinstance(rec["id"], bool):
+                raise FlexmoeError(f"{path}:{lineno}: needs a string or integer field 'id'")
+            doc_id = str(rec["id"])
+            if doc_id in seen:
+                raise FlexmoeError(f"{path}:{lineno}: duplicate id '{doc_id}'")
+            seen.add(doc_id)
+            docs.append((doc_id, rec["text"]))
     except (OSError, EOFError, UnicodeDecodeError) as e:
         raise FlexmoeError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
     if not docs:

@@ -80,23 +80,29 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8")
 
 
+def iter_jsonl(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed record) of a .jsonl(.gz/.xz) file, skipping blank lines; invalid JSON
+    raises FlexmoeError naming the file and line. Shared by every JSONL reader."""
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FlexmoeError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+
+
 def iter_texts(kind: str, path: Path, field: str) -> Iterator[str]:
     """Yield documents from one input; raise FlexmoeError naming the file on any problem."""
     try:
         if kind == "jsonl":
-            with _open_text(path) as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise FlexmoeError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-                    if not isinstance(rec, dict) or field not in rec:
-                        raise FlexmoeError(f"{path}:{lineno}: missing field '{field}'")
-                    if not isinstance(rec[field], str):
-                        raise FlexmoeError(f"{path}:{lineno}: field '{field}' is not a string")
-                    yield rec[field]
+            for lineno, rec in iter_jsonl(path):
+                if not isinstance(rec, dict) or field not in rec:
+                    raise FlexmoeError(f"{path}:{lineno}: missing field '{field}'")
+                if not isinstance(rec[field], str):
+                    raise FlexmoeError(f"{path}:{lineno}: field '{field}' is not a string")
+                yield rec[field]
         elif kind == "txt":
             with open(path, encoding="utf-8") as f:
                 yield f.read()
