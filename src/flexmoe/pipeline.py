@@ -29,7 +29,7 @@ class DemoConfig:
     out: Path = Path("runs/demo")
     corpus: Path = DEFAULT_ROOT
     domains: list[str] = field(default_factory=lambda: ["code", "math", "news", "social"])
-    vocab_size: int = 8192
+    vocab_size: int = 4096  # the lm_head is a large share of a tiny model's compute
     anchor_preset: str = "demo"
     anchor_steps: int | None = None
     expert_steps: int = 40
@@ -70,15 +70,14 @@ class DemoConfig:
         return cls(
             out=out,
             domains=list(CLOSED_DOMAINS),
-            anchor_steps=600,
-            expert_steps=200,
-            expert_warmup=20,
-            router_docs=1000,
+            expert_steps=60,
+            expert_warmup=6,
+            router_docs=500,
             ablations=True,
             router_tuning=True,
             ablation_variants=("random", "hidden", "no-bias"),
             unrestricted=True,
-            eval_tokens=65536,
+            eval_tokens=16384,
         )
 
 
