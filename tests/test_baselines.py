@@ -74,6 +74,32 @@ def test_demo_smoke_end_to_end(tmp_path):
     assert "Main table" in report and "Opt-out" in report and "Router tuning" in report
     for png in ("optout.png", "routing.png", "topk.png", "main.png"):
         assert (out / "report" / png).is_file()
+    again = subprocess.run(
+        [sys.executable, "scripts/demo.py", "--smoke", "--ablations", "--rt", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "▶" not in again.stderr  # every stage, the evaluation included, was reused
+    assert "FlexOlmo merged" in again.stdout
+
+
+def test_demo_evaluation_is_redone_when_a_stage_or_setting_changes(tmp_path):
+    from flexmoe.fsutil import write_json
+    from flexmoe.pipeline import DemoConfig, _eval_spec
+
+    cfg = DemoConfig(out=tmp_path)
+    (tmp_path / "experts").mkdir()
+    write_json(tmp_path / ".anchor.json", {"spec_hash": "a"})
+    write_json(tmp_path / "experts" / ".code.json", {"spec_hash": "b"})
+    spec = _eval_spec(cfg)
+    write_json(tmp_path / ".report.json", {"spec_hash": "r"})
+    assert _eval_spec(cfg) == spec  # the evaluation's own record does not count
+    write_json(tmp_path / "experts" / ".code.json", {"spec_hash": "c"})
+    assert _eval_spec(cfg) != spec
+    spec = _eval_spec(cfg)
+    cfg.eval_tokens *= 2
+    assert _eval_spec(cfg) != spec
 
 
 def test_unrestricted_moe_and_no_coordination_package(work, anchor_dir, shards):

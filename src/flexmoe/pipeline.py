@@ -412,8 +412,25 @@ def run_demo(cfg: DemoConfig) -> dict:
     )
     extra = train_ablations(cfg, paths, tokens) if cfg.ablations else {}
     tuned = router_tune_stage(cfg, paths, merged) if cfg.router_tuning else None
-    results = evaluate_all(cfg, paths, merged, tokens, extra, tuned)
-    report_dir = write_report(results, cfg.out / "report")
+    report_dir = cfg.out / "report"
+    _stage(
+        cfg.out / ".report.json",
+        _eval_spec(cfg),
+        lambda: write_report(evaluate_all(cfg, paths, merged, tokens, extra, tuned), report_dir),
+        "evaluation and report",
+    )
+    results = json.loads((report_dir / "results.json").read_text())
     print_main_table(results)
     console.print(f"report → {report_dir / 'report.md'}   total {time.perf_counter() - t0:.0f} s")
     return results
+
+
+def _eval_spec(cfg: DemoConfig) -> dict:
+    """The evaluation is redone when any model stage or the run's settings change."""
+    stages = {
+        str(m.relative_to(cfg.out)): json.loads(m.read_text())["spec_hash"]
+        for m in sorted(cfg.out.rglob(".*.json"))
+        if m.name != ".report.json"
+    }
+    settings = {k: str(v) for k, v in vars(cfg).items() if k != "out"}
+    return {"stages": stages, "settings": settings, "v": 1}
