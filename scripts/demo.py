@@ -1,7 +1,7 @@
 """`make demo`: the whole FlexOlmo lifecycle on FlexMix-mini (see flexmoe.pipeline).
 
-python scripts/demo.py            # 4 demo domains, ~20 min on 2 CPU cores → runs/demo/
-python scripts/demo.py --full     # all 7 domains, longer training → runs/demo-full/
+python scripts/demo.py            # 4 demo domains, ~10 min on 2 CPU cores → runs/demo/
+python scripts/demo.py --full     # all 7 domains, ablations, RT → runs/demo-full/
 python scripts/demo.py --smoke    # tiny models, for checking the plumbing → runs/demo-smoke/
 """
 
@@ -23,7 +23,7 @@ def main() -> int:
     from flexmoe.pipeline import DemoConfig, run_demo
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--full", action="store_true", help="all 7 domains, longer training")
+    p.add_argument("--full", action="store_true", help="all 7 domains, every ablation, RT")
     p.add_argument("--smoke", action="store_true", help="tiny models (plumbing check)")
     p.add_argument(
         "--ablations",
