@@ -64,21 +64,14 @@ def test_token_stream_concat(shards):
 def test_demo_smoke_end_to_end(tmp_path):
     """The whole pipeline with tiny models: every stage runs and the report is written."""
     out = tmp_path / "run"
-    r = subprocess.run(
-        [sys.executable, "scripts/demo.py", "--smoke", "--ablations", "--rt", "--out", str(out)],
-        capture_output=True,
-        text=True,
-    )
+    cmd = [sys.executable, "scripts/demo.py", "--smoke", "--ablations", "--rt", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     report = (out / "report" / "report.md").read_text()
     assert "Main table" in report and "Opt-out" in report and "Router tuning" in report
     for png in ("optout.png", "routing.png", "topk.png", "main.png"):
         assert (out / "report" / png).is_file()
-    again = subprocess.run(
-        [sys.executable, "scripts/demo.py", "--smoke", "--ablations", "--rt", "--out", str(out)],
-        capture_output=True,
-        text=True,
-    )
+    again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "▶" not in again.stderr  # every stage, the evaluation included, was reused
     assert "FlexOlmo merged" in again.stdout
