@@ -26,6 +26,7 @@ def expert_pkg(work, anchor_dir, shards):
         out,
         "code",
         heldout=shards["code/heldout"],
+        public=shards["public/train"],
         steps=25,
         batch_size=8,
         seq_len=64,
@@ -112,7 +113,7 @@ def test_expert_beats_anchor_on_its_domain_and_package_contents(expert_pkg, anch
     assert m.consent.allowed_uses == ["research"] and m.owner == "PSF"
     tensors = load_file(expert_pkg / WEIGHTS)
     L = json.loads((anchor_dir / "config.json").read_text())["num_hidden_layers"]
-    assert len(tensors) == 5 * L
+    assert len(tensors) == 5 * L + 1 and tensors["domain_embedding"].shape == (384,)
     assert not any("embed" in k or "attn" in k or "lm_head" in k for k in tensors)
     assert all(float(tensors[f"layers.{i}.bias"]) <= 0 for i in range(L))
     assert sorted(p.name for p in expert_pkg.iterdir()) == [WEIGHTS, MANIFEST]

@@ -221,12 +221,36 @@ def expert_train(
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     ckpt_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
+    recipe: Annotated[
+        str, typer.Option(help="flexmoe (gate trained on public negatives) | paper")
+    ] = "flexmoe",
+    public: Annotated[
+        Path | None,
+        typer.Option(help="Public token shards for the gate's public negatives (flexmoe recipe)."),
+    ] = None,
+    public_ratio: Annotated[
+        float | None, typer.Option(help="Public sequences per owner sequence.")
+    ] = None,
+    gate_weight: Annotated[
+        float | None, typer.Option(help="Weight of −log p_public on public tokens.")
+    ] = None,
+    bias_init: Annotated[float | None, typer.Option(help="Router bias at step 0 (≤ 0).")] = None,
+    router_z_loss: Annotated[
+        float | None, typer.Option(help="Router z-loss weight (AI2: 1e-3).")
+    ] = None,
 ) -> None:
     """Train an expert on private data against the frozen anchor; write its package."""
     import datetime as dt
 
-    from flexmoe.expert import train_expert
+    from flexmoe.expert import make_recipe, train_expert
 
+    rec = make_recipe(
+        recipe,
+        public_ratio=public_ratio,
+        gate_weight=gate_weight,
+        bias_init=bias_init,
+        router_z_loss=router_z_loss,
+    )
     expires = None
     if consent_expires:
         try:
@@ -248,6 +272,8 @@ def expert_train(
         router_docs=router_docs,
         dense=dense,
         resume=resume,
+        recipe=rec,
+        public=public,
         steps=steps,
         batch_size=batch_size,
         seq_len=seq_len,

@@ -6,6 +6,15 @@ a copy of it. top_k = 2, so both always run and the router acts as a soft gate
 per-layer bias b ≤ 0. Everything else — embeddings, attention, norms, lm_head, the public FFN and
 the public router row — stays bit-identical to the anchor. The owner ships only the package.
 
+Two recipes (`--recipe`):
+- `paper`: FlexOlmo as published: the owner's data only, bias min(b, 0) starting at 0.
+- `flexmoe` (default): the owner also learns to DECLINE public text. Public data is public, so the
+  owner mixes public batches into training (`PublicNegatives`): on them only the owner's router row
+  and bias learn, from the LM loss plus a gate objective −log p_public (cross-entropy of every
+  layer's routing softmax toward the public expert); the owner's FFN gets no gradient from public
+  text. The bias is b = −softplus(β), started negative, so it can never die at 0. Nothing of any
+  other owner is used, so opt-out stays exact.
+
 `--dense` instead continues pretraining the whole anchor on the owner's data: the "individual
 expert" baseline needed for model soup, BTM and the no-coordination ablation.
 """
@@ -14,21 +23,129 @@ from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
 
 from flexmoe.anchor import load_anchor, open_streams, write_anchor
 from flexmoe.bpb import evaluate_bpb
+from flexmoe.data.shards import TokenStream
 from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
 from flexmoe.errors import FlexmoeError
-from flexmoe.model import routers, upcycle
+from flexmoe.fsutil import sha256_file
+from flexmoe.model import capture_router_logits, parametrize_bias, routers, upcycle
 from flexmoe.package import USES, tensor_sha256, validate_name, write_package
 from flexmoe.records import library_versions
-from flexmoe.router_init import METHODS, domain_rows, hidden_rows, random_rows, sample_documents
-from flexmoe.train import TrainConfig, train, unshard_for_save
+from flexmoe.router_init import (
+    METHODS,
+    embed_documents,
+    hidden_rows,
+    random_rows,
+    rows_from_embedding,
+    sample_documents,
+)
+from flexmoe.train import TrainConfig, dist_info, train, unshard_for_save
 
 OWNER = 1  # the owner's expert index inside the 2-expert model
+PUBLIC = 0
+
+
+class Recipe(BaseModel):
+    """How an expert learns to share the router with the public expert (see module doc)."""
+
+    name: Literal["flexmoe", "paper"]
+    bias: Literal["softplus", "clamp"] = Field(
+        description="b = −softplus(β) | the paper's min(b,0)"
+    )
+    bias_init: float = Field(le=0, description="b at step 0")
+    public_ratio: float = Field(ge=0, le=4, description="public sequences per owner sequence")
+    gate_weight: float = Field(ge=0, description="weight of −log p_public on public tokens")
+    router_z_loss: float = Field(0.0, ge=0)
+
+    def describe(self) -> dict:
+        d = self.model_dump()
+        if self.public_ratio:
+            d["gate_objective"] = (
+                "on public tokens: LM loss + gate_weight · mean over layers of −log softmax(router"
+                " logits)[public]; the owner's FFN gets no gradient from public tokens"
+            )
+        return d
+
+
+RECIPES: dict[str, Recipe] = {
+    "flexmoe": Recipe(
+        name="flexmoe", bias="softplus", bias_init=-1.0, public_ratio=0.25, gate_weight=1.0
+    ),
+    "paper": Recipe(name="paper", bias="clamp", bias_init=0.0, public_ratio=0.0, gate_weight=0.0),
+}
+
+
+def make_recipe(name: str, **overrides) -> Recipe:
+    if name not in RECIPES:
+        raise FlexmoeError(f"unknown recipe '{name}' (choose from {', '.join(RECIPES)})")
+    base = RECIPES[name].model_dump()
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    r = Recipe(**base)
+    if r.bias == "softplus" and r.bias_init >= 0:
+        raise FlexmoeError("--bias-init must be < 0 with the softplus bias")
+    return r
+
+
+class PublicNegatives:
+    """pre_step hook: one public batch per step that teaches the owner's gate to decline it.
+
+    The batch is a pure function of (seed, step), so resume stays exact. After its backward the
+    owner's FFN gradients are dropped: only the owner's router row and bias learn from it.
+    """
+
+    def __init__(self, stream: TokenStream, rows: int, seq_len: int, seed: int, gate_weight: float):
+        self.stream, self.rows, self.seq_len = stream, rows, seq_len
+        self.seed, self.gate_weight = seed, gate_weight
+        if len(stream) <= seq_len + 1:
+            raise FlexmoeError(f"public data has {len(stream)} tokens; need > seq_len+1")
+
+    def __call__(self, model, step: int, autocast) -> dict:
+        rank, world = dist_info()
+        rng = np.random.default_rng([self.seed, step, 0x9B1C])
+        starts = rng.integers(0, len(self.stream) - self.seq_len - 1, size=self.rows)[rank::world]
+        device = next(model.parameters()).device
+        batch = torch.from_numpy(
+            np.stack([self.stream.window(int(s), self.seq_len + 1) for s in starts])
+        ).to(device)
+        with capture_router_logits(model) as captured, autocast:
+            logits = model(batch[:, :-1]).logits
+        lm = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        per_layer = [torch.cat(c) for c in captured]
+        gate = torch.stack(
+            [
+                F.cross_entropy(c, torch.full_like(c[:, 0], PUBLIC, dtype=torch.long))
+                for c in per_layer
+            ]
+        ).mean()
+        (lm + self.gate_weight * gate).backward()
+        for name, p in model.named_parameters():
+            if ".mlp.experts." in name:
+                p.grad = None  # the owner's FFN learns from the owner's data only
+        owner = torch.stack([c.softmax(-1)[:, OWNER].mean() for c in per_layer]).mean()
+        return {
+            "public/lm": float(lm),
+            "public/gate_ce": float(gate),
+            "public/owner_gate": float(owner),
+        }
+
+
+def shards_sha256(path: Path) -> str:
+    """One sha256 over a token-shard directory's files (names and contents)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
 
 
 def expert_train_config(**overrides) -> TrainConfig:
@@ -50,13 +167,22 @@ def expert_train_config(**overrides) -> TrainConfig:
 
 
 def owner_router_rows(
-    method: str, anchor, extras, tok, stream, seed: int, docs: int, seq_len: int
+    method: str,
+    anchor,
+    extras,
+    tok,
+    stream,
+    seed: int,
+    docs: int,
+    seq_len: int,
+    embedding: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(layers, hidden) initial router embedding for the owner."""
     cfg = anchor.config
     if method == "domain":
-        texts = sample_documents(stream, tok, docs, seed)
-        return domain_rows(texts, extras["projection"], cfg.num_hidden_layers)
+        if embedding is None:
+            embedding = embed_documents(sample_documents(stream, tok, docs, seed))
+        return rows_from_embedding(embedding, extras["projection"], cfg.num_hidden_layers)
     if method == "random":
         return random_rows(cfg.num_hidden_layers, cfg.hidden_size, seed + 1)
     if method == "hidden":
@@ -81,28 +207,32 @@ def build_two_expert(anchor, extras, owner_rows: torch.Tensor, method: str):
 
 def freeze_for_expert(model, train_bias: bool = True) -> dict[str, torch.Tensor]:
     """requires_grad only on expert/router tensors; masks keep the public slices frozen.
-    train_bias=False keeps b = 0 (the "no bias" ablation)."""
+    train_bias=False keeps b at its start value (the "no bias" ablation)."""
     masks: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         trainable = ".mlp.experts." in name or ".mlp.gate." in name
         p.requires_grad_(trainable)
         if trainable:
             m = torch.zeros_like(p)
-            if train_bias or not name.endswith("gate.bias"):
+            if train_bias or not (name.endswith("gate.bias") or "parametrizations.bias" in name):
                 m[OWNER] = 1.0
             masks[name] = m
     return masks
 
 
 def project_bias(model) -> None:
-    """Keep b ≤ 0 as stored values too (the forward also clamps)."""
+    """Keep b ≤ 0 as stored values too (the forward also clamps). A parametrized bias (b =
+    −softplus(β)) is negative by construction and is left alone."""
+    from torch.nn.utils import parametrize
+
     with torch.no_grad():
         for r in routers(model):
-            r.bias.clamp_(max=0.0)
+            if not parametrize.is_parametrized(r, "bias"):
+                r.bias.clamp_(max=0.0)
 
 
-def extract_package_tensors(model) -> dict[str, torch.Tensor]:
-    tensors = {}
+def extract_package_tensors(model, domain_embedding: torch.Tensor | None = None) -> dict:
+    tensors = {} if domain_embedding is None else {"domain_embedding": domain_embedding.float()}
     inter = model.config.intermediate_size
     for i, layer in enumerate(model.model.layers):
         gate_up = layer.mlp.experts.gate_up_proj[OWNER].detach()
@@ -133,15 +263,28 @@ def train_expert(
     train_bias: bool = True,
     resume: bool = False,
     eval_tokens: int = 131072,
+    recipe: str | Recipe = "flexmoe",
+    public: Path | None = None,
     **overrides,
 ) -> dict:
-    """Train an expert (or the dense baseline) and write its package (or dense model)."""
+    """Train an expert (or the dense baseline) and write its package (or dense model).
+
+    `public`: token shards of public text (the anchor's public corpus or any public text), needed
+    by a recipe with public negatives."""
     validate_name(name)
+    rec = recipe if isinstance(recipe, Recipe) else make_recipe(recipe)
+    if not dense and rec.public_ratio > 0 and public is None:
+        raise FlexmoeError(
+            f"recipe '{rec.name}' trains the gate on public negatives: pass --public "
+            "(public token shards), or use --recipe paper"
+        )
     for use in allowed_uses or []:
         if use not in USES:
             raise FlexmoeError(f"unknown use '{use}' (choose from {', '.join(USES)})")
     anchor, record, extras = load_anchor(anchor_dir)
     tok = load_tokenizer(anchor_dir)
+    if not dense:
+        overrides.setdefault("router_z_loss", rec.router_z_loss)
     cfg = expert_train_config(eval_tokens=eval_tokens, **overrides)
     stream, evals = open_streams(data, anchor_dir, {"heldout": heldout} if heldout else None)
     tb = token_byte_lengths(tok)
@@ -187,11 +330,30 @@ def train_expert(
         }
         return write_anchor(model, tok, extras, Path(out), rec)
 
+    # the owner's mean document embedding: router init, and request-level preselection later
+    embedding = embed_documents(sample_documents(stream, tok, router_docs, cfg.seed))
     owner_rows = owner_router_rows(
-        router_init, anchor, extras, tok, stream, cfg.seed, router_docs, cfg.seq_len
+        router_init, anchor, extras, tok, stream, cfg.seed, router_docs, cfg.seq_len, embedding
     )
-    model = build_two_expert(anchor, extras, owner_rows, router_init)
+
+    def build():
+        m = build_two_expert(anchor, extras, owner_rows, router_init)
+        if rec.bias == "softplus":
+            parametrize_bias(m, [OWNER], rec.bias_init)
+        elif rec.bias_init:
+            for r in routers(m):
+                with torch.no_grad():
+                    r.bias[OWNER] = rec.bias_init
+        return m
+
+    model = build()
     masks = freeze_for_expert(model, train_bias)
+    negatives = None
+    if rec.public_ratio > 0:
+        rows = max(1, round(cfg.batch_size * rec.public_ratio))
+        negatives = PublicNegatives(
+            TokenStream(public), rows, cfg.seq_len, cfg.seed, rec.gate_weight
+        )
     result = train(
         model,
         stream,
@@ -201,12 +363,13 @@ def train_expert(
         token_bytes=tb,
         grad_masks=masks,
         post_step=project_bias,
+        pre_step=negatives,
         resume=resume,
         progress_label=f"expert {name}",
     )
 
     def rebuild():
-        m = build_two_expert(anchor, extras, owner_rows, router_init)
+        m = build()
         freeze_for_expert(m)
         return m
 
@@ -243,8 +406,15 @@ def train_expert(
             "tokens_per_s": result.get("tokens_per_s"),
             "router_docs": router_docs,
             "train_bias": train_bias,
+            "recipe": rec.describe(),
+            "public_data_sha256": shards_sha256(public) if negatives is not None else None,
+            "public_owner_gate": result.get("public/owner_gate"),
+            "domain_embedding": (
+                f"mean all-MiniLM-L6-v2 embedding of {router_docs} of the owner's documents (a "
+                "statistic of the owner's data, used for request-level preselection)"
+            ),
         },
         "created_with": library_versions(),
     }
-    m = write_package(Path(out), extract_package_tensors(model), manifest)
+    m = write_package(Path(out), extract_package_tensors(model, embedding), manifest)
     return m.model_dump(mode="json")

@@ -100,12 +100,19 @@ class FlexmoeRouter(FlexOlmoTopKRouter):
         self.row_mask: torch.Tensor | None = None  # (batch, experts) bool, set per request
         self.use_bias = True
         self.records: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        # training only: unmasked logits computed from a DETACHED input, so a loss on them (gate
+        # calibration, z-loss) reaches this router's weight and bias and nothing upstream
+        self.captured: list[torch.Tensor] | None = None
 
     def forward(self, hidden_states: torch.Tensor):
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        bias = self.bias.clamp(max=0.0) if self.use_bias else None
         logits = F.linear(hidden_states, self.weight)
-        if self.use_bias:
-            logits = logits + self.bias.clamp(max=0.0).to(logits.dtype)
+        if bias is not None:
+            logits = logits + bias.to(logits.dtype)
+        if self.captured is not None:
+            own = F.linear(hidden_states.detach().float(), self.weight.float())
+            self.captured.append(own + bias.float() if bias is not None else own)
         mask = self.active.unsqueeze(0)
         if self.row_mask is not None:
             rows = self.row_mask.shape[0]
@@ -126,6 +133,57 @@ class FlexmoeRouter(FlexOlmoTopKRouter):
         if self.records is not None:
             self.records.append((top_index.detach(), top_value.detach().float()))
         return logits, top_value, top_index
+
+
+class NegativeSoftplus(nn.Module):
+    """Bias parametrization b = −softplus(β) on the given experts, 0 on the others.
+
+    b < 0 always and db/dβ = −sigmoid(β) never vanishes, unlike the paper's min(b, 0), whose
+    gradient is 0 once b ≥ 0 (so a bias pushed up by the owner's data stays dead at 0).
+    """
+
+    def __init__(self, trainable: torch.Tensor):
+        super().__init__()
+        self.register_buffer("trainable", trainable.to(torch.bool), persistent=False)
+
+    def forward(self, beta: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.trainable, -F.softplus(beta), torch.zeros_like(beta))
+
+    def right_inverse(self, b: torch.Tensor) -> torch.Tensor:
+        neg = (-b).clamp(min=1e-6)
+        return torch.where(self.trainable, torch.log(torch.expm1(neg)), torch.zeros_like(b))
+
+
+def parametrize_bias(model: nn.Module, trainable: list[int], init: float) -> None:
+    """Set b = init < 0 on the `trainable` experts of every router, learned through β."""
+    from torch.nn.utils import parametrize
+
+    if init >= 0:
+        raise FlexmoeError(f"the bias must start negative (got {init})")
+    for r in routers(model):
+        mask = torch.zeros(r.num_experts, dtype=torch.bool)
+        mask[trainable] = True
+        with torch.no_grad():
+            r.bias.copy_(torch.where(mask, torch.full_like(r.bias, init), r.bias))
+        parametrize.register_parametrization(r, "bias", NegativeSoftplus(mask))
+
+
+class capture_router_logits:
+    """`with capture_router_logits(model) as logits:` → after a forward, one (tokens, experts)
+    tensor per layer (see FlexmoeRouter.captured)."""
+
+    def __init__(self, model: nn.Module):
+        self.rs = routers(model)
+
+    def __enter__(self) -> list[list[torch.Tensor]]:
+        for r in self.rs:
+            r.captured = []
+        return [r.captured for r in self.rs]
+
+    def __exit__(self, *exc) -> bool:
+        for r in self.rs:
+            r.captured = None
+        return False
 
 
 def flexolmo_config(anchor: Olmo2Config, num_experts: int, top_k: int) -> FlexOlmoConfig:

@@ -3,6 +3,8 @@
 A package is a directory with
 - `expert.safetensors`: per layer i, `layers.{i}.gate_proj` (I,H), `layers.{i}.up_proj` (I,H),
   `layers.{i}.down_proj` (H,I), `layers.{i}.router` (H,) and `layers.{i}.bias` () ≤ 0;
+  optionally `domain_embedding` (384,): the mean all-MiniLM-L6-v2 embedding of the owner's
+  documents (a statistic of the owner's data, used for request-level preselection);
 - `manifest.json`: who, what, under which consent, built on which anchor, how, and the sha256 of
   every tensor.
 Packages are untrusted input: `verify_package` checks everything before any tensor is used.
@@ -28,6 +30,7 @@ WEIGHTS = "expert.safetensors"
 SCHEMA_VERSION = 1
 NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 USES = ("research", "commercial")
+OPTIONAL_TENSORS = {"domain_embedding": [384]}
 
 
 class Consent(BaseModel):
@@ -189,7 +192,9 @@ def verify_package(
         raise FlexmoeError(f"{pkg}: public router rows ({m.router_init}) differ from the anchor's")
     check_architecture(m, anchor_config)
     tensors = load_tensors(pkg)
-    want = expected_shapes(m.architecture)
+    want = expected_shapes(m.architecture) | {
+        k: v for k, v in OPTIONAL_TENSORS.items() if k in tensors or k in m.tensors
+    }
     for name in sorted(set(want) | set(m.tensors) | set(tensors)):
         if name not in want:
             raise FlexmoeError(f"{pkg}: unexpected tensor '{name}'")

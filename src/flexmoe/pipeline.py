@@ -50,6 +50,17 @@ class DemoConfig:
     ablation_variants: tuple[str, ...] = ("random", "hidden")  # + "no-bias" in --full
     unrestricted: bool = False  # the unrestricted-MoE reference (--full)
     prompt: str = "def fibonacci(n):"
+    recipe: str = "flexmoe"  # the default recipe; see flexmoe.expert
+    compare_paper: bool = True  # also train and merge the paper recipe's experts, side by side
+
+    def recipe_runs(self) -> list[tuple[str, str, object]]:
+        """(label, directory under out, Recipe) per recipe the run trains; default first."""
+        from flexmoe.expert import make_recipe
+
+        runs = [(f"{self.recipe} recipe", "experts", make_recipe(self.recipe))]
+        if self.compare_paper and self.recipe != "paper":
+            runs.append(("paper recipe", "experts-paper", make_recipe("paper")))
+        return runs
 
     def expert_kwargs(self) -> dict:
         """Settings shared by every expert-sized run (experts, dense experts, ablations)."""
@@ -75,7 +86,15 @@ class DemoConfig:
             router_docs=500,
             ablations=True,
             router_tuning=True,
-            ablation_variants=("random", "hidden", "no-bias"),
+            ablation_variants=(
+                "random",
+                "hidden",
+                "no-bias",
+                "no-negatives",
+                "no-gate-loss",
+                "clamp-bias",
+                "z-loss",
+            ),
             unrestricted=True,
             eval_tokens=16384,
         )
@@ -178,36 +197,11 @@ def train_models(cfg: DemoConfig, tok_dir: Path, tokens: Path) -> dict[str, Path
         ),
         f"anchor: dense OLMo-2, preset '{cfg.anchor_preset}', public data",
     )
+    for label, root, rec in cfg.recipe_runs():
+        for d, pkg in train_experts(cfg, paths["anchor"], tokens, root, rec, label).items():
+            paths[f"{root}/{d}"] = pkg
     anchor_fp = json.loads((paths["anchor"] / "flexmoe_anchor.json").read_text())["fingerprint"]
     common = cfg.expert_kwargs()
-    for d in cfg.domains:
-        paths[f"expert/{d}"] = cfg.out / "experts" / d
-        spec = {
-            "anchor": anchor_fp,
-            "domain": d,
-            "lr": cfg.expert_lr,
-            **common,
-            "router_docs": cfg.router_docs,
-            "v": 1,
-        }
-        _stage(
-            cfg.out / "experts" / f".{d}.json",
-            spec,
-            lambda d=d: train_expert(
-                paths["anchor"],
-                tokens / d / "train",
-                paths[f"expert/{d}"],
-                d,
-                heldout=tokens / d / "heldout",
-                domain=d,
-                owner=f"{d}-owner",
-                licence="see DATA_CARD",
-                router_docs=cfg.router_docs,
-                lr=cfg.expert_lr,
-                **common,
-            ),
-            f"expert '{d}': trained alone on {d} against the frozen anchor",
-        )
     if cfg.baselines:
         for d in cfg.domains:
             paths[f"dense/{d}"] = cfg.out / "dense" / d
@@ -230,62 +224,105 @@ def train_models(cfg: DemoConfig, tok_dir: Path, tokens: Path) -> dict[str, Path
     return paths
 
 
+def train_experts(
+    cfg: DemoConfig, anchor: Path, tokens: Path, root: str, recipe, label: str, **kw
+) -> dict[str, Path]:
+    """One expert per demo domain, each trained alone against the frozen anchor with `recipe`
+    (its public negatives come from the anchor's public train split)."""
+    from flexmoe.expert import train_expert
+
+    anchor_fp = json.loads((anchor / "flexmoe_anchor.json").read_text())["fingerprint"]
+    common = cfg.expert_kwargs()
+    out = {}
+    for d in cfg.domains:
+        out[d] = cfg.out / root / d
+        spec = {
+            "anchor": anchor_fp,
+            "domain": d,
+            "lr": cfg.expert_lr,
+            **common,
+            **kw,
+            "recipe": recipe.model_dump(),
+            "router_docs": cfg.router_docs,
+            "v": 2,
+        }
+        _stage(
+            cfg.out / root / f".{d}.json",
+            spec,
+            lambda d=d: train_expert(
+                anchor,
+                tokens / d / "train",
+                out[d],
+                d,
+                heldout=tokens / d / "heldout",
+                domain=d,
+                owner=f"{d}-owner",
+                licence="see DATA_CARD",
+                router_docs=cfg.router_docs,
+                lr=cfg.expert_lr,
+                recipe=recipe,
+                public=tokens / PUBLIC / "train",
+                **common,
+                **kw,
+            ),
+            f"{label} expert '{d}': trained alone on {d} against the frozen anchor",
+        )
+    return out
+
+
+def merge_stage(cfg: DemoConfig, anchor: Path, pkgs: list[Path], out: Path, label: str) -> Path:
+    from flexmoe.merge import merge
+
+    _stage(
+        out.parent / f".{out.name}.json",
+        {"packages": [sha256_file(p / "manifest.json") for p in pkgs], "v": 1},
+        lambda: merge(anchor, pkgs, out, log=None),
+        f"merge ({label}): public + {len(pkgs)} experts, no joint training",
+    )
+    return out
+
+
 def train_ablations(cfg: DemoConfig, paths: dict[str, Path], tokens: Path) -> dict[str, Path]:
     """Merged models of the ablations, each from the same anchor and data budget: random or
     hidden-state router init, experts trained without the bias, no coordinated training
     (dense experts' FFNs), and the unrestricted MoE trained on all closed data jointly."""
     from flexmoe.baselines import package_from_dense, train_unrestricted
-    from flexmoe.expert import train_expert
+    from flexmoe.expert import make_recipe
     from flexmoe.merge import merge
 
     root = cfg.out / "ablations"
     anchor = paths["anchor"]
     anchor_fp = json.loads((anchor / "flexmoe_anchor.json").read_text())["fingerprint"]
     common = cfg.expert_kwargs()
+    rec = make_recipe(cfg.recipe)
     variants = {
-        "random": ("random router init", {"router_init": "random"}),
-        "hidden": ("hidden-state router init", {"router_init": "hidden"}),
-        "no-bias": ("no bias (trained without)", {"train_bias": False}),
+        "random": ("random router init", rec, {"router_init": "random"}),
+        "hidden": ("hidden-state router init", rec, {"router_init": "hidden"}),
+        "no-bias": ("bias frozen at its start value", rec, {"train_bias": False}),
+        "no-negatives": (
+            "no public negatives",
+            make_recipe(cfg.recipe, public_ratio=0.0),
+            {},
+        ),
+        "no-gate-loss": (
+            "public negatives, LM loss only",
+            make_recipe(cfg.recipe, gate_weight=0),
+            {},
+        ),
+        "clamp-bias": (
+            "paper's min(b, 0) bias from 0",
+            make_recipe(cfg.recipe, bias="clamp", bias_init=0.0),
+            {},
+        ),
+        "z-loss": ("router z-loss 1e-3", make_recipe(cfg.recipe, router_z_loss=1e-3), {}),
     }
     merged: dict[str, Path] = {}
-    for label, kw in (variants[v] for v in cfg.ablation_variants):
-        slug = label.split(" (")[0].replace(" ", "-")
-        pkgs = []
-        for d in cfg.domains:
-            out = root / slug / "experts" / d
-            spec = {
-                "anchor": anchor_fp,
-                "d": d,
-                "lr": cfg.expert_lr,
-                **common,
-                **kw,
-                "router_docs": cfg.router_docs,
-                "v": 1,
-            }
-            _stage(
-                root / slug / "experts" / f".{d}.json",
-                spec,
-                lambda d=d, out=out, kw=kw: train_expert(
-                    anchor,
-                    tokens / d / "train",
-                    out,
-                    d,
-                    heldout=tokens / d / "heldout",
-                    router_docs=cfg.router_docs,
-                    lr=cfg.expert_lr,
-                    **common,
-                    **kw,
-                ),
-                f"ablation '{label}': expert {d}",
-            )
-            pkgs.append(out)
-        merged[label] = root / slug / "merged"
-        _stage(
-            root / slug / ".merged.json",
-            {"p": [sha256_file(p / "manifest.json") for p in pkgs]},
-            lambda pkgs=pkgs, label=label: merge(anchor, pkgs, merged[label], log=None),
-            f"ablation '{label}': merge",
+    for v in cfg.ablation_variants:
+        label, r, kw = variants[v]
+        pkgs = train_experts(
+            cfg, anchor, tokens, f"ablations/{v}/experts", r, f"ablation '{label}':", **kw
         )
+        merged[label] = merge_stage(cfg, anchor, list(pkgs.values()), root / v / "merged", label)
     if cfg.baselines:
         pkgs = []
         for d in cfg.domains:
@@ -393,7 +430,6 @@ def router_tune_stage(cfg: DemoConfig, paths: dict[str, Path], merged: Path) -> 
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from flexmoe.merge import merge
     from flexmoe.report import evaluate_all, print_main_table, write_report
 
     t0 = time.perf_counter()
@@ -401,22 +437,19 @@ def run_demo(cfg: DemoConfig) -> dict:
     tok_dir, tokens = prepare_data(cfg)
     print_stats(cfg, tokens)
     paths = train_models(cfg, tok_dir, tokens)
-    merged = cfg.out / "merged"
-    pkgs = [paths[f"expert/{d}"] for d in cfg.domains]
-    m_spec = {"packages": [sha256_file(p / "manifest.json") for p in pkgs], "v": 1}
-    _stage(
-        cfg.out / ".merged.json",
-        m_spec,
-        lambda: merge(paths["anchor"], pkgs, merged, log=console.print),
-        f"merge: public + {len(pkgs)} experts, no joint training",
-    )
+    recipes = {}  # recipe label → its merged model; the first is the default recipe's
+    for label, root, _ in cfg.recipe_runs():
+        pkgs = [paths[f"{root}/{d}"] for d in cfg.domains]
+        out = cfg.out / root.replace("experts", "merged")
+        recipes[label] = merge_stage(cfg, paths["anchor"], pkgs, out, label)
+    merged = next(iter(recipes.values()))
     extra = train_ablations(cfg, paths, tokens) if cfg.ablations else {}
     tuned = router_tune_stage(cfg, paths, merged) if cfg.router_tuning else None
     report_dir = cfg.out / "report"
     _stage(
         cfg.out / ".report.json",
         _eval_spec(cfg),
-        lambda: write_report(evaluate_all(cfg, paths, merged, tokens, extra, tuned), report_dir),
+        lambda: write_report(evaluate_all(cfg, paths, recipes, tokens, extra, tuned), report_dir),
         "evaluation and report",
     )
     results = json.loads((report_dir / "results.json").read_text())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -37,11 +38,12 @@ def _bpb(model_fn, streams, tb, cfg) -> dict[str, float]:
 def evaluate_all(
     cfg,
     paths: dict[str, Path],
-    merged_dir: Path,
+    recipes: dict[str, Path],
     tokens: Path,
     extra: dict[str, Path] | None = None,
     tuned_dir: Path | None = None,
 ) -> dict:
+    """`recipes`: recipe label → merged dir, the default recipe first (it is "FlexOlmo merged")."""
     from flexmoe.anchor import load_anchor
     from flexmoe.baselines import BTMEnsemble, likelihood_weights, soup
     from flexmoe.data.shards import TokenStream
@@ -54,7 +56,8 @@ def evaluate_all(
     domains = [PUBLIC, *cfg.domains]
     streams = {d: TokenStream(tokens / d / "heldout") for d in domains}
     anchor, _, _ = load_anchor(paths["anchor"])
-    merged = load_merged(merged_dir)
+    default_label = next(iter(recipes))
+    merged = load_merged(recipes[default_label])
     names = expert_names(merged)
     rows: dict[str, dict[str, float]] = {}
     console.print("[bold]▶ evaluating[/] (held-out bits per byte, lower is better)")
@@ -74,11 +77,17 @@ def evaluate_all(
         w = likelihood_weights(members, calib, tb, cfg.seq_len, max_tokens=cfg.eval_tokens // 4)
         rows["model soup (weighted)"] = _bpb(logits(soup(members, w)), streams, tb, cfg)
         rows["BTM (top-2 ensemble)"] = _bpb(BTMEnsemble(members, top_k=2), streams, tb, cfg)
-    for d in cfg.domains:  # each owner's own 2-expert model = merged model restricted to it
-        set_active_experts(merged, expert_mask(merged, include=[d]))
-        rows[f"2-expert: public+{d}"] = _bpb(logits(merged), streams, tb, cfg)
-    set_active_experts(merged, expert_mask(merged))
-    rows["FlexOlmo merged"] = _bpb(logits(merged), streams, tb, cfg)
+    selectivity = {}
+    for label, path in recipes.items():
+        m = merged if label == default_label else load_merged(path)
+        sel = recipe_eval(m, rows["anchor (public only)"], streams, tb, cfg, tok)
+        selectivity[label] = sel
+        if label == default_label:
+            for d, r in sel["two_expert"].items():
+                rows[f"2-expert: public+{d}"] = r
+            rows["FlexOlmo merged"] = sel["merged"]
+        else:
+            rows[f"FlexOlmo merged ({label})"] = sel["merged"]
 
     def optout_of(model) -> dict:
         res = {}
@@ -97,12 +106,6 @@ def evaluate_all(
         rows["FlexOlmo merged + router tuning"] = _bpb(logits(tuned), streams, tb, cfg)
         optout_rt = optout_of(tuned)
 
-    for r in routers(merged):
-        r.use_bias = False
-    no_bias = _bpb(logits(merged), streams, tb, cfg)
-    for r in routers(merged):
-        r.use_bias = True
-
     default_k = merged.config.num_experts_per_tok
     topk = {}
     for k in range(1, len(names) + 1) if extra else []:  # the top-k sweep is an ablation
@@ -112,7 +115,6 @@ def evaluate_all(
     for r in routers(merged):
         r.top_k = default_k
 
-    routing = routing_matrix(merged, streams, cfg)
     rows_emb = torch.stack([r.weight.detach() for r in routers(merged)])  # (L, E, H)
     unit = torch.nn.functional.normalize(rows_emb, dim=-1)
     cosine = (unit @ unit.transpose(1, 2)).mean(0).tolist()
@@ -130,10 +132,11 @@ def evaluate_all(
         "main": rows,
         "optout": optout,
         "optout_rt": optout_rt,
-        "no_bias": no_bias,
+        "no_bias": selectivity[default_label]["variants"]["stock"],
+        "selectivity": selectivity,
         "topk": {str(k): v for k, v in topk.items()},
         "default_top_k": default_k,
-        "routing": routing,
+        "routing": selectivity[default_label]["routing"],
         "router_cosine": cosine,
         "generation": {
             "prompt": cfg.prompt,
@@ -142,6 +145,44 @@ def evaluate_all(
             "without": _gen(gen_out),
         },
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()},
+    }
+
+
+@torch.no_grad()
+def recipe_eval(merged, anchor_row: dict, streams, tb, cfg, tokenizer) -> dict:
+    """What a recipe is judged by: BPB of the merged model, of each owner's 2-expert model and of
+    the inference variants; retention; public Δ vs the anchor; routing."""
+    from flexmoe.infer import expert_mask, expert_names
+    from flexmoe.model import set_active_experts
+
+    names = expert_names(merged)
+    doms = [d for d in streams if d != PUBLIC]
+
+    def fn(ids):
+        return merged(ids).logits
+
+    two = {}
+    for d in doms:
+        set_active_experts(merged, expert_mask(merged, include=[d]))
+        two[d] = _bpb(fn, streams, tb, cfg)
+    set_active_experts(merged, expert_mask(merged))
+    m = _bpb(fn, streams, tb, cfg)
+    variants = {}
+    for v in inference_variant.VARIANTS:
+        with inference_variant(merged, v):
+            variants[v] = _bpb(fn, streams, tb, cfg)
+    routing = routing_matrix(merged, streams, cfg)
+    ret = retention(anchor_row, m, two)
+    return {
+        "merged": m,
+        "two_expert": two,
+        "variants": variants,
+        "retention": ret,
+        "mean_retention": sum(ret.values()) / max(len(ret), 1),
+        "public_delta": m[PUBLIC] / anchor_row[PUBLIC] - 1,
+        "routing_diagonal": {PUBLIC: float(np.mean(routing[PUBLIC], axis=0)[0])}
+        | routing_diagonal(routing, names),
+        "routing": routing,
     }
 
 
@@ -180,6 +221,78 @@ def routing_matrix(model, streams, cfg) -> dict[str, list[list[float]]]:
                 r.records = None
         out[d] = mat
     return out
+
+
+def retention(anchor: dict, merged: dict, two_expert: dict[str, dict]) -> dict[str, float]:
+    """Per domain: (anchor − merged) / (anchor − owner's 2-expert model) held-out BPB — the share
+    of an expert's gain on its own domain that survives the merge."""
+    out = {}
+    for d, row in two_expert.items():
+        gain = anchor[d] - row[d]
+        out[d] = (anchor[d] - merged[d]) / gain if gain > 0 else float("nan")
+    return out
+
+
+def routing_diagonal(routing: dict, experts: list[str]) -> dict[str, float]:
+    """Share of routing weight (mean over layers) the text of each domain gives its own expert."""
+    import numpy as np
+
+    return {
+        d: float(np.mean(m, axis=0)[experts.index(d)]) for d, m in routing.items() if d in experts
+    }
+
+
+class inference_variant:
+    """`with inference_variant(model, v):` run a merged model with one router change, restored on
+    exit: 'stock' (b = 0, what stock transformers computes), 'renorm' (top-k weights renormalised,
+    as Mixtral does), 'equal-norm' (every router row rescaled to the layer's mean row norm, i.e.
+    cosine routing with one shared temperature per layer)."""
+
+    VARIANTS = ("stock", "renorm", "equal-norm")
+
+    def __init__(self, model, variant: str):
+        from flexmoe.model import routers
+
+        self.rs, self.variant = routers(model), variant
+
+    def __enter__(self):
+        self.saved = [(r.use_bias, r.norm_topk_prob, r.weight.detach().clone()) for r in self.rs]
+        for r in self.rs:
+            if self.variant == "stock":
+                r.use_bias = False
+            elif self.variant == "renorm":
+                r.norm_topk_prob = True
+            elif self.variant == "equal-norm":
+                with torch.no_grad():
+                    n = r.weight.norm(dim=-1, keepdim=True)
+                    r.weight.mul_(n.mean() / n.clamp(min=1e-12))
+            else:
+                raise ValueError(self.variant)
+        return self
+
+    def __exit__(self, *exc):
+        for r, (b, nt, w) in zip(self.rs, self.saved, strict=True):
+            r.use_bias, r.norm_topk_prob = b, nt
+            with torch.no_grad():
+                r.weight.copy_(w)
+        return False
+
+
+@torch.no_grad()
+def selectivity_summary(cfg, anchor_dir: Path, merged_dir: Path, tokens: Path) -> dict:
+    """recipe_eval of one merged directory against its anchor (scripts/sweep_recipe.py)."""
+    from flexmoe.anchor import load_anchor
+    from flexmoe.data.shards import TokenStream
+    from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
+    from flexmoe.infer import load_merged
+
+    tok = load_tokenizer(anchor_dir)
+    tb = token_byte_lengths(tok)
+    streams = {d: TokenStream(tokens / d / "heldout") for d in [PUBLIC, *cfg.domains]}
+    anchor = load_anchor(anchor_dir)[0]
+    a = _bpb(lambda ids: anchor(ids).logits, streams, tb, cfg)
+    res = recipe_eval(load_merged(merged_dir), a, streams, tb, cfg, tok)
+    return {"anchor": a, **res, "baselines": {}}
 
 
 # ---------------------------------------------------------------- output

@@ -82,7 +82,11 @@ def embed_documents(texts: Sequence[str]) -> torch.Tensor:
 
 def domain_rows(texts: Sequence[str], proj: torch.Tensor, num_layers: int) -> torch.Tensor:
     """(layers, hidden): the projected mean embedding, scaled to router-row norm, every layer."""
-    v = proj @ embed_documents(texts)
+    return rows_from_embedding(embed_documents(texts), proj, num_layers)
+
+
+def rows_from_embedding(emb: torch.Tensor, proj: torch.Tensor, num_layers: int) -> torch.Tensor:
+    v = proj @ emb
     v = v / v.norm().clamp(min=1e-12) * row_norm(proj.shape[0])
     return v.unsqueeze(0).repeat(num_layers, 1)
 

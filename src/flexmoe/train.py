@@ -31,6 +31,7 @@ from flexmoe.bpb import evaluate_bpb
 from flexmoe.data.shards import TokenStream
 from flexmoe.errors import FlexmoeError
 from flexmoe.fsutil import atomic_dir, write_json
+from flexmoe.model import capture_router_logits
 
 
 class TrainConfig(BaseModel):
@@ -44,6 +45,7 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, ge=0)
+    router_z_loss: float = Field(0.0, ge=0, description="weight of the router z-loss (AI2: 1e-3)")
     bf16: bool = False
     seed: int = 0
     eval_every: int = Field(0, ge=0, description="0 = only at the end")
@@ -214,6 +216,7 @@ def train(
     token_bytes: np.ndarray | None = None,
     grad_masks: dict[str, torch.Tensor] | None = None,
     post_step: Callable[[nn.Module], None] | None = None,
+    pre_step: Callable[[nn.Module, int, object], dict] | None = None,
     resume: bool = False,
     progress_label: str = "train",
 ) -> dict:
@@ -222,6 +225,8 @@ def train(
     grad_masks: parameter name → 0/1 tensor multiplied into its gradient (freezes slices, e.g. the
     public expert inside a stacked expert tensor; with weight decay 0 AdamW then leaves them
     bit-identical). post_step runs after each optimizer step (e.g. projecting a bias to ≤ 0).
+    pre_step(model, step, autocast) runs before the step's micro-batches and may add gradients of
+    its own (e.g. expert training's public negatives); the metrics it returns are logged.
     """
     out = Path(out)
     rank, world = init_distributed()
@@ -301,13 +306,21 @@ def train(
             lr = lr_at(cfg, step)
             for g in optimizer.param_groups:
                 g["lr"] = lr
+            extra = pre_step(model, step, autocast) if pre_step is not None else {}
             loss_sum = torch.zeros((), dtype=torch.float64)
+            z_sum = 0.0
             for micro in range(cfg.grad_accum):
                 batch = get_batch(train_stream, cfg, step, micro).to(device)
-                with autocast:
+                z_ctx = capture_router_logits(model) if cfg.router_z_loss else nullcontext([])
+                with z_ctx as captured, autocast:
                     logits = model(batch[:, :-1]).logits
                 loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-                (loss / cfg.grad_accum).backward()
+                total = loss
+                if captured:
+                    z = router_z_loss(captured)
+                    total = loss + cfg.router_z_loss * z
+                    z_sum += float(z) / cfg.grad_accum
+                (total / cfg.grad_accum).backward()
                 loss_sum += loss.detach().double()
             for p, m in masks:
                 if p.grad is not None:
@@ -336,7 +349,10 @@ def train(
                 "grad_norm": float(grad_norm),
                 "tokens": done * tokens_per_step,
                 "tokens_per_s": tok_s,
+                **extra,
             }
+            if cfg.router_z_loss:
+                last["router_z"] = z_sum
             if done % cfg.log_every == 0 or done == cfg.steps:
                 log(last)
             if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
@@ -350,6 +366,12 @@ def train(
     log(final)
     save_checkpoint(out, model, optimizer, cfg.steps, cfg)
     return final
+
+
+def router_z_loss(captured: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Mean over layers of mean(logsumexp(router logits)²) (ST-MoE's z-loss)."""
+    per_layer = [torch.cat(c).logsumexp(-1).square().mean() for c in captured if c]
+    return torch.stack(per_layer).mean()
 
 
 def _place_masks(model: nn.Module, grad_masks: dict[str, torch.Tensor]) -> list:

@@ -1,0 +1,91 @@
+"""Try one expert-training recipe on a finished demo run's anchor and data, and print the merge's
+selectivity numbers: public BPB vs the anchor, retention per domain, routing diagonal.
+
+python scripts/sweep_recipe.py --run runs/demo --out runs/sweep/paper --recipe paper
+python scripts/sweep_recipe.py --run runs/demo --out runs/sweep/g2 --gate-weight 2
+
+Reuses the run's anchor, token shards and (for the soup comparison) report/results.json. Experts
+are trained with the demo's expert settings (steps, lr, batch, seq len, seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main() -> int:
+    import torch
+
+    from flexmoe.expert import make_recipe, train_expert
+    from flexmoe.merge import merge
+    from flexmoe.pipeline import DemoConfig
+    from flexmoe.report import selectivity_summary
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--run", type=Path, default=Path("runs/demo"))
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--recipe", default="flexmoe")
+    p.add_argument("--public-ratio", type=float)
+    p.add_argument("--gate-weight", type=float)
+    p.add_argument("--bias-init", type=float)
+    p.add_argument("--router-z-loss", type=float)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--domains", nargs="*")
+    args = p.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    cfg = DemoConfig(out=args.run)
+    if args.steps:
+        cfg.expert_steps = args.steps
+    domains = args.domains or cfg.domains
+    rec = make_recipe(
+        args.recipe,
+        public_ratio=args.public_ratio,
+        gate_weight=args.gate_weight,
+        bias_init=args.bias_init,
+        router_z_loss=args.router_z_loss,
+    )
+    tokens, anchor = args.run / "tokens", args.run / "anchor"
+    t0 = time.perf_counter()
+    pkgs = []
+    for d in domains:
+        out = args.out / "experts" / d
+        if not (out / "manifest.json").is_file():
+            train_expert(
+                anchor,
+                tokens / d / "train",
+                out,
+                d,
+                domain=d,
+                router_docs=cfg.router_docs,
+                lr=cfg.expert_lr,
+                recipe=rec,
+                public=tokens / "public" / "train",
+                **cfg.expert_kwargs(),
+            )
+        pkgs.append(out)
+    t_train = time.perf_counter() - t0
+    merge(anchor, pkgs, args.out / "merged", log=None)
+    cfg.domains = domains
+    summary = selectivity_summary(cfg, anchor, args.out / "merged", tokens)
+    res_path = args.run / "report" / "results.json"
+    if res_path.is_file():
+        main = json.loads(res_path.read_text())["main"]
+        for k in ("model soup (uniform)", "model soup (weighted)", "BTM (top-2 ensemble)"):
+            if k in main:
+                summary["baselines"][k] = {d: main[k][d] for d in ["public", *domains]}
+    summary["recipe"] = rec.model_dump()
+    summary["train_seconds"] = t_train
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps({k: v for k, v in summary.items() if k != "routing"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

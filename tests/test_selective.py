@@ -1,0 +1,184 @@
+"""Selective experts: a bias that can learn, public negatives that teach the owner's gate to
+decline public text, router z-loss, and the inference variants the report compares."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import run_cli
+from flexmoe.anchor import load_anchor
+from flexmoe.data.shards import TokenStream
+from flexmoe.expert import (
+    OWNER,
+    PublicNegatives,
+    build_two_expert,
+    freeze_for_expert,
+    make_recipe,
+    project_bias,
+    train_expert,
+)
+from flexmoe.model import capture_router_logits, parametrize_bias, routers
+from flexmoe.package import read_manifest
+from flexmoe.train import TrainConfig, train
+
+
+def _two_expert(anchor_dir, softplus: bool = True, init: float = -1.0):
+    anchor, _, extras = load_anchor(anchor_dir)
+    L, H = anchor.config.num_hidden_layers, anchor.config.hidden_size
+    model = build_two_expert(anchor, extras, torch.randn(L, H) * 0.1, "domain")
+    if softplus:
+        parametrize_bias(model, [OWNER], init)
+    return anchor, model
+
+
+def test_softplus_bias_is_negative_with_a_live_gradient(anchor_dir):
+    _, model = _two_expert(anchor_dir, init=-0.5)
+    for r in routers(model):
+        assert r.bias[0] == 0 and float(r.bias[1]) == pytest.approx(-0.5, abs=1e-6)
+    # push b far up: min(b, 0) would give gradient 0 from here on; −softplus(β) never does
+    for r in routers(model):
+        r.parametrizations.bias.original.data.fill_(-30.0)  # b ≈ −1e-13, as close to 0 as it gets
+    with capture_router_logits(model) as captured:
+        model(torch.randint(0, 512, (2, 16)))
+    loss = sum(c[0][:, 1].sum() for c in captured)  # push the owner's logit
+    loss.backward()
+    for r in routers(model):
+        g = r.parametrizations.bias.original.grad
+        assert g[1] != 0 and g[0] == 0
+        assert r.bias[1] < 0
+
+
+def test_paper_bias_gradient_dies_at_zero(anchor_dir):
+    """The defect the softplus bias fixes: min(b, 0) has no gradient once an update pushed b
+    above 0 (and the projection then parks it at exactly 0 every step)."""
+    _, model = _two_expert(anchor_dir, softplus=False)
+    for r in routers(model):
+        r.bias.data[1] = 1e-3
+    with capture_router_logits(model) as captured:
+        model(torch.randint(0, 512, (2, 16)))
+    sum(c[0][:, 1].sum() for c in captured).backward()
+    assert all(r.bias.grad[1] == 0 for r in routers(model))
+
+
+def test_public_negatives_train_only_the_owners_gate(anchor_dir, shards):
+    anchor, model = _two_expert(anchor_dir)
+    freeze_for_expert(model)
+    neg = PublicNegatives(TokenStream(shards["public/train"]), 4, 32, seed=0, gate_weight=1.0)
+    metrics = neg(model, 0, torch.autocast("cpu", enabled=False))
+    assert 0 < metrics["public/owner_gate"] < 1 and metrics["public/gate_ce"] > 0
+    for name, p in model.named_parameters():
+        if ".mlp.experts." in name:
+            assert p.grad is None, name  # no FFN gradient from public text
+        elif "gate.weight" in name:
+            assert p.grad[OWNER].abs().sum() > 0
+        elif "parametrizations.bias" in name:
+            assert p.grad[OWNER] != 0
+        else:
+            assert p.grad is None, name
+
+
+def _owner_gate_on_public(model, stream) -> float:
+    ids = torch.from_numpy(stream.window(0, 4 * 64).reshape(4, 64).copy())
+    with torch.no_grad(), capture_router_logits(model) as captured:
+        model(ids)
+    return float(torch.stack([torch.cat(c).softmax(-1)[:, OWNER].mean() for c in captured]).mean())
+
+
+def test_public_negatives_make_the_gate_decline_public_text(work, anchor_dir, shards):
+    """Same owner data, same steps: with public negatives the owner's expert takes less public
+    text, and every frozen tensor (and public slice) stays bit-identical."""
+    public = TokenStream(shards["public/heldout"])
+    gates = {}
+    for recipe in ("paper", "flexmoe"):
+        rec = make_recipe(recipe, router_z_loss=1e-3 if recipe == "flexmoe" else None)
+        torch.manual_seed(0)
+        anchor, model = _two_expert(anchor_dir, softplus=rec.bias == "softplus", init=-1.0)
+        ref = {k: v.clone() for k, v in anchor.state_dict().items()}
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        masks = freeze_for_expert(model)
+        neg = (
+            PublicNegatives(TokenStream(shards["public/train"]), 4, 64, 0, rec.gate_weight)
+            if rec.public_ratio
+            else None
+        )
+        cfg = TrainConfig(
+            steps=12, batch_size=8, seq_len=64, lr=1e-2, router_z_loss=rec.router_z_loss
+        )
+        res = train(
+            model,
+            TokenStream(shards["code/train"]),
+            cfg,
+            work / f"neg-{recipe}",
+            grad_masks=masks,
+            post_step=project_bias,
+            pre_step=neg,
+        )
+        gates[recipe] = _owner_gate_on_public(model, public)
+        after = model.state_dict()
+        for k, v in after.items():
+            if ".mlp.experts." in k or ".mlp.gate." in k:
+                assert torch.equal(v[0], before[k][0]), f"public slice of {k} changed"
+            else:
+                assert torch.equal(v, before[k]) and (k not in ref or torch.equal(v, ref[k])), k
+        if recipe == "flexmoe":
+            assert "public/owner_gate" in res and res["router_z"] > 0
+    assert gates["flexmoe"] < gates["paper"] - 0.05, gates
+
+
+def test_flexmoe_expert_records_recipe_and_resumes_exactly(work, anchor_dir, shards):
+    kw = dict(
+        public=shards["public/train"],
+        steps=8,
+        batch_size=4,
+        seq_len=32,
+        warmup=1,
+        router_docs=4,
+        seed=3,
+    )
+    full = train_expert(anchor_dir, shards["code/train"], work / "sel-full", "code", **kw)
+    part = train_expert(
+        anchor_dir,
+        shards["code/train"],
+        work / "sel-part",
+        "code",
+        ckpt_every=3,
+        stop_after=5,
+        **kw,
+    )
+    assert part.get("stopped")
+    resumed = train_expert(
+        anchor_dir, shards["code/train"], work / "sel-part", "code", ckpt_every=3, resume=True, **kw
+    )
+    assert resumed["tensors"] == full["tensors"]  # same sha256 for every tensor
+    m = read_manifest(work / "sel-full")
+    t = m.training.model_dump()
+    assert t["recipe"]["name"] == "flexmoe" and t["recipe"]["public_ratio"] > 0
+    assert "gate_objective" in t["recipe"] and len(t["public_data_sha256"]) == 64
+
+
+def test_flexmoe_recipe_without_public_data_is_one_line_error(work, anchor_dir, shards, capsys):
+    args = ["expert", "train", "--anchor", anchor_dir, "--data", shards["code/train"]]
+    args += ["--name", "code", "-o", work / "nopublic", "--steps", 2]
+    code, out, err = run_cli(args, capsys)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "--public" in lines[0], err
+    assert not (work / "nopublic").exists()
+
+
+def test_inference_variants_restore_the_model(work, anchor_dir):
+    from conftest import random_package
+    from flexmoe.infer import load_merged
+    from flexmoe.merge import merge
+    from flexmoe.report import inference_variant
+
+    pkgs = [random_package(work / f"iv-{n}", anchor_dir, n, i) for i, n in enumerate("ab")]
+    merge(anchor_dir, pkgs, work / "iv-merged", top_k=2, log=None)  # renorm needs k < E
+    model = load_merged(work / "iv-merged")
+    ids = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        base = model(ids).logits
+        for v in inference_variant.VARIANTS:
+            with inference_variant(model, v):
+                assert not torch.equal(model(ids).logits, base), v
+            assert torch.equal(model(ids).logits, base), v
