@@ -35,6 +35,12 @@ def main() -> int:
     p.add_argument("--public-ratio", type=float)
     p.add_argument("--gate-weight", type=float)
     p.add_argument("--bias-init", type=float)
+    p.add_argument("--owner-gate-weight", type=float)
+    p.add_argument("--router-lr-scale", type=float)
+    p.add_argument("--bias", choices=["softplus", "clamp"])
+    p.add_argument("--no-train-bias", action="store_true", help="keep b at its start value")
+    p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--calibrate-public-weight", type=float)
     p.add_argument("--router-z-loss", type=float)
     p.add_argument("--steps", type=int)
     p.add_argument("--domains", nargs="*")
@@ -49,6 +55,11 @@ def main() -> int:
         public_ratio=args.public_ratio,
         gate_weight=args.gate_weight,
         bias_init=args.bias_init,
+        owner_gate_weight=args.owner_gate_weight,
+        router_lr_scale=args.router_lr_scale,
+        bias=args.bias,
+        calibrate=args.calibrate,
+        calibrate_public_weight=args.calibrate_public_weight,
         router_z_loss=args.router_z_loss,
     )
     tokens, anchor = args.run / "tokens", args.run / "anchor"
@@ -67,6 +78,7 @@ def main() -> int:
                 lr=cfg.expert_lr,
                 recipe=rec,
                 public=tokens / "public" / "train",
+                train_bias=not args.no_train_bias,
                 **cfg.expert_kwargs(),
             )
         pkgs.append(out)

@@ -99,8 +99,11 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, cap.out, cap.err
 
 
-def random_package(out: Path, anchor_dir: Path, name: str, seed: int, **manifest) -> Path:
-    """A well-formed expert package with seeded random weights (for merge/routing mechanics)."""
+def random_package(
+    out: Path, anchor_dir: Path, name: str, seed: int, embedding=None, **manifest
+) -> Path:
+    """A well-formed expert package with seeded random weights (for merge/routing mechanics);
+    `embedding` (384,) is stored as its domain embedding."""
     import torch
 
     from flexmoe.anchor import load_anchor
@@ -110,7 +113,7 @@ def random_package(out: Path, anchor_dir: Path, name: str, seed: int, **manifest
     cfg = model.config
     h, i, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     g = torch.Generator().manual_seed(seed)
-    tensors = {}
+    tensors = {} if embedding is None else {"domain_embedding": embedding}
     for layer in range(n):
         p = f"layers.{layer}"
         tensors |= {

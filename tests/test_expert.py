@@ -114,7 +114,8 @@ def test_expert_beats_anchor_on_its_domain_and_package_contents(expert_pkg, anch
     tensors = load_file(expert_pkg / WEIGHTS)
     L = json.loads((anchor_dir / "config.json").read_text())["num_hidden_layers"]
     assert len(tensors) == 5 * L + 1 and tensors["domain_embedding"].shape == (384,)
-    assert not any("embed" in k or "attn" in k or "lm_head" in k for k in tensors)
+    shared = ("embed_tokens", "attn", "lm_head", "norm")
+    assert not any(s in k for k in tensors for s in shared)
     assert all(float(tensors[f"layers.{i}.bias"]) <= 0 for i in range(L))
     assert sorted(p.name for p in expert_pkg.iterdir()) == [WEIGHTS, MANIFEST]
 

@@ -234,6 +234,12 @@ def expert_train(
     gate_weight: Annotated[
         float | None, typer.Option(help="Weight of −log p_public on public tokens.")
     ] = None,
+    owner_gate_weight: Annotated[
+        float | None, typer.Option(help="Weight of −log p_owner on the owner's tokens.")
+    ] = None,
+    router_lr_scale: Annotated[
+        float | None, typer.Option(help="Learning rate of router rows and biases: lr × this.")
+    ] = None,
     bias_init: Annotated[float | None, typer.Option(help="Router bias at step 0 (≤ 0).")] = None,
     router_z_loss: Annotated[
         float | None, typer.Option(help="Router z-loss weight (AI2: 1e-3).")
@@ -248,6 +254,8 @@ def expert_train(
         recipe,
         public_ratio=public_ratio,
         gate_weight=gate_weight,
+        owner_gate_weight=owner_gate_weight,
+        router_lr_scale=router_lr_scale,
         bias_init=bias_init,
         router_z_loss=router_z_loss,
     )
@@ -456,6 +464,10 @@ def generate_cmd(
     allow_no_public: Annotated[
         bool, typer.Option(help="Permit excluding the public expert.")
     ] = False,
+    preselect: Annotated[
+        int | None,
+        typer.Option(help="Keep public + the M experts whose domain is closest to the prompt."),
+    ] = None,
 ) -> None:
     """Generate text with chosen experts (KV cache); optionally attribute it to experts."""
     from flexmoe.data.tokenizer import load_tokenizer
@@ -482,7 +494,10 @@ def generate_cmd(
         seed=seed,
         allow_no_public=allow_no_public,
         use=use,
+        preselect=preselect,
     )
+    if preselect is not None:
+        console.print("preselected: " + ", ".join(g.active), highlight=False, markup=False)
     for name, reason in g.excluded:
         console.print(f"[yellow]expert '{name}' masked: {reason}[/]", highlight=False)
     out.print(prompt + g.text, highlight=False, markup=False)

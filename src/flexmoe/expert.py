@@ -63,7 +63,16 @@ class Recipe(BaseModel):
     bias_init: float = Field(le=0, description="b at step 0")
     public_ratio: float = Field(ge=0, le=4, description="public sequences per owner sequence")
     gate_weight: float = Field(ge=0, description="weight of −log p_public on public tokens")
+    owner_gate_weight: float = Field(
+        0.0, ge=0, description="weight of −log p_owner on the owner's tokens"
+    )
     router_z_loss: float = Field(0.0, ge=0)
+    router_lr_scale: float = Field(1.0, gt=0, description="router rows and biases: lr × this")
+    calibrate: bool = Field(False, description="fit the gate after training (calibrate_gate)")
+    calibrate_windows: int = Field(32, gt=0, description="owner and public windows each")
+    calibrate_public_weight: float = Field(
+        1.0, gt=0, description="calibration: cost of a public token routed to the owner"
+    )
 
     def describe(self) -> dict:
         d = self.model_dump()
@@ -72,7 +81,21 @@ class Recipe(BaseModel):
                 "on public tokens: LM loss + gate_weight · mean over layers of −log softmax(router"
                 " logits)[public]; the owner's FFN gets no gradient from public tokens"
             )
+        if self.owner_gate_weight:
+            d["owner_gate_objective"] = (
+                "on the owner's tokens: LM loss + owner_gate_weight · mean over layers of −log "
+                "softmax(router logits)[owner]"
+            )
         return d
+
+
+def gate_loss(captured: list[list[torch.Tensor]], target: int) -> torch.Tensor:
+    """Mean over layers of the routing cross-entropy toward expert `target`, from the routers'
+    captured logits (detached inputs: only router rows and biases get its gradient)."""
+    per_layer = [torch.cat(c) for c in captured]
+    return torch.stack(
+        [F.cross_entropy(c, torch.full_like(c[:, 0], target, dtype=torch.long)) for c in per_layer]
+    ).mean()
 
 
 RECIPES: dict[str, Recipe] = {
@@ -118,23 +141,112 @@ class PublicNegatives:
         with capture_router_logits(model) as captured, autocast:
             logits = model(batch[:, :-1]).logits
         lm = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-        per_layer = [torch.cat(c) for c in captured]
-        gate = torch.stack(
-            [
-                F.cross_entropy(c, torch.full_like(c[:, 0], PUBLIC, dtype=torch.long))
-                for c in per_layer
-            ]
-        ).mean()
+        gate = gate_loss(captured, PUBLIC)
         (lm + self.gate_weight * gate).backward()
         for name, p in model.named_parameters():
             if ".mlp.experts." in name:
                 p.grad = None  # the owner's FFN learns from the owner's data only
-        owner = torch.stack([c.softmax(-1)[:, OWNER].mean() for c in per_layer]).mean()
+        owner = torch.stack([torch.cat(c).detach().softmax(-1)[:, OWNER].mean() for c in captured])
         return {
-            "public/lm": float(lm),
-            "public/gate_ce": float(gate),
-            "public/owner_gate": float(owner),
+            "public/lm": float(lm.detach()),
+            "public/gate_ce": float(gate.detach()),
+            "public/owner_gate": float(owner.mean()),
         }
+
+
+def _router_inputs(model, layer: int, ids: torch.Tensor, batch: int = 8) -> torch.Tensor:
+    """(tokens, hidden) residual stream entering layer `layer`'s MoE block, i.e. what its router
+    sees, under the model as it is now."""
+    seen: list[torch.Tensor] = []
+    mlp = model.model.layers[layer].mlp
+    hook = mlp.register_forward_pre_hook(
+        lambda mod, args: seen.append(args[0].reshape(-1, args[0].shape[-1]).float())
+    )
+    try:
+        with torch.no_grad():
+            for i in range(0, len(ids), batch):
+                model(ids[i : i + batch])
+    finally:
+        hook.remove()
+    return torch.cat(seen)
+
+
+def _fit_gate(x_own, x_pub, w_pub, w0, b0: float, rec: Recipe):
+    """One layer of calibrate_gate: (row, β, objective before, objective after)."""
+    w = w0.clone().requires_grad_(True)
+    beta = torch.tensor(float(np.log(np.expm1(max(-b0, 1e-4)))), requires_grad=True)
+
+    def objective() -> torch.Tensor:
+        def logp(x):
+            return torch.stack([x @ w_pub, x @ w - F.softplus(beta)], -1).log_softmax(-1)
+
+        return (
+            -logp(x_own)[:, OWNER].mean()
+            - rec.calibrate_public_weight * logp(x_pub)[:, PUBLIC].mean()
+            + 1e-3 * (w - w0).square().sum()
+        )
+
+    opt = torch.optim.LBFGS([w, beta], max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = objective()
+        loss.backward()
+        return loss
+
+    before = float(objective())
+    opt.step(closure)
+    return w.detach(), beta.detach(), before, float(objective())
+
+
+def calibrate_gate(
+    model, owner: TokenStream, public: TokenStream, rec: Recipe, seq_len: int, seed: int
+) -> dict:
+    """Owner-side gate calibration: after training, fit each layer's owner router row and bias
+    as a classifier "owner's text vs public text" on what that router sees.
+
+    Per layer l (in order, re-reading the router inputs after the layers before it changed), it
+    minimises, over the owner's row r and β (b = −softplus(β)) with full-batch L-BFGS,
+      mean_owner[−log p_owner] + calibrate_public_weight · mean_public[−log p_public]
+      + 1e-3 · ‖r − r_trained‖²
+    where p = softmax(r_public·x, r·x + b). The FFNs and the public row are untouched; only the
+    owner's data and public data are read, so opt-out stays exact."""
+    from torch.nn.utils import parametrize
+
+    rng = np.random.default_rng([seed, 0xCA1])
+
+    def windows(stream: TokenStream) -> torch.Tensor:
+        starts = rng.integers(0, len(stream) - seq_len - 1, size=rec.calibrate_windows)
+        return torch.from_numpy(np.stack([stream.window(int(s), seq_len) for s in starts]))
+
+    own_ids, pub_ids = windows(owner), windows(public)
+    report = []
+    for i, r in enumerate(routers(model)):
+        x_own = _router_inputs(model, i, own_ids)
+        x_pub = _router_inputs(model, i, pub_ids)
+        w_pub = r.weight[PUBLIC].detach().float()
+        w0 = r.weight[OWNER].detach().float()
+        w, beta, before, after = _fit_gate(x_own, x_pub, w_pub, w0, float(r.bias[OWNER].detach()), rec)
+        b = -F.softplus(beta)
+        with torch.no_grad():
+            r.weight[OWNER] = w.to(r.weight.dtype)
+            if parametrize.is_parametrized(r, "bias"):
+                r.parametrizations.bias.original[OWNER] = beta
+            else:
+                r.bias[OWNER] = b
+            z_own = torch.stack([x_own @ w_pub, x_own @ w + b], -1).softmax(-1)
+            z_pub = torch.stack([x_pub @ w_pub, x_pub @ w + b], -1).softmax(-1)
+        report.append(
+            {
+                "layer": i,
+                "objective_before": before,
+                "objective_after": after,
+                "owner_gate_on_owner": float(z_own[:, OWNER].mean()),
+                "owner_gate_on_public": float(z_pub[:, OWNER].mean()),
+                "bias": float(b),
+            }
+        )
+    return {"layers": report}
 
 
 def shards_sha256(path: Path) -> str:
@@ -273,7 +385,7 @@ def train_expert(
     by a recipe with public negatives."""
     validate_name(name)
     rec = recipe if isinstance(recipe, Recipe) else make_recipe(recipe)
-    if not dense and rec.public_ratio > 0 and public is None:
+    if not dense and (rec.public_ratio > 0 or rec.calibrate) and public is None:
         raise FlexmoeError(
             f"recipe '{rec.name}' trains the gate on public negatives: pass --public "
             "(public token shards), or use --recipe paper"
@@ -285,6 +397,7 @@ def train_expert(
     tok = load_tokenizer(anchor_dir)
     if not dense:
         overrides.setdefault("router_z_loss", rec.router_z_loss)
+        overrides.setdefault("router_lr_scale", rec.router_lr_scale)
     cfg = expert_train_config(eval_tokens=eval_tokens, **overrides)
     stream, evals = open_streams(data, anchor_dir, {"heldout": heldout} if heldout else None)
     tb = token_byte_lengths(tok)
@@ -364,6 +477,11 @@ def train_expert(
         grad_masks=masks,
         post_step=project_bias,
         pre_step=negatives,
+        router_loss=(
+            (lambda captured: rec.owner_gate_weight * gate_loss(captured, OWNER))
+            if rec.owner_gate_weight
+            else None
+        ),
         resume=resume,
         progress_label=f"expert {name}",
     )
@@ -376,6 +494,17 @@ def train_expert(
     model = unshard_for_save(model, rebuild)
     if result.get("stopped") or model is None:
         return result
+    calibration = None
+    if rec.calibrate:
+        calibration = calibrate_gate(model, stream, TokenStream(public), rec, cfg.seq_len, cfg.seed)
+        if heldout is not None:  # the package's held-out number is the calibrated model's
+            result["eval/heldout/bpb"] = evaluate_bpb(
+                lambda ids: model(ids).logits,
+                evals["heldout"],
+                tb,
+                cfg.seq_len,
+                max_tokens=cfg.eval_tokens,
+            )["bpb"]
     manifest = {
         "name": name,
         "domain": domain or name,
@@ -409,6 +538,7 @@ def train_expert(
             "recipe": rec.describe(),
             "public_data_sha256": shards_sha256(public) if negatives is not None else None,
             "public_owner_gate": result.get("public/owner_gate"),
+            "gate_calibration": calibration,
             "domain_embedding": (
                 f"mean all-MiniLM-L6-v2 embedding of {router_docs} of the owner's documents (a "
                 "statistic of the owner's data, used for request-level preselection)"

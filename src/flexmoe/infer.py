@@ -52,11 +52,63 @@ def load_merged(path: Path) -> FlexOlmoForCausalLM:
                     raise FlexmoeError(f"{path / BIAS}: bad or missing layers.{i}.bias")
                 r.bias.copy_(b)
     model.flexmoe_experts = names
+    model.flexmoe_domain_embeddings = _domain_embeddings(path, names)
     model.flexmoe_router_tuned = bool(meta.get("router_tuned"))  # RT: see router_tune.py
     model.flexmoe_manifests = {
         k: Manifest.model_validate(v) for k, v in (meta.get("manifests") or {}).items()
     }
     return model.eval()
+
+
+def _domain_embeddings(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Each stored package's `domain_embedding` (the owner's mean document embedding), if any."""
+    from safetensors import safe_open
+
+    from flexmoe.merge import EXPERTS_DIR
+    from flexmoe.package import OPTIONAL_TENSORS, WEIGHTS
+
+    out = {}
+    for n in names:
+        f = path / EXPERTS_DIR / n / WEIGHTS
+        if not f.is_file():
+            continue
+        try:
+            with safe_open(f, framework="pt") as st:
+                if "domain_embedding" not in st.keys():
+                    continue
+                t = st.get_tensor("domain_embedding").float()
+        except Exception as e:  # a corrupt stored package: refuse, naming it
+            raise FlexmoeError(f"{f}: unreadable ({type(e).__name__})") from None
+        if list(t.shape) != OPTIONAL_TENSORS["domain_embedding"] or not torch.isfinite(t).all():
+            raise FlexmoeError(f"{f}: bad domain_embedding")
+        out[n] = t
+    return out
+
+
+def preselect_mask(model, texts: Sequence[str], m: int) -> torch.Tensor:
+    """(len(texts), E) bool: per text, the public expert plus the m experts whose domain embedding
+    is most similar (cosine, all-MiniLM-L6-v2) to the text's embedding. Experts without a stored
+    embedding cannot be scored and stay active; an empty text keeps every expert."""
+    from flexmoe.router_init import embed_texts
+
+    if m < 1:
+        raise FlexmoeError("--preselect must be ≥ 1")
+    names = expert_names(model)
+    emb = getattr(model, "flexmoe_domain_embeddings", {})
+    scored = [i for i, n in enumerate(names) if n in emb]
+    if not scored:
+        raise FlexmoeError("--preselect: no expert in this model stores a domain embedding")
+    mask = torch.ones(len(texts), len(names), dtype=torch.bool)
+    if m >= len(scored):
+        return mask
+    keys = torch.nn.functional.normalize(torch.stack([emb[names[i]] for i in scored]), dim=-1)
+    q = torch.from_numpy(embed_texts([t or " " for t in texts]))
+    top = (q @ keys.T).topk(m, dim=-1).indices
+    for b, t in enumerate(texts):
+        if t.strip():
+            mask[b, scored] = False
+            mask[b, [scored[j] for j in top[b].tolist()]] = True
+    return mask
 
 
 def expert_names(model) -> list[str]:
@@ -140,11 +192,13 @@ def generate(
     seed: int | None = None,
     allow_no_public: bool = False,
     use: str | None = None,
+    preselect: int | None = None,
 ) -> Generation:
-    """Generate with the KV cache (greedy at temperature 0). Attribution is each expert's share of
-    the routing weight at the positions that produced the GENERATED tokens (not the prompt).
-    The expert choice (include/exclude, consent for `use`) holds for this call only: the model's
-    previous mask is restored afterwards."""
+    """Generate with the KV cache (greedy at temperature 0). Attribution is each expert's share
+    of the routing weight at the positions that produced the GENERATED tokens (not the prompt).
+    `preselect=M` keeps, besides the public expert, only the M experts whose domain embedding is
+    closest to the prompt's. The expert choice (include/exclude, consent, preselection) holds for
+    this call only: the model's previous mask is restored afterwards."""
     if max_new_tokens < 1:
         raise FlexmoeError("--max-new-tokens must be ≥ 1")
     if temperature < 0 or not 0 < top_p <= 1:
@@ -153,6 +207,8 @@ def generate(
     excluded = consent_exclusions(model, use)
     exclude = sorted(set(exclude or []) | {n for n, _ in excluded})
     mask = expert_mask(model, include, exclude, allow_no_public)
+    if preselect is not None:  # request-level: a function of the active set, so opt-out stays exact
+        mask = mask & preselect_mask(model, [prompt], preselect)[0]
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
         ids = torch.tensor([[tokenizer.eos_token_id]])

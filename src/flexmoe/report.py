@@ -21,11 +21,19 @@ from flexmoe.fsutil import atomic_file, write_json
 console = Console(stderr=True)
 
 
-def _bpb(model_fn, streams, tb, cfg) -> dict[str, float]:
+def _bpb(model_fn, streams, tb, cfg, before=None) -> dict[str, float]:
+    """Per-domain BPB plus the mean and closed mean; before(stream) → a before_batch hook."""
     from flexmoe.bpb import evaluate_bpb
 
     res = {
-        d: evaluate_bpb(model_fn, s, tb, cfg.seq_len, max_tokens=cfg.eval_tokens)["bpb"]
+        d: evaluate_bpb(
+            model_fn,
+            s,
+            tb,
+            cfg.seq_len,
+            max_tokens=cfg.eval_tokens,
+            before_batch=before(s) if before else None,
+        )["bpb"]
         for d, s in streams.items()
     }
     closed = [v for d, v in res.items() if d != PUBLIC]
@@ -148,6 +156,34 @@ def evaluate_all(
     }
 
 
+PRESELECT = (1, 2)  # experts kept per request by the preselection variant
+PRESELECT_CONTEXT = 64  # tokens before each window that the preselection sees
+
+
+@torch.no_grad()
+def preselect_bpb(merged, streams, tb, cfg, tokenizer, m: int) -> dict[str, float]:
+    """BPB with request-level preselection: each window keeps public + the m experts closest to
+    the text of the PRECEDING 64 tokens (the window itself is never looked at)."""
+    from flexmoe.infer import preselect_mask
+    from flexmoe.model import set_row_masks
+
+    def before(stream):
+        def choose(starts):
+            n = PRESELECT_CONTEXT
+            texts = [
+                tokenizer.decode(stream.window(max(x - n, 0), min(x, n)).tolist()) if x else ""
+                for x in starts
+            ]
+            set_row_masks(merged, preselect_mask(merged, texts, m))
+
+        return choose
+
+    try:
+        return _bpb(lambda ids: merged(ids).logits, streams, tb, cfg, before)
+    finally:
+        set_row_masks(merged, None)
+
+
 @torch.no_grad()
 def recipe_eval(merged, anchor_row: dict, streams, tb, cfg, tokenizer) -> dict:
     """What a recipe is judged by: BPB of the merged model, of each owner's 2-expert model and of
@@ -171,6 +207,10 @@ def recipe_eval(merged, anchor_row: dict, streams, tb, cfg, tokenizer) -> dict:
     for v in inference_variant.VARIANTS:
         with inference_variant(merged, v):
             variants[v] = _bpb(fn, streams, tb, cfg)
+    if getattr(merged, "flexmoe_domain_embeddings", None):
+        for k in PRESELECT:
+            if k < len(doms):
+                variants[f"preselect-{k}"] = preselect_bpb(merged, streams, tb, cfg, tokenizer, k)
     routing = routing_matrix(merged, streams, cfg)
     ret = retention(anchor_row, m, two)
     return {
@@ -350,6 +390,23 @@ def print_main_table(results: dict) -> None:
     for d, r in results["optout"].items():
         oo.add_row(d, *[_fmt(r[c]) for c in cols])
     Console().print(oo)
+    sel = results.get("selectivity") or {}
+    if sel:
+        doms = [d for d in results["domains"] if d != PUBLIC]
+        st = Table(title="selective experts: recipes side by side")
+        for c in ["recipe", "public Δ", *[f"ret. {d}" for d in doms], "mean ret.", "merged mean"]:
+            st.add_column(c, justify="left" if c == "recipe" else "right")
+        st.add_column("routing (own)", justify="left")
+        for label, r in sel.items():
+            st.add_row(
+                label,
+                f"{r['public_delta']:+.1%}",
+                *[f"{r['retention'][d]:.0%}" for d in doms],
+                f"{r['mean_retention']:.0%}",
+                _fmt(r["merged"]["mean"]),
+                " ".join(f"{d} {v:.2f}" for d, v in r["routing_diagonal"].items()),
+            )
+        Console().print(st)
     g = results["generation"]
     Console().print(
         f"\n[bold]generation[/] prompt {g['prompt']!r}\n  all experts: {g['full']['text']!r}"
@@ -409,6 +466,7 @@ def write_report(results: dict, out: Path) -> Path:
                 + " | ".join(f"{_fmt(r[c])} ({r[c] - tuned[c]:+.3f})" for c in cols)
                 + " |"
             )
+    md += selectivity_md(results)
     nb = results["no_bias"]
     md += [
         "",
@@ -464,6 +522,77 @@ def write_report(results: dict, out: Path) -> Path:
     with atomic_file(out / "report.md") as f:
         f.write("\n".join(md) + "\n")
     return out
+
+
+VARIANT_LABELS = {
+    "stock": "stock loader (b = 0)",
+    "renorm": "top-k weights renormalised",
+    "equal-norm": "router rows with equalised norms",
+    "preselect-1": "preselect 1 expert per request",
+    "preselect-2": "preselect 2 experts per request",
+}
+
+
+def selectivity_md(results: dict) -> list[str]:
+    """Recipes side by side: public Δ, retention, routing, inference variants."""
+    sel = results.get("selectivity")
+    if not sel:
+        return []
+    doms = [d for d in results["domains"] if d != PUBLIC]
+    cols = [*results["domains"], "mean"]
+    md = [
+        "",
+        "## Selective experts: recipes side by side",
+        "",
+        "Retention = (anchor − merged) / (anchor − the owner's 2-expert model), held-out BPB on "
+        "the owner's domain: the share of an expert's own gain that survives the merge. Routing = "
+        "share of routing weight (mean over layers) that a domain's text gives its own expert "
+        "(the public expert for public text).",
+        "",
+        "| recipe | public Δ vs anchor | "
+        + " | ".join(f"retention {d}" for d in doms)
+        + " | mean retention | merged mean BPB | "
+        + " | ".join(f"routing {d}" for d in results["domains"])
+        + " |",
+        "|---|" + "---:|" * (3 + 2 * len(doms) + 1),
+    ]
+    for label, r in sel.items():
+        md.append(
+            f"| {label} | {r['public_delta']:+.1%} | "
+            + " | ".join(f"{r['retention'][d]:.0%}" for d in doms)
+            + f" | {r['mean_retention']:.0%} | {r['merged']['mean']:.3f} | "
+            + " | ".join(f"{r['routing_diagonal'][d]:.2f}" for d in results["domains"])
+            + " |"
+        )
+    for label, r in sel.items():
+        md += [
+            "",
+            f"Routing matrix, {label} (rows: text; columns: experts; mean over layers):",
+            "",
+            "| text \\ expert | " + " | ".join(results["experts"]) + " |",
+            "|---|" + "---:|" * len(results["experts"]),
+        ]
+        for d in results["domains"]:
+            row = np.mean(r["routing"][d], axis=0)
+            md.append(f"| {d} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+    md += [
+        "",
+        "Inference variants of each merged model (same weights; held-out BPB):",
+        "",
+        "| recipe | variant | " + " | ".join(cols) + " |",
+        "|---|---|" + "---:|" * len(cols),
+    ]
+    for label, r in sel.items():
+        md.append(
+            f"| {label} | as merged | " + " | ".join(_fmt(r["merged"][c]) for c in cols) + " |"
+        )
+        for v, row in r["variants"].items():
+            md.append(
+                f"| {label} | {VARIANT_LABELS.get(v, v)} | "
+                + " | ".join(_fmt(row[c]) for c in cols)
+                + " |"
+            )
+    return md
 
 
 def make_plots(results: dict, out: Path) -> list[Path]:

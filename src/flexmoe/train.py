@@ -46,6 +46,7 @@ class TrainConfig(BaseModel):
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, ge=0)
     router_z_loss: float = Field(0.0, ge=0, description="weight of the router z-loss (AI2: 1e-3)")
+    router_lr_scale: float = Field(1.0, gt=0, description="router rows and biases: lr × this")
     bf16: bool = False
     seed: int = 0
     eval_every: int = Field(0, ge=0, description="0 = only at the end")
@@ -217,6 +218,7 @@ def train(
     grad_masks: dict[str, torch.Tensor] | None = None,
     post_step: Callable[[nn.Module], None] | None = None,
     pre_step: Callable[[nn.Module, int, object], dict] | None = None,
+    router_loss: Callable[[list[list[torch.Tensor]]], torch.Tensor] | None = None,
     resume: bool = False,
     progress_label: str = "train",
 ) -> dict:
@@ -227,6 +229,8 @@ def train(
     bit-identical). post_step runs after each optimizer step (e.g. projecting a bias to ≤ 0).
     pre_step(model, step, autocast) runs before the step's micro-batches and may add gradients of
     its own (e.g. expert training's public negatives); the metrics it returns are logged.
+    router_loss(captured) adds a loss on the training batches' router logits (see
+    model.capture_router_logits); cfg.router_z_loss adds the z-loss the same way.
     """
     out = Path(out)
     rank, world = init_distributed()
@@ -244,12 +248,18 @@ def train(
     if world > 1:
         model = shard_model(model)
     masks = _place_masks(model, grad_masks or {})
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    groups: dict[tuple[bool, bool], list] = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:  # (decays?, is a router tensor?) → one AdamW group each
+            groups.setdefault((p.ndim >= 2, ".mlp.gate." in n), []).append(p)
     optimizer = torch.optim.AdamW(
         [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {
+                "params": ps,
+                "weight_decay": cfg.weight_decay if decays else 0.0,
+                "lr_scale": cfg.router_lr_scale if router else 1.0,
+            }
+            for (decays, router), ps in sorted(groups.items())
         ],
         lr=cfg.lr,
         betas=cfg.betas,
@@ -305,21 +315,26 @@ def train(
         for step in range(start, cfg.steps):
             lr = lr_at(cfg, step)
             for g in optimizer.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g["lr_scale"]
             extra = pre_step(model, step, autocast) if pre_step is not None else {}
             loss_sum = torch.zeros((), dtype=torch.float64)
-            z_sum = 0.0
+            z_sum = r_sum = 0.0
+            capture = cfg.router_z_loss > 0 or router_loss is not None
             for micro in range(cfg.grad_accum):
                 batch = get_batch(train_stream, cfg, step, micro).to(device)
-                z_ctx = capture_router_logits(model) if cfg.router_z_loss else nullcontext([])
-                with z_ctx as captured, autocast:
+                ctx = capture_router_logits(model) if capture else nullcontext([])
+                with ctx as captured, autocast:
                     logits = model(batch[:, :-1]).logits
                 loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
                 total = loss
-                if captured:
+                if cfg.router_z_loss:
                     z = router_z_loss(captured)
-                    total = loss + cfg.router_z_loss * z
-                    z_sum += float(z) / cfg.grad_accum
+                    total = total + cfg.router_z_loss * z
+                    z_sum += float(z.detach()) / cfg.grad_accum
+                if router_loss is not None:
+                    r = router_loss(captured)
+                    total = total + r
+                    r_sum += float(r.detach()) / cfg.grad_accum
                 (total / cfg.grad_accum).backward()
                 loss_sum += loss.detach().double()
             for p, m in masks:
@@ -353,6 +368,8 @@ def train(
             }
             if cfg.router_z_loss:
                 last["router_z"] = z_sum
+            if router_loss is not None:
+                last["router_loss"] = r_sum
             if done % cfg.log_every == 0 or done == cfg.steps:
                 log(last)
             if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
