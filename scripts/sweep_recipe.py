@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def main() -> int:
     import torch
 
-    from flexmoe.expert import make_recipe, train_expert
+    from flexmoe.expert import calibrate_package, make_recipe, train_expert
     from flexmoe.merge import merge
     from flexmoe.pipeline import DemoConfig
     from flexmoe.report import selectivity_summary
@@ -41,6 +41,9 @@ def main() -> int:
     p.add_argument("--no-train-bias", action="store_true", help="keep b at its start value")
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--calibrate-public-weight", type=float)
+    p.add_argument(
+        "--calibrate-from", type=Path, help="re-calibrate this sweep's packages instead of training"
+    )
     p.add_argument("--router-z-loss", type=float)
     p.add_argument("--steps", type=int)
     p.add_argument("--domains", nargs="*")
@@ -67,7 +70,18 @@ def main() -> int:
     pkgs = []
     for d in domains:
         out = args.out / "experts" / d
-        if not (out / "manifest.json").is_file():
+        if args.calibrate_from and not (out / "manifest.json").is_file():
+            calibrate_package(
+                anchor,
+                args.calibrate_from / "experts" / d,
+                tokens / d / "train",
+                tokens / "public" / "train",
+                out,
+                rec,
+                seq_len=cfg.seq_len,
+                seed=cfg.seed,
+            )
+        elif not (out / "manifest.json").is_file():
             train_expert(
                 anchor,
                 tokens / d / "train",

@@ -300,6 +300,37 @@ def expert_train(
         )
 
 
+@expert_app.command("calibrate")
+def expert_calibrate(
+    package: Annotated[Path, typer.Argument(help="The expert package to calibrate.")],
+    anchor: Annotated[Path, typer.Option(help="The anchor it was built on.")],
+    data: Annotated[Path, typer.Option(help="Token shards of the owner's training data.")],
+    public: Annotated[Path, typer.Option(help="Public token shards (negatives for the gate).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Package directory to write.")],
+    public_weight: Annotated[
+        float, typer.Option(help="Cost of a public token routed to the owner.")
+    ] = 1.0,
+    windows: Annotated[int, typer.Option(help="Owner and public windows to fit on.")] = 32,
+    seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed for the windows.")] = 0,
+) -> None:
+    """Fit an existing package's gate to decline public text (no FFN retraining)."""
+    from flexmoe.expert import calibrate_package, make_recipe
+
+    if seq_len < 2:
+        raise FlexmoeError("--seq-len must be ≥ 2")
+    rec = make_recipe(
+        "flexmoe", calibrate=True, calibrate_public_weight=public_weight, calibrate_windows=windows
+    )
+    m = calibrate_package(anchor, package, data, public, out_dir, rec, seq_len=seq_len, seed=seed)
+    for r in m["training"]["gate_calibration"]["layers"]:
+        out.print(
+            f"layer {r['layer']}: owner gate on owner text {r['owner_gate_on_owner']:.2f}, "
+            f"on public text {r['owner_gate_on_public']:.2f}, bias {r['bias']:+.2f}"
+        )
+    out.print(f"calibrated package → {out_dir}", highlight=False, markup=False)
+
+
 @expert_app.command("verify")
 def expert_verify(
     package: Annotated[Path, typer.Argument(help="Expert package directory.")],
@@ -337,6 +368,13 @@ def eval_bpb(
     max_tokens: Annotated[int, typer.Option(help="Tokens scored per domain.")] = 131072,
     seq_len: Annotated[int, typer.Option(help="Window length.")] = 256,
     unigram: Annotated[bool, typer.Option(help="Also show a unigram baseline.")] = True,
+    preselect: Annotated[
+        int | None,
+        typer.Option(
+            help="Request-level preselection: public + the M experts closest to the text "
+            "(0 = token routing alone; default: the merged model's stored setting)."
+        ),
+    ] = None,
 ) -> None:
     """Per-domain held-out bits per byte (lower is better)."""
     from flexmoe.eval import bpb_table
@@ -351,6 +389,7 @@ def eval_bpb(
         include=_names(include),
         exclude=_names(exclude),
         allow_no_public=allow_no_public,
+        preselect=preselect,
     )
     for n in notes:
         console.print(n)
@@ -412,6 +451,13 @@ def merge_cmd(
     allow_no_public: Annotated[
         bool, typer.Option(help="Permit excluding the public expert.")
     ] = False,
+    preselect: Annotated[
+        int | None,
+        typer.Option(
+            help="Stored default of request-level preselection: public + M experts per request "
+            "(0 = token routing alone; default 1 when every package has a domain embedding)."
+        ),
+    ] = None,
 ) -> None:
     """Verify every package, then merge anchor + experts into one FlexOlmo MoE (atomic)."""
     from flexmoe.merge import merge
@@ -435,6 +481,7 @@ def merge_cmd(
         add=[Path(p) for p in _names(add) or []],
         remove=_names(remove) or [],
         log=lambda msg: console.print(f"[yellow]{msg}[/]", highlight=False),
+        preselect=-1 if preselect is None else preselect,
     )
     out.print(
         f"merged {len(res.experts)} experts ({', '.join(res.experts)}), top-k {res.top_k} "
@@ -466,7 +513,10 @@ def generate_cmd(
     ] = False,
     preselect: Annotated[
         int | None,
-        typer.Option(help="Keep public + the M experts whose domain is closest to the prompt."),
+        typer.Option(
+            help="Request-level preselection: public + the M experts closest to the text "
+            "(0 = token routing alone; default: the merged model's stored setting)."
+        ),
     ] = None,
 ) -> None:
     """Generate text with chosen experts (KV cache); optionally attribute it to experts."""
@@ -496,7 +546,7 @@ def generate_cmd(
         use=use,
         preselect=preselect,
     )
-    if preselect is not None:
+    if m.flexmoe_preselect if preselect is None else preselect:
         console.print("preselected: " + ", ".join(g.active), highlight=False, markup=False)
     for name, reason in g.excluded:
         console.print(f"[yellow]expert '{name}' masked: {reason}[/]", highlight=False)

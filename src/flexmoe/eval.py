@@ -47,19 +47,30 @@ def bpb_by_domain(
     seq_len: int,
     max_tokens: int,
     batch_size: int = 8,
+    preselect: int | None = None,
+    tokenizer=None,
 ) -> dict[str, float]:
+    """preselect=M: each window keeps public + the M experts closest to the text before it."""
+    from flexmoe.infer import preselect_hook
+    from flexmoe.model import set_row_masks
+
     model.eval()
-    return {
-        d: evaluate_bpb(
-            lambda ids: model(ids).logits,
-            s,
-            token_bytes,
-            seq_len,
-            batch_size=batch_size,
-            max_tokens=max_tokens,
-        )["bpb"]
-        for d, s in streams.items()
-    }
+    try:
+        return {
+            d: evaluate_bpb(
+                lambda ids: model(ids).logits,
+                s,
+                token_bytes,
+                seq_len,
+                batch_size=batch_size,
+                max_tokens=max_tokens,
+                before_batch=preselect_hook(model, tokenizer, s, preselect) if preselect else None,
+            )["bpb"]
+            for d, s in streams.items()
+        }
+    finally:
+        if preselect:
+            set_row_masks(model, None)
 
 
 def bpb_table(
@@ -72,12 +83,14 @@ def bpb_table(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     allow_no_public: bool = False,
+    preselect: int | None = None,
 ) -> tuple[list[dict], list[str]]:
-    """Per-domain BPB rows (+ mean) and notes to show the user (active experts, router tuning)."""
+    """Per-domain BPB rows (+ mean) and notes to show the user (active experts, router tuning).
+    preselect: None = the merged model's stored default, 0 = token routing alone."""
     model, tok = load_for_eval(model_dir)
     notes = []
     if model.config.model_type == "flex_olmo":
-        from flexmoe.infer import expert_mask, expert_names
+        from flexmoe.infer import default_preselect, expert_mask, expert_names
         from flexmoe.model import set_active_experts
 
         mask = expert_mask(model, include, exclude, allow_no_public)
@@ -86,13 +99,23 @@ def bpb_table(
         notes.append(
             "active experts: " + ", ".join(n for n, a in zip(names, mask, strict=True) if a)
         )
+        preselect = default_preselect(model) if preselect is None else preselect
+        if preselect:
+            notes.append(
+                f"preselection: public + {preselect} expert(s) per window, chosen from the "
+                "64 tokens before it"
+            )
         if getattr(model, "flexmoe_router_tuned", False):
             notes.append("note: router-tuned model (exact opt-out holds for the un-tuned model)")
-    elif include or exclude:
-        raise FlexmoeError(f"{model_dir} is a dense model: --include/--exclude need a merged model")
+    elif include or exclude or preselect:
+        raise FlexmoeError(
+            f"{model_dir} is a dense model: --include/--exclude/--preselect need a merged model"
+        )
     tb = token_byte_lengths(tok)
     streams = domain_streams(data, split)
-    scores = bpb_by_domain(model, tb, streams, seq_len, max_tokens)
+    scores = bpb_by_domain(
+        model, tb, streams, seq_len, max_tokens, preselect=preselect, tokenizer=tok
+    )
     rows = []
     for d, s in streams.items():
         row = {"domain": d, "bpb": scores[d]}

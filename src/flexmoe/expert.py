@@ -22,13 +22,11 @@ expert" baseline needed for model soup, BTM and the no-coordination ablation.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from pydantic import BaseModel, Field
 
 from flexmoe.anchor import load_anchor, open_streams, write_anchor
 from flexmoe.bpb import evaluate_bpb
@@ -36,7 +34,15 @@ from flexmoe.data.shards import TokenStream
 from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
 from flexmoe.errors import FlexmoeError
 from flexmoe.fsutil import sha256_file
-from flexmoe.model import capture_router_logits, parametrize_bias, routers, upcycle
+from flexmoe.gate import (
+    OWNER,
+    PublicNegatives,
+    Recipe,
+    calibrate_gate,
+    gate_loss,
+    make_recipe,
+)
+from flexmoe.model import parametrize_bias, routers, upcycle
 from flexmoe.package import USES, tensor_sha256, validate_name, write_package
 from flexmoe.records import library_versions
 from flexmoe.router_init import (
@@ -47,206 +53,7 @@ from flexmoe.router_init import (
     rows_from_embedding,
     sample_documents,
 )
-from flexmoe.train import TrainConfig, dist_info, train, unshard_for_save
-
-OWNER = 1  # the owner's expert index inside the 2-expert model
-PUBLIC = 0
-
-
-class Recipe(BaseModel):
-    """How an expert learns to share the router with the public expert (see module doc)."""
-
-    name: Literal["flexmoe", "paper"]
-    bias: Literal["softplus", "clamp"] = Field(
-        description="b = −softplus(β) | the paper's min(b,0)"
-    )
-    bias_init: float = Field(le=0, description="b at step 0")
-    public_ratio: float = Field(ge=0, le=4, description="public sequences per owner sequence")
-    gate_weight: float = Field(ge=0, description="weight of −log p_public on public tokens")
-    owner_gate_weight: float = Field(
-        0.0, ge=0, description="weight of −log p_owner on the owner's tokens"
-    )
-    router_z_loss: float = Field(0.0, ge=0)
-    router_lr_scale: float = Field(1.0, gt=0, description="router rows and biases: lr × this")
-    calibrate: bool = Field(False, description="fit the gate after training (calibrate_gate)")
-    calibrate_windows: int = Field(32, gt=0, description="owner and public windows each")
-    calibrate_public_weight: float = Field(
-        1.0, gt=0, description="calibration: cost of a public token routed to the owner"
-    )
-
-    def describe(self) -> dict:
-        d = self.model_dump()
-        if self.public_ratio:
-            d["gate_objective"] = (
-                "on public tokens: LM loss + gate_weight · mean over layers of −log softmax(router"
-                " logits)[public]; the owner's FFN gets no gradient from public tokens"
-            )
-        if self.owner_gate_weight:
-            d["owner_gate_objective"] = (
-                "on the owner's tokens: LM loss + owner_gate_weight · mean over layers of −log "
-                "softmax(router logits)[owner]"
-            )
-        return d
-
-
-def gate_loss(captured: list[list[torch.Tensor]], target: int) -> torch.Tensor:
-    """Mean over layers of the routing cross-entropy toward expert `target`, from the routers'
-    captured logits (detached inputs: only router rows and biases get its gradient)."""
-    per_layer = [torch.cat(c) for c in captured]
-    return torch.stack(
-        [F.cross_entropy(c, torch.full_like(c[:, 0], target, dtype=torch.long)) for c in per_layer]
-    ).mean()
-
-
-RECIPES: dict[str, Recipe] = {
-    "flexmoe": Recipe(
-        name="flexmoe", bias="softplus", bias_init=-1.0, public_ratio=0.25, gate_weight=1.0
-    ),
-    "paper": Recipe(name="paper", bias="clamp", bias_init=0.0, public_ratio=0.0, gate_weight=0.0),
-}
-
-
-def make_recipe(name: str, **overrides) -> Recipe:
-    if name not in RECIPES:
-        raise FlexmoeError(f"unknown recipe '{name}' (choose from {', '.join(RECIPES)})")
-    base = RECIPES[name].model_dump()
-    base.update({k: v for k, v in overrides.items() if v is not None})
-    r = Recipe(**base)
-    if r.bias == "softplus" and r.bias_init >= 0:
-        raise FlexmoeError("--bias-init must be < 0 with the softplus bias")
-    return r
-
-
-class PublicNegatives:
-    """pre_step hook: one public batch per step that teaches the owner's gate to decline it.
-
-    The batch is a pure function of (seed, step), so resume stays exact. After its backward the
-    owner's FFN gradients are dropped: only the owner's router row and bias learn from it.
-    """
-
-    def __init__(self, stream: TokenStream, rows: int, seq_len: int, seed: int, gate_weight: float):
-        self.stream, self.rows, self.seq_len = stream, rows, seq_len
-        self.seed, self.gate_weight = seed, gate_weight
-        if len(stream) <= seq_len + 1:
-            raise FlexmoeError(f"public data has {len(stream)} tokens; need > seq_len+1")
-
-    def __call__(self, model, step: int, autocast) -> dict:
-        rank, world = dist_info()
-        rng = np.random.default_rng([self.seed, step, 0x9B1C])
-        starts = rng.integers(0, len(self.stream) - self.seq_len - 1, size=self.rows)[rank::world]
-        device = next(model.parameters()).device
-        batch = torch.from_numpy(
-            np.stack([self.stream.window(int(s), self.seq_len + 1) for s in starts])
-        ).to(device)
-        with capture_router_logits(model) as captured, autocast:
-            logits = model(batch[:, :-1]).logits
-        lm = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-        gate = gate_loss(captured, PUBLIC)
-        (lm + self.gate_weight * gate).backward()
-        for name, p in model.named_parameters():
-            if ".mlp.experts." in name:
-                p.grad = None  # the owner's FFN learns from the owner's data only
-        owner = torch.stack([torch.cat(c).detach().softmax(-1)[:, OWNER].mean() for c in captured])
-        return {
-            "public/lm": float(lm.detach()),
-            "public/gate_ce": float(gate.detach()),
-            "public/owner_gate": float(owner.mean()),
-        }
-
-
-def _router_inputs(model, layer: int, ids: torch.Tensor, batch: int = 8) -> torch.Tensor:
-    """(tokens, hidden) residual stream entering layer `layer`'s MoE block, i.e. what its router
-    sees, under the model as it is now."""
-    seen: list[torch.Tensor] = []
-    mlp = model.model.layers[layer].mlp
-    hook = mlp.register_forward_pre_hook(
-        lambda mod, args: seen.append(args[0].reshape(-1, args[0].shape[-1]).float())
-    )
-    try:
-        with torch.no_grad():
-            for i in range(0, len(ids), batch):
-                model(ids[i : i + batch])
-    finally:
-        hook.remove()
-    return torch.cat(seen)
-
-
-def _fit_gate(x_own, x_pub, w_pub, w0, b0: float, rec: Recipe):
-    """One layer of calibrate_gate: (row, β, objective before, objective after)."""
-    w = w0.clone().requires_grad_(True)
-    beta = torch.tensor(float(np.log(np.expm1(max(-b0, 1e-4)))), requires_grad=True)
-
-    def objective() -> torch.Tensor:
-        def logp(x):
-            return torch.stack([x @ w_pub, x @ w - F.softplus(beta)], -1).log_softmax(-1)
-
-        return (
-            -logp(x_own)[:, OWNER].mean()
-            - rec.calibrate_public_weight * logp(x_pub)[:, PUBLIC].mean()
-            + 1e-3 * (w - w0).square().sum()
-        )
-
-    opt = torch.optim.LBFGS([w, beta], max_iter=100, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = objective()
-        loss.backward()
-        return loss
-
-    before = float(objective())
-    opt.step(closure)
-    return w.detach(), beta.detach(), before, float(objective())
-
-
-def calibrate_gate(
-    model, owner: TokenStream, public: TokenStream, rec: Recipe, seq_len: int, seed: int
-) -> dict:
-    """Owner-side gate calibration: after training, fit each layer's owner router row and bias
-    as a classifier "owner's text vs public text" on what that router sees.
-
-    Per layer l (in order, re-reading the router inputs after the layers before it changed), it
-    minimises, over the owner's row r and β (b = −softplus(β)) with full-batch L-BFGS,
-      mean_owner[−log p_owner] + calibrate_public_weight · mean_public[−log p_public]
-      + 1e-3 · ‖r − r_trained‖²
-    where p = softmax(r_public·x, r·x + b). The FFNs and the public row are untouched; only the
-    owner's data and public data are read, so opt-out stays exact."""
-    from torch.nn.utils import parametrize
-
-    rng = np.random.default_rng([seed, 0xCA1])
-
-    def windows(stream: TokenStream) -> torch.Tensor:
-        starts = rng.integers(0, len(stream) - seq_len - 1, size=rec.calibrate_windows)
-        return torch.from_numpy(np.stack([stream.window(int(s), seq_len) for s in starts]))
-
-    own_ids, pub_ids = windows(owner), windows(public)
-    report = []
-    for i, r in enumerate(routers(model)):
-        x_own = _router_inputs(model, i, own_ids)
-        x_pub = _router_inputs(model, i, pub_ids)
-        w_pub = r.weight[PUBLIC].detach().float()
-        w0 = r.weight[OWNER].detach().float()
-        w, beta, before, after = _fit_gate(x_own, x_pub, w_pub, w0, float(r.bias[OWNER].detach()), rec)
-        b = -F.softplus(beta)
-        with torch.no_grad():
-            r.weight[OWNER] = w.to(r.weight.dtype)
-            if parametrize.is_parametrized(r, "bias"):
-                r.parametrizations.bias.original[OWNER] = beta
-            else:
-                r.bias[OWNER] = b
-            z_own = torch.stack([x_own @ w_pub, x_own @ w + b], -1).softmax(-1)
-            z_pub = torch.stack([x_pub @ w_pub, x_pub @ w + b], -1).softmax(-1)
-        report.append(
-            {
-                "layer": i,
-                "objective_before": before,
-                "objective_after": after,
-                "owner_gate_on_owner": float(z_own[:, OWNER].mean()),
-                "owner_gate_on_public": float(z_pub[:, OWNER].mean()),
-                "bias": float(b),
-            }
-        )
-    return {"layers": report}
+from flexmoe.train import TrainConfig, train, unshard_for_save
 
 
 def shards_sha256(path: Path) -> str:
@@ -548,3 +355,33 @@ def train_expert(
     }
     m = write_package(Path(out), extract_package_tensors(model, embedding), manifest)
     return m.model_dump(mode="json")
+
+
+def calibrate_package(
+    anchor_dir: Path,
+    package: Path,
+    data: Path,
+    public: Path,
+    out: Path,
+    recipe: Recipe | None = None,
+    seq_len: int = 256,
+    seed: int = 0,
+) -> dict:
+    """`flexmoe expert calibrate`: fit an existing package's gate (calibrate_gate) on the owner's
+    data and public data, without retraining its FFN; writes a new package."""
+    from flexmoe.merge import build_merged
+    from flexmoe.package import verify_package
+
+    rec = recipe or make_recipe("flexmoe", calibrate=True)
+    anchor, record, extras = load_anchor(anchor_dir)
+    m, tensors = verify_package(package, record, extras, anchor.config)
+    model = build_merged(anchor, record, extras, [(m, tensors)], top_k=2)  # = the owner's model
+    report = calibrate_gate(model, TokenStream(data), TokenStream(public), rec, seq_len, seed)
+    manifest = json.loads(m.model_dump_json(exclude={"tensors"}))
+    manifest["training"]["gate_calibration"] = report | {
+        "public_data_sha256": shards_sha256(public),
+        "recalibrated": True,
+    }
+    manifest["created_with"] = library_versions()
+    new = extract_package_tensors(model, tensors.get("domain_embedding"))
+    return write_package(Path(out), new, manifest).model_dump(mode="json")

@@ -53,6 +53,10 @@ def load_merged(path: Path) -> FlexOlmoForCausalLM:
                 r.bias.copy_(b)
     model.flexmoe_experts = names
     model.flexmoe_domain_embeddings = _domain_embeddings(path, names)
+    pre = meta.get("preselect")
+    if pre is not None and (not isinstance(pre, int) or isinstance(pre, bool) or pre < 1):
+        raise FlexmoeError(f"{path / 'flexmoe_merged.json'}: 'preselect' must be an integer ≥ 1")
+    model.flexmoe_preselect = pre if pre and model.flexmoe_domain_embeddings else None
     model.flexmoe_router_tuned = bool(meta.get("router_tuned"))  # RT: see router_tune.py
     model.flexmoe_manifests = {
         k: Manifest.model_validate(v) for k, v in (meta.get("manifests") or {}).items()
@@ -85,18 +89,49 @@ def _domain_embeddings(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
-def preselect_mask(model, texts: Sequence[str], m: int) -> torch.Tensor:
-    """(len(texts), E) bool: per text, the public expert plus the m experts whose domain embedding
-    is most similar (cosine, all-MiniLM-L6-v2) to the text's embedding. Experts without a stored
-    embedding cannot be scored and stay active; an empty text keeps every expert."""
+PRESELECT_CONTEXT = 64  # tokens before a scored window that preselection may read
+
+
+def preselect_hook(model, tokenizer, stream, m: int):
+    """A before_batch hook for evaluate_bpb: each window keeps public + the m experts closest to
+    the text of the 64 tokens BEFORE it (the scored window itself is never read). The caller
+    clears the row masks afterwards (set_row_masks(model, None))."""
+    from flexmoe.model import set_row_masks
+
+    def choose(starts: list[int]) -> None:
+        n = PRESELECT_CONTEXT
+        texts = [
+            tokenizer.decode(stream.window(max(x - n, 0), min(x, n)).tolist()) if x else ""
+            for x in starts
+        ]
+        set_row_masks(model, preselect_mask(model, texts, m))
+
+    return choose
+
+
+def default_preselect(model) -> int | None:
+    """The merged model's stored preselection (flexmoe_merged.json), None for token routing."""
+    return getattr(model, "flexmoe_preselect", None)
+
+
+def preselect_mask(
+    model, texts: Sequence[str], m: int, allowed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(len(texts), E) bool: per text, the public expert plus the m ALLOWED experts whose domain
+    embedding is most similar (cosine, all-MiniLM-L6-v2) to the text's embedding. Choosing among
+    the allowed (not opted-out) experts only keeps opt-out exact: excluding an expert gives the
+    same choice as never merging it. `allowed` defaults to the routers' active mask. Experts
+    without a stored embedding cannot be scored and stay; an empty text keeps every expert."""
     from flexmoe.router_init import embed_texts
 
     if m < 1:
         raise FlexmoeError("--preselect must be ≥ 1")
     names = expert_names(model)
+    if allowed is None:
+        allowed = routers(model)[0].active
     emb = getattr(model, "flexmoe_domain_embeddings", {})
-    scored = [i for i, n in enumerate(names) if n in emb]
-    if not scored:
+    scored = [i for i, n in enumerate(names) if n in emb and bool(allowed[i])]
+    if not scored and not emb:
         raise FlexmoeError("--preselect: no expert in this model stores a domain embedding")
     mask = torch.ones(len(texts), len(names), dtype=torch.bool)
     if m >= len(scored):
@@ -197,8 +232,9 @@ def generate(
     """Generate with the KV cache (greedy at temperature 0). Attribution is each expert's share
     of the routing weight at the positions that produced the GENERATED tokens (not the prompt).
     `preselect=M` keeps, besides the public expert, only the M experts whose domain embedding is
-    closest to the prompt's. The expert choice (include/exclude, consent, preselection) holds for
-    this call only: the model's previous mask is restored afterwards."""
+    closest to the prompt's; None uses the merged model's stored default, 0 turns it off. The
+    expert choice (include/exclude, consent, preselection) holds for this call only: the model's
+    previous mask is restored afterwards."""
     if max_new_tokens < 1:
         raise FlexmoeError("--max-new-tokens must be ≥ 1")
     if temperature < 0 or not 0 < top_p <= 1:
@@ -207,8 +243,9 @@ def generate(
     excluded = consent_exclusions(model, use)
     exclude = sorted(set(exclude or []) | {n for n, _ in excluded})
     mask = expert_mask(model, include, exclude, allow_no_public)
-    if preselect is not None:  # request-level: a function of the active set, so opt-out stays exact
-        mask = mask & preselect_mask(model, [prompt], preselect)[0]
+    preselect = default_preselect(model) if preselect is None else preselect
+    if preselect:  # request-level: a function of the active set, so opt-out stays exact
+        mask = mask & preselect_mask(model, [prompt], preselect, allowed=mask)[0]
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
         ids = torch.tensor([[tokenizer.eos_token_id]])

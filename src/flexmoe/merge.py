@@ -39,6 +39,7 @@ BIAS = "flexmoe_bias.safetensors"
 EXPERTS_DIR = "experts"
 PUBLIC = "public"
 MAX_DEFAULT_TOP_K = 4  # the paper: quality rises with k up to ~4, then plateaus
+DEFAULT_PRESELECT = 1  # measured best at demo scale (README: selective experts)
 
 
 @dataclass
@@ -142,11 +143,15 @@ def merge(
     add: Sequence[Path] = (),
     remove: Sequence[str] = (),
     log: Callable[[str], None] | None = _stderr,
+    preselect: int | None = -1,
 ) -> MergeResult:
     """Verify every package, apply the name and consent policy, build and write atomically.
 
     With `base`, the base's stored experts (minus `remove`) keep their order and the new packages
     (`package_dirs` + `add`) are appended: the result equals merging that list from scratch.
+    `preselect`: the stored default of request-level preselection (infer.preselect_mask): -1 =
+    DEFAULT_PRESELECT when every kept package has a domain embedding, else token routing alone;
+    0/None = token routing alone; M ≥ 1 = keep public + M experts per request.
     """
     from flexmoe.anchor import load_anchor
     from flexmoe.data.tokenizer import load_tokenizer
@@ -182,12 +187,18 @@ def merge(
         include_public=include_public,
     )
     expert_names = [PUBLIC] * include_public + [m.name for _, m, _ in kept]
+    embedded = bool(kept) and all("domain_embedding" in t for _, _, t in kept)
+    if preselect == -1:
+        preselect = DEFAULT_PRESELECT if embedded else None
+    elif preselect and not embedded:
+        raise FlexmoeError("--preselect needs every expert package to store a domain embedding")
     meta = {
         "format": "flexmoe-merged",
         "schema_version": 1,
         "experts": expert_names,
         "anchor_fingerprint": record["fingerprint"],
         "top_k": model.config.num_experts_per_tok,
+        "preselect": preselect or None,
         "router_init": kept[0][1].router_init if kept else None,
         "manifests": {m.name: json.loads(m.model_dump_json()) for _, m, _ in kept},
         "excluded": [list(x) for x in excluded],

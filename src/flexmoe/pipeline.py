@@ -53,13 +53,16 @@ class DemoConfig:
     recipe: str = "flexmoe"  # the default recipe; see flexmoe.expert
     compare_paper: bool = True  # also train and merge the paper recipe's experts, side by side
 
-    def recipe_runs(self) -> list[tuple[str, str, object]]:
-        """(label, directory under out, Recipe) per recipe the run trains; default first."""
+    def recipe_runs(self) -> list[tuple[str, str, object, int]]:
+        """(label, directory under out, Recipe, stored preselection) per recipe the run trains,
+        default first. The paper recipe is merged as the paper serves it: token routing alone."""
         from flexmoe.expert import make_recipe
+        from flexmoe.merge import DEFAULT_PRESELECT
 
-        runs = [(f"{self.recipe} recipe", "experts", make_recipe(self.recipe))]
+        pre = 0 if self.recipe == "paper" else DEFAULT_PRESELECT
+        runs = [(f"{self.recipe} recipe", "experts", make_recipe(self.recipe), pre)]
         if self.compare_paper and self.recipe != "paper":
-            runs.append(("paper recipe", "experts-paper", make_recipe("paper")))
+            runs.append(("paper recipe", "experts-paper", make_recipe("paper"), 0))
         return runs
 
     def expert_kwargs(self) -> dict:
@@ -91,7 +94,7 @@ class DemoConfig:
                 "hidden",
                 "no-bias",
                 "no-negatives",
-                "no-gate-loss",
+                "no-calibration",
                 "clamp-bias",
                 "z-loss",
             ),
@@ -197,7 +200,7 @@ def train_models(cfg: DemoConfig, tok_dir: Path, tokens: Path) -> dict[str, Path
         ),
         f"anchor: dense OLMo-2, preset '{cfg.anchor_preset}', public data",
     )
-    for label, root, rec in cfg.recipe_runs():
+    for label, root, rec, _ in cfg.recipe_runs():
         for d, pkg in train_experts(cfg, paths["anchor"], tokens, root, rec, label).items():
             paths[f"{root}/{d}"] = pkg
     anchor_fp = json.loads((paths["anchor"] / "flexmoe_anchor.json").read_text())["fingerprint"]
@@ -270,13 +273,15 @@ def train_experts(
     return out
 
 
-def merge_stage(cfg: DemoConfig, anchor: Path, pkgs: list[Path], out: Path, label: str) -> Path:
+def merge_stage(
+    cfg: DemoConfig, anchor: Path, pkgs: list[Path], out: Path, label: str, preselect: int = -1
+) -> Path:
     from flexmoe.merge import merge
 
     _stage(
         out.parent / f".{out.name}.json",
-        {"packages": [sha256_file(p / "manifest.json") for p in pkgs], "v": 1},
-        lambda: merge(anchor, pkgs, out, log=None),
+        {"packages": [sha256_file(p / "manifest.json") for p in pkgs], "pre": preselect, "v": 1},
+        lambda: merge(anchor, pkgs, out, log=None, preselect=preselect),
         f"merge ({label}): public + {len(pkgs)} experts, no joint training",
     )
     return out
@@ -300,15 +305,11 @@ def train_ablations(cfg: DemoConfig, paths: dict[str, Path], tokens: Path) -> di
         "hidden": ("hidden-state router init", rec, {"router_init": "hidden"}),
         "no-bias": ("bias frozen at its start value", rec, {"train_bias": False}),
         "no-negatives": (
-            "no public negatives",
-            make_recipe(cfg.recipe, public_ratio=0.0),
+            "no public negatives in training",
+            make_recipe(cfg.recipe, public_ratio=0.0, owner_gate_weight=0.0),
             {},
         ),
-        "no-gate-loss": (
-            "public negatives, LM loss only",
-            make_recipe(cfg.recipe, gate_weight=0),
-            {},
-        ),
+        "no-calibration": ("no gate calibration", make_recipe(cfg.recipe, calibrate=False), {}),
         "clamp-bias": (
             "paper's min(b, 0) bias from 0",
             make_recipe(cfg.recipe, bias="clamp", bias_init=0.0),
@@ -438,10 +439,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     print_stats(cfg, tokens)
     paths = train_models(cfg, tok_dir, tokens)
     recipes = {}  # recipe label → its merged model; the first is the default recipe's
-    for label, root, _ in cfg.recipe_runs():
+    for label, root, _, pre in cfg.recipe_runs():
         pkgs = [paths[f"{root}/{d}"] for d in cfg.domains]
         out = cfg.out / root.replace("experts", "merged")
-        recipes[label] = merge_stage(cfg, paths["anchor"], pkgs, out, label)
+        recipes[label] = merge_stage(cfg, paths["anchor"], pkgs, out, label, preselect=pre)
     merged = next(iter(recipes.values()))
     extra = train_ablations(cfg, paths, tokens) if cfg.ablations else {}
     tuned = router_tune_stage(cfg, paths, merged) if cfg.router_tuning else None

@@ -56,8 +56,15 @@ def evaluate_all(
     from flexmoe.baselines import BTMEnsemble, likelihood_weights, soup
     from flexmoe.data.shards import TokenStream
     from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
-    from flexmoe.infer import expert_mask, expert_names, generate, load_merged
-    from flexmoe.model import routers, set_active_experts
+    from flexmoe.infer import (
+        default_preselect,
+        expert_mask,
+        expert_names,
+        generate,
+        load_merged,
+        preselect_hook,
+    )
+    from flexmoe.model import routers, set_active_experts, set_row_masks
 
     tok = load_tokenizer(paths["anchor"])
     tb = token_byte_lengths(tok)
@@ -94,15 +101,22 @@ def evaluate_all(
             for d, r in sel["two_expert"].items():
                 rows[f"2-expert: public+{d}"] = r
             rows["FlexOlmo merged"] = sel["merged"]
+            if sel["preselect"]:
+                rows["FlexOlmo merged (token routing alone)"] = sel["variants"]["token"]
         else:
             rows[f"FlexOlmo merged ({label})"] = sel["merged"]
 
-    def optout_of(model) -> dict:
+    def optout_of(model) -> dict:  # in the model's default mode (its stored preselection)
+        pre = default_preselect(model)
+        before = (lambda s: preselect_hook(model, tok, s, pre)) if pre else None
         res = {}
-        for d in cfg.domains:
-            set_active_experts(model, expert_mask(model, exclude=[d]))
-            res[d] = _bpb(logits(model), streams, tb, cfg)
-        set_active_experts(model, expert_mask(model))
+        try:
+            for d in cfg.domains:
+                set_active_experts(model, expert_mask(model, exclude=[d]))
+                res[d] = _bpb(logits(model), streams, tb, cfg, before)
+        finally:
+            set_active_experts(model, expert_mask(model))
+            set_row_masks(model, None)
         return res
 
     optout = optout_of(merged)
@@ -156,39 +170,33 @@ def evaluate_all(
     }
 
 
-PRESELECT = (1, 2)  # experts kept per request by the preselection variant
-PRESELECT_CONTEXT = 64  # tokens before each window that the preselection sees
+PRESELECT = (1, 2)  # experts kept per request by the preselection variants
 
 
 @torch.no_grad()
 def preselect_bpb(merged, streams, tb, cfg, tokenizer, m: int) -> dict[str, float]:
-    """BPB with request-level preselection: each window keeps public + the m experts closest to
-    the text of the PRECEDING 64 tokens (the window itself is never looked at)."""
-    from flexmoe.infer import preselect_mask
+    """BPB with request-level preselection of m experts (infer.preselect_hook)."""
+    from flexmoe.infer import preselect_hook
     from flexmoe.model import set_row_masks
 
-    def before(stream):
-        def choose(starts):
-            n = PRESELECT_CONTEXT
-            texts = [
-                tokenizer.decode(stream.window(max(x - n, 0), min(x, n)).tolist()) if x else ""
-                for x in starts
-            ]
-            set_row_masks(merged, preselect_mask(merged, texts, m))
-
-        return choose
-
     try:
-        return _bpb(lambda ids: merged(ids).logits, streams, tb, cfg, before)
+        return _bpb(
+            lambda ids: merged(ids).logits,
+            streams,
+            tb,
+            cfg,
+            lambda s: preselect_hook(merged, tokenizer, s, m),
+        )
     finally:
         set_row_masks(merged, None)
 
 
 @torch.no_grad()
 def recipe_eval(merged, anchor_row: dict, streams, tb, cfg, tokenizer) -> dict:
-    """What a recipe is judged by: BPB of the merged model, of each owner's 2-expert model and of
-    the inference variants; retention; public Δ vs the anchor; routing."""
-    from flexmoe.infer import expert_mask, expert_names
+    """What a recipe is judged by: BPB of the merged model as configured (with its stored
+    preselection, if any), of each owner's 2-expert model and of the inference variants;
+    retention; public Δ vs the anchor; routing."""
+    from flexmoe.infer import default_preselect, expert_mask, expert_names, preselect_hook
     from flexmoe.model import set_active_experts
 
     names = expert_names(merged)
@@ -202,8 +210,8 @@ def recipe_eval(merged, anchor_row: dict, streams, tb, cfg, tokenizer) -> dict:
         set_active_experts(merged, expert_mask(merged, include=[d]))
         two[d] = _bpb(fn, streams, tb, cfg)
     set_active_experts(merged, expert_mask(merged))
-    m = _bpb(fn, streams, tb, cfg)
-    variants = {}
+    token_only = _bpb(fn, streams, tb, cfg)
+    variants = {"token": token_only}
     for v in inference_variant.VARIANTS:
         with inference_variant(merged, v):
             variants[v] = _bpb(fn, streams, tb, cfg)
@@ -211,9 +219,13 @@ def recipe_eval(merged, anchor_row: dict, streams, tb, cfg, tokenizer) -> dict:
         for k in PRESELECT:
             if k < len(doms):
                 variants[f"preselect-{k}"] = preselect_bpb(merged, streams, tb, cfg, tokenizer, k)
-    routing = routing_matrix(merged, streams, cfg)
+    pre = default_preselect(merged)
+    m = variants[f"preselect-{pre}"] if pre else token_only
+    before = (lambda s: preselect_hook(merged, tokenizer, s, pre)) if pre else None
+    routing = routing_matrix(merged, streams, cfg, before)
     ret = retention(anchor_row, m, two)
     return {
+        "preselect": pre,
         "merged": m,
         "two_expert": two,
         "variants": variants,
@@ -231,12 +243,13 @@ def _gen(g) -> dict:
 
 
 @torch.no_grad()
-def routing_matrix(model, streams, cfg) -> dict[str, list[list[float]]]:
-    """Per domain: (layers × experts) share of routing weight over that domain's held-out tokens."""
+def routing_matrix(model, streams, cfg, before=None) -> dict[str, list[list[float]]]:
+    """Per domain: (layers × experts) share of routing weight over that domain's held-out tokens;
+    before(stream) → a hook run with each batch's window starts (e.g. preselection)."""
     import numpy as np
 
     from flexmoe.bpb import eval_windows
-    from flexmoe.model import routers
+    from flexmoe.model import routers, set_row_masks
 
     rs = routers(model)
     n = model.config.num_experts
@@ -246,8 +259,11 @@ def routing_matrix(model, streams, cfg) -> dict[str, list[list[float]]]:
         ids = torch.from_numpy(np.stack([s.window(x, cfg.seq_len) for x in starts]))
         for r in rs:
             r.records = []
+        hook = before(s) if before else None
         try:
             for i in range(0, len(ids), 8):
+                if hook:
+                    hook(starts[i : i + 8])
                 model(ids[i : i + 8])
             mat = []
             for r in rs:
@@ -259,6 +275,7 @@ def routing_matrix(model, streams, cfg) -> dict[str, list[list[float]]]:
         finally:
             for r in rs:
                 r.records = None
+            set_row_masks(model, None)
         out[d] = mat
     return out
 
@@ -394,17 +411,19 @@ def print_main_table(results: dict) -> None:
     if sel:
         doms = [d for d in results["domains"] if d != PUBLIC]
         st = Table(title="selective experts: recipes side by side")
-        for c in ["recipe", "public Δ", *[f"ret. {d}" for d in doms], "mean ret.", "merged mean"]:
+        cols = ["recipe", "public Δ", *[f"ret. {d}" for d in doms], "mean ret.", "merged"]
+        for c in [*cols, "route pub", "route own (min)"]:
             st.add_column(c, justify="left" if c == "recipe" else "right")
-        st.add_column("routing (own)", justify="left")
         for label, r in sel.items():
+            diag = r["routing_diagonal"]
             st.add_row(
                 label,
                 f"{r['public_delta']:+.1%}",
                 *[f"{r['retention'][d]:.0%}" for d in doms],
                 f"{r['mean_retention']:.0%}",
                 _fmt(r["merged"]["mean"]),
-                " ".join(f"{d} {v:.2f}" for d, v in r["routing_diagonal"].items()),
+                f"{diag[PUBLIC]:.2f}",
+                f"{min(diag[d] for d in doms):.2f}",
             )
         Console().print(st)
     g = results["generation"]
@@ -525,6 +544,7 @@ def write_report(results: dict, out: Path) -> Path:
 
 
 VARIANT_LABELS = {
+    "token": "token routing alone (no preselection)",
     "stock": "stock loader (b = 0)",
     "renorm": "top-k weights renormalised",
     "equal-norm": "router rows with equalised norms",
