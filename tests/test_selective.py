@@ -236,4 +236,53 @@ def test_gate_calibration_separates_owner_from_public_and_touches_only_the_gate(
             assert torch.equal(v[0], before[k][0]), k  # the public row is untouched
         else:
             assert torch.equal(v, before[k]), k  # FFNs, attention, embeddings untouched
-    assert all(float(r.bias[OWNER]) < 0 for r in routers(model))
+    assert all(float(r.bias[OWNER].detach()) < 0 for r in routers(model))
+
+
+def test_preselection_keeps_opt_out_exact(work, anchor_dir, shards, capsys):
+    """Excluding an expert under preselection is the model merged without it: preselection
+    chooses among the experts that are still allowed."""
+    from conftest import random_package, sample_texts
+    from flexmoe.eval import bpb_table
+    from flexmoe.merge import merge
+    from flexmoe.router_init import embed_documents
+
+    pkgs = {
+        d: random_package(
+            work / f"px-{d}",
+            anchor_dir,
+            d,
+            i,
+            embedding=embed_documents(sample_texts(d, "train", 8)),
+        )
+        for i, d in enumerate(["code", "math", "news"])
+    }
+    merge(anchor_dir, list(pkgs.values()), work / "px-all", log=None)
+    merge(anchor_dir, [pkgs["math"], pkgs["news"]], work / "px-nocode", log=None)
+    root = shards["code/heldout"].parent.parent
+    kw = dict(max_tokens=2048, seq_len=64, unigram=False)
+    out, notes = bpb_table(work / "px-all", root, exclude=["code"], **kw)
+    never, _ = bpb_table(work / "px-nocode", root, **kw)
+    assert any("preselection" in n for n in notes)
+    for a, b in zip(out, never, strict=True):
+        assert a["bpb"] == pytest.approx(b["bpb"], abs=1e-6)
+    token, _ = bpb_table(work / "px-all", root, preselect=0, **kw)
+    full, _ = bpb_table(work / "px-all", root, **kw)
+    assert any(abs(a["bpb"] - b["bpb"]) > 1e-4 for a, b in zip(token, full, strict=True))
+
+
+def test_merge_stores_preselection_only_when_every_package_can_be_scored(work, anchor_dir):
+    import json
+
+    from conftest import random_package
+    from flexmoe.errors import FlexmoeError
+    from flexmoe.merge import MERGED, merge
+
+    plain = random_package(work / "pp-plain", anchor_dir, "plain", 7)
+    merge(anchor_dir, [plain], work / "pp-merged", log=None)
+    assert json.loads((work / "pp-merged" / MERGED).read_text())["preselect"] is None
+    with pytest.raises(FlexmoeError, match="domain embedding"):
+        merge(anchor_dir, [plain], work / "pp-merged2", log=None, preselect=1)
+    emb = random_package(work / "pp-emb", anchor_dir, "emb", 8, embedding=torch.randn(384))
+    merge(anchor_dir, [emb], work / "pp-merged3", log=None)
+    assert json.loads((work / "pp-merged3" / MERGED).read_text())["preselect"] == 1
