@@ -41,6 +41,8 @@ def main() -> int:
     p.add_argument("--no-train-bias", action="store_true", help="keep b at its start value")
     p.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--calibrate-public-weight", type=float)
+    p.add_argument("--calibrate-windows", type=int)
+    p.add_argument("--context", type=int, help="tokens of context preselection reads")
     p.add_argument(
         "--calibrate-from", type=Path, help="re-calibrate this sweep's packages instead of training"
     )
@@ -49,6 +51,10 @@ def main() -> int:
     p.add_argument("--domains", nargs="*")
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    if args.context:
+        import flexmoe.infer
+
+        flexmoe.infer.PRESELECT_CONTEXT = args.context
     cfg = DemoConfig(out=args.run)
     if args.steps:
         cfg.expert_steps = args.steps
@@ -63,6 +69,7 @@ def main() -> int:
         bias=args.bias,
         calibrate=args.calibrate,
         calibrate_public_weight=args.calibrate_public_weight,
+        calibrate_windows=args.calibrate_windows,
         router_z_loss=args.router_z_loss,
     )
     tokens, anchor = args.run / "tokens", args.run / "anchor"

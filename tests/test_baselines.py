@@ -69,6 +69,7 @@ def test_demo_smoke_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     report = (out / "report" / "report.md").read_text()
     assert "Main table" in report and "Opt-out" in report and "Router tuning" in report
+    assert "Selective experts: recipes side by side" in report
     for png in ("optout.png", "routing.png", "topk.png", "main.png"):
         assert (out / "report" / png).is_file()
     again = subprocess.run(cmd, capture_output=True, text=True)

@@ -286,3 +286,23 @@ def test_merge_stores_preselection_only_when_every_package_can_be_scored(work, a
     emb = random_package(work / "pp-emb", anchor_dir, "emb", 8, embedding=torch.randn(384))
     merge(anchor_dir, [emb], work / "pp-merged3", log=None)
     assert json.loads((work / "pp-merged3" / MERGED).read_text())["preselect"] == 1
+
+
+def test_expert_calibrate_cli_writes_a_verified_package(work, anchor_dir, shards, capsys):
+    from conftest import random_package
+    from flexmoe.package import verify_package
+
+    pkg = random_package(work / "cal-in", anchor_dir, "code", 3, embedding=torch.randn(384))
+    args = ["expert", "calibrate", pkg, "--anchor", anchor_dir, "--data", shards["code/train"]]
+    args += ["--public", shards["public/train"], "--windows", 4, "--seq-len", 64]
+    code, out, err = run_cli([*args, "-o", work / "cal-out"], capsys)
+    assert code == 0, err
+    assert "layer 0: owner gate" in out
+    anchor, rec, extras = load_anchor(anchor_dir)
+    m, tensors = verify_package(work / "cal-out", rec, extras, anchor.config)
+    assert m.training.model_dump()["gate_calibration"]["recalibrated"]
+    assert "domain_embedding" in tensors
+    code, out, err = run_cli([*args, "--public-weight", 0, "-o", work / "cal-bad"], capsys)
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "calibrate_public_weight" in lines[0], err
+    assert not (work / "cal-bad").exists()
