@@ -90,7 +90,12 @@ def bpb_table(
     model, tok = load_for_eval(model_dir)
     notes = []
     if model.config.model_type == "flex_olmo":
-        from flexmoe.infer import default_preselect, expert_mask, expert_names
+        from flexmoe.infer import (
+            PRESELECT_CONTEXT,
+            default_preselect,
+            expert_mask,
+            expert_names,
+        )
         from flexmoe.model import set_active_experts
 
         mask = expert_mask(model, include, exclude, allow_no_public)
@@ -103,7 +108,7 @@ def bpb_table(
         if preselect:
             notes.append(
                 f"preselection: public + {preselect} expert(s) per window, chosen from the "
-                "64 tokens before it"
+                f"{PRESELECT_CONTEXT} tokens before it"
             )
         if getattr(model, "flexmoe_router_tuned", False):
             notes.append("note: router-tuned model (exact opt-out holds for the un-tuned model)")

@@ -466,5 +466,7 @@ def _eval_spec(cfg: DemoConfig) -> dict:
         for m in sorted(cfg.out.rglob(".*.json"))
         if m.name != ".report.json"
     }
+    from flexmoe.infer import PRESELECT_CONTEXT
+
     settings = {k: str(v) for k, v in vars(cfg).items() if k != "out"}
-    return {"stages": stages, "settings": settings, "v": 1}
+    return {"stages": stages, "settings": settings, "context": PRESELECT_CONTEXT, "v": 2}
