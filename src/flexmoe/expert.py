@@ -208,15 +208,13 @@ def train_expert(
     cfg = expert_train_config(eval_tokens=eval_tokens, **overrides)
     stream, evals = open_streams(data, anchor_dir, {"heldout": heldout} if heldout else None)
     tb = token_byte_lengths(tok)
-    anchor_bpb = None
-    if heldout is not None:
-        anchor_bpb = evaluate_bpb(
-            lambda ids: anchor(ids).logits,
-            evals["heldout"],
-            tb,
-            cfg.seq_len,
-            max_tokens=cfg.eval_tokens,
+
+    def heldout_bpb(m) -> float:
+        return evaluate_bpb(
+            lambda ids: m(ids).logits, evals["heldout"], tb, cfg.seq_len, max_tokens=cfg.eval_tokens
         )["bpb"]
+
+    anchor_bpb = heldout_bpb(anchor) if heldout is not None else None
     work = Path(out).with_name(Path(out).name + ".train")
     if dense:
         model = anchor
@@ -305,13 +303,7 @@ def train_expert(
     if rec.calibrate:
         calibration = calibrate_gate(model, stream, TokenStream(public), rec, cfg.seq_len, cfg.seed)
         if heldout is not None:  # the package's held-out number is the calibrated model's
-            result["eval/heldout/bpb"] = evaluate_bpb(
-                lambda ids: model(ids).logits,
-                evals["heldout"],
-                tb,
-                cfg.seq_len,
-                max_tokens=cfg.eval_tokens,
-            )["bpb"]
+            result["eval/heldout/bpb"] = heldout_bpb(model)
     manifest = {
         "name": name,
         "domain": domain or name,
