@@ -113,7 +113,7 @@ def random_package(
     cfg = model.config
     h, i, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     g = torch.Generator().manual_seed(seed)
-    tensors = {} if embedding is None else {"domain_embedding": embedding}
+    tensors = {} if embedding is None else {"domain_embedding": embedding / embedding.norm()}
     for layer in range(n):
         p = f"layers.{layer}"
         tensors |= {

@@ -17,10 +17,17 @@ from transformers import Olmo2Config, Olmo2ForCausalLM
 from flexmoe.data.shards import TokenStream
 from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
 from flexmoe.errors import FlexmoeError
-from flexmoe.fsutil import atomic_dir, sha256_file, write_json
+from flexmoe.fsutil import (
+    atomic_dir,
+    guard_output,
+    read_json,
+    regular_file,
+    sha256_file,
+    write_json,
+)
 from flexmoe.model import PRESETS, ROPE_THETA, fingerprint, new_anchor, olmo2_config
 from flexmoe.records import library_versions, spec_hash
-from flexmoe.train import TrainConfig, train, unshard_for_save
+from flexmoe.train import TrainConfig, make_train_config, train, unshard_for_save
 
 RECORD = "flexmoe_anchor.json"
 ROUTER = "flexmoe_router.safetensors"  # the anchor's router-space tensors (shared by all owners)
@@ -89,7 +96,7 @@ def train_config_for(preset: str, **overrides) -> TrainConfig:
         weight_decay=0.1,
     )
     base.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig(**base)
+    return make_train_config(**base)
 
 
 def train_anchor(
@@ -101,12 +108,13 @@ def train_anchor(
     resume: bool = False,
     reuse: bool = False,
     router_docs: int = 1000,
+    overwrite: bool = False,
     **overrides,
 ) -> dict:
     """Pretrain a dense Olmo2 anchor on public token shards and write the anchor directory."""
     if preset not in PRESETS:
         raise FlexmoeError(f"unknown preset '{preset}' (choose from {', '.join(PRESETS)})")
-    out = Path(out)
+    out = guard_output(out, "anchor", [data, tokenizer_dir, *(evals or {}).values()], overwrite)
     tok = load_tokenizer(tokenizer_dir)
     cfg = train_config_for(preset, **overrides)
     train_stream, eval_streams = open_streams(data, tokenizer_dir, evals)
@@ -183,9 +191,11 @@ def import_anchor(
     public: Path,
     tokenizer_dir: Path | None = None,
     router_docs: int = 1000,
+    overwrite: bool = False,
 ) -> dict:
     """Validate a local HF OLMo-2 dense checkpoint and write it in the anchor layout."""
     hf_dir = Path(hf_dir)
+    guard_output(out, "anchor", [hf_dir, public, tokenizer_dir], overwrite)
     cfg_path = hf_dir / "config.json"
     if not cfg_path.is_file():
         raise FlexmoeError(f"not a HF checkpoint (no config.json): {hf_dir}")
@@ -233,13 +243,25 @@ def load_anchor(path: Path) -> tuple[Olmo2ForCausalLM, dict, dict[str, torch.Ten
     """Load an anchor directory (model, record, router extras) and check its fingerprint."""
     from safetensors.torch import load_file
 
+    from flexmoe.infer import load_dense
+
     path = Path(path)
     rec_path = path / RECORD
-    if not rec_path.is_file():
+    if not (rec_path.exists() or rec_path.is_symlink()):
         raise FlexmoeError(f"not an anchor directory (no {RECORD}): {path}")
-    record = json.loads(rec_path.read_text())
-    model = Olmo2ForCausalLM.from_pretrained(path, dtype=torch.float32)
-    extras = load_file(path / ROUTER)
+    record = read_json(rec_path, f"anchor record {RECORD}")
+    if not isinstance(record, dict) or not isinstance(record.get("fingerprint"), str):
+        raise FlexmoeError(f"{rec_path}: not an anchor record (no fingerprint)")
+    model = load_dense(path)
+    if model.config.model_type != "olmo2":
+        raise FlexmoeError(f"{path}: an anchor must be an OLMo-2 model")
+    cfg = model.config
+    limit = 4 * cfg.hidden_size * (3 * cfg.num_hidden_layers + 384) + (1 << 20)
+    router = regular_file(path / ROUTER, f"anchor router file {ROUTER}", limit)
+    try:
+        extras = load_file(router)
+    except Exception:
+        raise FlexmoeError(f"{router}: not a valid safetensors file") from None
     if anchor_fingerprint(model, extras) != record["fingerprint"]:
         raise FlexmoeError(f"anchor {path}: weights do not match the recorded fingerprint")
     return model.eval(), record, extras

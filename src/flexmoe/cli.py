@@ -21,8 +21,20 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Corpora, the shared tokenizer and token shards.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console(stderr=True)
-out = Console()
+
+
+class SafeConsole(Console):
+    """Rich console for text that may come from untrusted packages, manifests, paths or model
+    output: markup is never interpreted and control characters are shown escaped (clean)."""
+
+    def print(self, *objects, **kwargs) -> None:  # noqa: D102
+        kwargs.setdefault("soft_wrap", True)
+        cleaned = (clean(o, limit=1 << 20) if isinstance(o, str) else o for o in objects)
+        super().print(*cleaned, **kwargs)
+
+
+console = SafeConsole(stderr=True, markup=False, highlight=False)
+out = SafeConsole(markup=False, highlight=False)
 
 
 @data_app.command("build-flexmix")
@@ -45,6 +57,9 @@ def data_train_tokenizer(
     out_dir: Annotated[Path, typer.Option("--out", help="Tokenizer directory to write.")],
     corpus: Annotated[Path, typer.Option(help="FlexMix-mini root.")] = Path("data/flexmix-mini"),
     vocab_size: Annotated[int, typer.Option(help="BPE vocabulary size.")] = 8192,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a non-empty -o that flexmoe did not write.")
+    ] = False,
 ) -> None:
     """Train the shared byte-level BPE tokenizer on the PUBLIC train split only."""
     from flexmoe.data.corpus import PUBLIC, iter_docs, split_path
@@ -53,7 +68,7 @@ def data_train_tokenizer(
     if not split_path(corpus, PUBLIC, "train").is_file():
         raise FlexmoeError(f"no public train split under {corpus}")
     texts = (d["text"] for d in iter_docs(corpus, PUBLIC, "train"))
-    train_tokenizer(texts, out_dir, vocab_size=vocab_size)
+    train_tokenizer(texts, out_dir, vocab_size=vocab_size, overwrite=overwrite, inputs=[corpus])
     console.print(f"tokenizer written to {out_dir}")
 
 
@@ -136,6 +151,9 @@ def anchor_train(
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
     reuse: Annotated[bool, typer.Option(help="Skip if OUT was built from the same spec.")] = False,
     router_docs: Annotated[int, typer.Option(help="Public documents to embed.")] = 1000,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a non-empty -o that flexmoe did not write.")
+    ] = False,
 ) -> None:
     """Pretrain a dense OLMo-2 anchor on public data (runs under torchrun for FSDP2)."""
     from flexmoe.anchor import train_anchor
@@ -159,6 +177,7 @@ def anchor_train(
         eval_every=eval_every,
         ckpt_every=ckpt_every,
         router_docs=router_docs,
+        overwrite=overwrite,
     )
     if "fingerprint" in rec:
         out.print(f"anchor → {out_dir}  fingerprint {rec['fingerprint'][:16]}…")
@@ -175,11 +194,16 @@ def anchor_import(
         Path | None, typer.Option(help="Tokenizer dir, if HF_DIR has none.")
     ] = None,
     router_docs: Annotated[int, typer.Option(help="Public documents to embed.")] = 1000,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a non-empty -o that flexmoe did not write.")
+    ] = False,
 ) -> None:
     """Validate an existing OLMo-2 checkpoint and write it in the anchor layout."""
     from flexmoe.anchor import import_anchor
 
-    rec = import_anchor(hf_dir, out_dir, public, tokenizer, router_docs=router_docs)
+    rec = import_anchor(
+        hf_dir, out_dir, public, tokenizer, router_docs=router_docs, overwrite=overwrite
+    )
     out.print(f"anchor → {out_dir}  fingerprint {rec['fingerprint'][:16]}…")
 
 
@@ -244,6 +268,9 @@ def expert_train(
     router_z_loss: Annotated[
         float | None, typer.Option(help="Router z-loss weight (AI2: 1e-3).")
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a non-empty -o that flexmoe did not write.")
+    ] = False,
 ) -> None:
     """Train an expert on private data against the frozen anchor; write its package."""
     import datetime as dt
@@ -291,6 +318,7 @@ def expert_train(
         bf16=bf16 or None,
         seed=seed,
         ckpt_every=ckpt_every,
+        overwrite=overwrite,
     )
     tr = res.get("training", {})
     if "heldout_bpb" in tr or "anchor_heldout_bpb" in tr:
@@ -313,6 +341,9 @@ def expert_calibrate(
     windows: Annotated[int, typer.Option(help="Owner and public windows to fit on.")] = 32,
     seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed for the windows.")] = 0,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a non-empty -o that flexmoe did not write.")
+    ] = False,
 ) -> None:
     """Fit an existing package's gate to decline public text (no FFN retraining)."""
     from flexmoe.expert import calibrate_package, make_recipe
@@ -322,13 +353,15 @@ def expert_calibrate(
     rec = make_recipe(
         "flexmoe", calibrate=True, calibrate_public_weight=public_weight, calibrate_windows=windows
     )
-    m = calibrate_package(anchor, package, data, public, out_dir, rec, seq_len=seq_len, seed=seed)
+    m = calibrate_package(
+        anchor, package, data, public, out_dir, rec, seq_len=seq_len, seed=seed, overwrite=overwrite
+    )
     for r in m["training"]["gate_calibration"]["layers"]:
         out.print(
             f"layer {r['layer']}: owner gate on owner text {r['owner_gate_on_owner']:.2f}, "
             f"on public text {r['owner_gate_on_public']:.2f}, bias {r['bias']:+.2f}"
         )
-    out.print(f"calibrated package → {out_dir}", highlight=False, markup=False)
+    out.print(f"calibrated package → {out_dir}")
 
 
 @expert_app.command("verify")
@@ -339,10 +372,17 @@ def expert_verify(
     """Check schema, hashes, shapes, dtypes, finite values and the anchor fingerprint."""
     from flexmoe.anchor import load_anchor
     from flexmoe.package import verify_package
+    from flexmoe.signing import read_signature
 
     model, record, extras = load_anchor(anchor)
-    m, _ = verify_package(package, record, extras, model.config)
+    m, _ = verify_package(package, record, extras, model)
+    signer = read_signature(package)
     out.print(f"ok: expert '{m.name}' ({m.domain}, owner {m.owner}) verified against {anchor}")
+    out.print(
+        f"signed by key {signer.key_id} (signature valid)"
+        if signer is not None
+        else "unsigned (no signature.json)"
+    )
 
 
 eval_app = typer.Typer(
@@ -397,7 +437,7 @@ def eval_bpb(
     for c in rows[0]:
         table.add_column(c, justify="left" if c == "domain" else "right")
     for r in rows:
-        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r.values()])
+        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else clean(v) for v in r.values()])
     out.print(table)
 
 
@@ -458,6 +498,17 @@ def merge_cmd(
             "(0 = token routing alone; default 1 when every package has a domain embedding)."
         ),
     ] = None,
+    trusted_keys: Annotated[
+        Path | None,
+        typer.Option(help="Admit only packages signed by a key in this file (keys new → .pub)."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a non-empty -o that flexmoe did not write.")
+    ] = False,
+    more_experts: Annotated[
+        list[str] | None,
+        typer.Argument(help="More package dirs (as in --experts a b c).", show_default=False),
+    ] = None,
 ) -> None:
     """Verify every package, then merge anchor + experts into one FlexOlmo MoE (atomic)."""
     from flexmoe.merge import merge
@@ -465,7 +516,7 @@ def merge_cmd(
 
     if use is not None and use not in USES:
         raise FlexmoeError(f"--use must be one of {', '.join(USES)}")
-    pkgs = [Path(p) for p in _names(experts) or []]
+    pkgs = [Path(p) for p in (_names(experts) or []) + (more_experts or [])]
     if not pkgs and not add and base is None:
         raise FlexmoeError("give expert packages with --experts (or --base with --add/--remove)")
     res = merge(
@@ -480,8 +531,10 @@ def merge_cmd(
         base=base,
         add=[Path(p) for p in _names(add) or []],
         remove=_names(remove) or [],
-        log=lambda msg: console.print(f"[yellow]{msg}[/]", highlight=False),
+        log=lambda msg: console.print(msg, style="yellow"),
         preselect=-1 if preselect is None else preselect,
+        overwrite=overwrite,
+        trusted_keys=trusted_keys,
     )
     out.print(
         f"merged {len(res.experts)} experts ({', '.join(res.experts)}), top-k {res.top_k} "
@@ -521,14 +574,14 @@ def generate_cmd(
 ) -> None:
     """Generate text with chosen experts (KV cache); optionally attribute it to experts."""
     from flexmoe.data.tokenizer import load_tokenizer
-    from flexmoe.infer import generate, load_merged
+    from flexmoe.infer import generate, is_merged, load_model
     from flexmoe.package import USES
 
     if use is not None and use not in USES:
         raise FlexmoeError(f"--use must be one of {', '.join(USES)}")
-    m = load_merged(model)
+    m = load_model(model)
     if getattr(m, "flexmoe_router_tuned", False):
-        console.print("[yellow]note: router-tuned model[/]", highlight=False)
+        console.print("note: router-tuned model", style="yellow")
     tok = load_tokenizer(model)
     g = generate(
         m,
@@ -546,11 +599,11 @@ def generate_cmd(
         use=use,
         preselect=preselect,
     )
-    if m.flexmoe_preselect if preselect is None else preselect:
-        console.print("preselected: " + ", ".join(g.active), highlight=False, markup=False)
+    if is_merged(m) and (m.flexmoe_preselect if preselect is None else preselect):
+        console.print("preselected: " + ", ".join(g.active))
     for name, reason in g.excluded:
-        console.print(f"[yellow]expert '{name}' masked: {reason}[/]", highlight=False)
-    out.print(prompt + g.text, highlight=False, markup=False)
+        console.print(f"expert '{name}' masked: {reason}", style="yellow")
+    out.print(prompt + g.text)
     if g.attribution is not None or g.per_layer is not None:
         names = m.flexmoe_experts
         table = Table(title=f"attribution over {len(g.token_ids)} generated tokens")
@@ -694,6 +747,9 @@ def router_tune_cmd(
     warmup: Annotated[int | None, typer.Option(help="Warmup steps.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the public sample and data order.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a non-empty -o that flexmoe did not write.")
+    ] = False,
 ) -> None:
     """Tune only the routers (top-k = all experts) on proxies + public data. The exact opt-out
     guarantee holds for the un-tuned model only."""
@@ -714,6 +770,7 @@ def router_tune_cmd(
         lr=lr,
         warmup=warmup,
         seed=seed,
+        overwrite=overwrite,
     )
     if not res.get("stopped"):
         out.print(
@@ -722,24 +779,102 @@ def router_tune_cmd(
             f"→ {out_dir}"
         )
         console.print(
-            "[yellow]note: exact opt-out holds for the un-tuned model only (RT changed every "
-            "router row)[/]",
-            highlight=False,
+            "note: exact opt-out holds for the un-tuned model only (RT changed every router row)",
+            style="yellow",
         )
 
 
+keys_app = typer.Typer(help="Signing keys for expert packages (Ed25519).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("new")
+def keys_new(
+    path: Annotated[Path, typer.Argument(help="Private key file to write (PATH.pub: public key).")],
+    overwrite: Annotated[bool, typer.Option(help="Replace existing key files.")] = False,
+) -> None:
+    """Create a signing key: PATH (private, mode 0600) and PATH.pub (share it with mergers)."""
+    from flexmoe.signing import new_key
+
+    key_id = new_key(path, overwrite=overwrite)
+    out.print(f"key {key_id}: private {path}, public {path}.pub")
+
+
+@expert_app.command("sign")
+def expert_sign(
+    package: Annotated[Path, typer.Argument(help="The expert package to sign.")],
+    key: Annotated[Path, typer.Option(help="Private key file (from `flexmoe keys new`).")],
+) -> None:
+    """Sign a package's manifest (which holds every tensor's sha256): writes signature.json."""
+    from flexmoe.package import read_manifest
+    from flexmoe.signing import sign_package
+
+    m = read_manifest(package)
+    signer = sign_package(package, key)
+    out.print(f"signed expert '{m.name}' with key {signer.key_id} → {package}/signature.json")
+
+
+def clean(text: object, limit: int = 2000) -> str:
+    """Untrusted text for the terminal: control and format characters shown as escapes (no
+    terminal escape sequences, no bidi tricks), bounded length. Print it with markup off."""
+    import unicodedata
+
+    s = str(text)
+    if len(s) > limit:
+        s = s[:limit] + "…"
+    return "".join(
+        c
+        if c in "\n\t" or unicodedata.category(c) not in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp")
+        else c.encode("unicode_escape").decode("ascii")
+        for c in s
+    )
+
+
+def _error(message: str, code: int) -> None:
+    from rich.text import Text
+
+    line = Text("error: ", style="bold red") + Text(clean(message).replace("\n", " "))
+    console.print(line, highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
 def main() -> None:
+    import os
+
     from transformers.utils import logging as hf_logging
+
+    try:  # typer ≥ 0.2x vendors click
+        import typer._click.exceptions as click_errors
+    except ImportError:  # pragma: no cover
+        import click.exceptions as click_errors
 
     hf_logging.disable_progress_bar()
     try:
-        app()
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except FlexmoeError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(e.exit_code)
+        _error(str(e), e.exit_code)
+    except click_errors.NoArgsIsHelpError:  # typer has printed the help
+        sys.exit(2)
+    except click_errors.UsageError as e:
+        where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        _error(e.format_message() + where, 2)
+    except typer.Abort:
+        console.print("aborted")
+        sys.exit(130)
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
+    except (SystemExit, typer.Exit):
+        raise
+    except Exception as e:  # a bug, not bad input: one line, the traceback on request
+        if os.environ.get("FLEXMOE_DEBUG") == "1":
+            raise
+        _error(
+            f"internal error ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "rerun with FLEXMOE_DEBUG=1 for the traceback and please report it",
+            1,
+        )
     finally:
         import torch.distributed as dist
 

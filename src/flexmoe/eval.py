@@ -14,19 +14,11 @@ from flexmoe.errors import FlexmoeError
 
 
 def load_for_eval(path: Path):
-    """(model, tokenizer) for an anchor, a merged model, or any HF causal LM directory."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """(model, tokenizer) for an anchor, a dense expert or a merged model."""
+    from flexmoe.infer import load_model
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FlexmoeError(f"not a model directory (no config.json): {path}")
-    cfg = AutoConfig.from_pretrained(path)
-    if cfg.model_type == "flex_olmo":
-        from flexmoe.infer import load_merged
-
-        return load_merged(path), load_tokenizer(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return model.eval(), load_tokenizer(path)
+    model = load_model(Path(path))
+    return model, load_tokenizer(path)
 
 
 def domain_streams(root: Path, split: str) -> dict[str, TokenStream]:
@@ -87,7 +79,12 @@ def bpb_table(
 ) -> tuple[list[dict], list[str]]:
     """Per-domain BPB rows (+ mean) and notes to show the user (active experts, router tuning).
     preselect: None = the merged model's stored default, 0 = token routing alone."""
+    if max_tokens < 1:
+        raise FlexmoeError("--max-tokens must be ≥ 1")
     model, tok = load_for_eval(model_dir)
+    max_pos = getattr(model.config, "max_position_embeddings", None) or 1 << 20
+    if not 2 <= seq_len <= max_pos:
+        raise FlexmoeError(f"--seq-len must be between 2 and the model's {max_pos} positions")
     notes = []
     if model.config.model_type == "flex_olmo":
         from flexmoe.infer import (
@@ -104,6 +101,8 @@ def bpb_table(
         notes.append(
             "active experts: " + ", ".join(n for n, a in zip(names, mask, strict=True) if a)
         )
+        for n, reason in getattr(model, "flexmoe_withheld", {}).items():
+            notes.append(f"expert '{n}' withheld: {reason}")
         preselect = default_preselect(model) if preselect is None else preselect
         if preselect:
             notes.append(

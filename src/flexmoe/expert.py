@@ -33,7 +33,7 @@ from flexmoe.bpb import evaluate_bpb
 from flexmoe.data.shards import TokenStream
 from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
 from flexmoe.errors import FlexmoeError
-from flexmoe.fsutil import sha256_file
+from flexmoe.fsutil import guard_output, sha256_file
 from flexmoe.gate import (
     OWNER,
     PublicNegatives,
@@ -43,7 +43,7 @@ from flexmoe.gate import (
     make_recipe,
 )
 from flexmoe.model import parametrize_bias, routers, upcycle
-from flexmoe.package import USES, tensor_sha256, validate_name, write_package
+from flexmoe.package import MAX_TEXT, USES, tensor_sha256, validate_name, write_package
 from flexmoe.records import library_versions
 from flexmoe.router_init import (
     METHODS,
@@ -53,7 +53,7 @@ from flexmoe.router_init import (
     rows_from_embedding,
     sample_documents,
 )
-from flexmoe.train import TrainConfig, train, unshard_for_save
+from flexmoe.train import TrainConfig, make_train_config, train, unshard_for_save
 
 
 def shards_sha256(path: Path) -> str:
@@ -79,7 +79,7 @@ def expert_train_config(**overrides) -> TrainConfig:
         min_lr_ratio=0.1,
     )
     base.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = TrainConfig(**base)
+    cfg = make_train_config(**base)
     if cfg.weight_decay != 0:
         raise FlexmoeError("expert training needs weight decay 0 (frozen slices must stay exact)")
     return cfg
@@ -184,13 +184,25 @@ def train_expert(
     eval_tokens: int = 131072,
     recipe: str | Recipe = "flexmoe",
     public: Path | None = None,
+    overwrite: bool = False,
     **overrides,
 ) -> dict:
     """Train an expert (or the dense baseline) and write its package (or dense model).
 
     `public`: token shards of public text (the anchor's public corpus or any public text), needed
-    by a recipe with public negatives."""
+    by a recipe with public negatives. Every setting is checked before any work."""
     validate_name(name)
+    out = guard_output(
+        out,
+        "dense expert" if dense else "expert package",
+        [anchor_dir, data, heldout, public],
+        overwrite,
+    )
+    for what, text in (("--domain", domain or name), ("--owner", owner), ("--licence", licence)):
+        if not 1 <= len(text) <= MAX_TEXT:
+            raise FlexmoeError(f"{what} must be 1 to {MAX_TEXT} characters")
+    if expires is not None and expires < dt.date.today():
+        raise FlexmoeError(f"--consent-expires {expires.isoformat()} is already in the past")
     rec = recipe if isinstance(recipe, Recipe) else make_recipe(recipe)
     if not dense and (rec.public_ratio > 0 or rec.calibrate) and public is None:
         raise FlexmoeError(
@@ -358,15 +370,17 @@ def calibrate_package(
     recipe: Recipe | None = None,
     seq_len: int = 256,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> dict:
     """`flexmoe expert calibrate`: fit an existing package's gate (calibrate_gate) on the owner's
     data and public data, without retraining its FFN; writes a new package."""
     from flexmoe.merge import build_merged
     from flexmoe.package import verify_package
 
+    guard_output(out, "expert package", [anchor_dir, package, data, public], overwrite)
     rec = recipe or make_recipe("flexmoe", calibrate=True)
     anchor, record, extras = load_anchor(anchor_dir)
-    m, tensors = verify_package(package, record, extras, anchor.config)
+    m, tensors = verify_package(package, record, extras, anchor)
     model = build_merged(anchor, record, extras, [(m, tensors)], top_k=2)  # = the owner's model
     report = calibrate_gate(model, TokenStream(data), TokenStream(public), rec, seq_len, seed)
     manifest = json.loads(m.model_dump_json(exclude={"tensors"}))

@@ -19,48 +19,114 @@ from flexmoe.merge import BIAS, PUBLIC, read_merged_meta
 from flexmoe.model import install_routers, routers, set_active_experts
 from flexmoe.package import Manifest
 
+DENSE_TYPES = ("olmo2",)  # dense families an anchor or dense expert can be
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def model_type(path: Path) -> str:
+    """'flex_olmo' for a merged model, a DENSE_TYPES entry for an anchor or dense expert; any other
+    directory is a one-line error (it would otherwise load partly random)."""
+    from flexmoe.fsutil import read_json
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FlexmoeError(f"model directory not found: {path}")
+    cfg = read_json(path / "config.json", f"{path}: config.json", MAX_CONFIG_BYTES)
+    kind = cfg.get("model_type") if isinstance(cfg, dict) else None
+    if kind != "flex_olmo" and kind not in DENSE_TYPES:
+        raise FlexmoeError(
+            f"{path}: model_type {str(kind)[:40]!r} is neither a flexmoe merged model (flex_olmo) "
+            f"nor a dense anchor/expert ({', '.join(DENSE_TYPES)})"
+        )
+    return kind
+
+
+def _from_pretrained(cls, path: Path, what: str):
+    """cls.from_pretrained, refusing a checkpoint that lacks weights the model needs (HF would
+    initialise them randomly and run a partly random model)."""
+    try:
+        model, info = cls.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+    except FlexmoeError:
+        raise
+    except Exception as e:
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        raise FlexmoeError(f"{path}: cannot load a {what} ({msg})") from None
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    missing = [
+        k for k in info.get("missing_keys", []) if not (tied and k.endswith("lm_head.weight"))
+    ]
+    if missing or info.get("mismatched_keys"):
+        bad = (missing or [str(x[0]) for x in info["mismatched_keys"]])[0]
+        raise FlexmoeError(f"{path}: not a complete {what} (weight {bad} missing or mismatched)")
+    return model
+
+
+def load_dense(path: Path):
+    """An anchor or dense expert, as the dense model it is."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    kind = model_type(path)
+    if kind == "flex_olmo":
+        raise FlexmoeError(f"{path} is a merged model, not a dense one")
+    return _from_pretrained(AutoModelForCausalLM, path, f"dense {kind} model").eval()
+
+
+def load_model(path: Path):
+    """A merged model (load_merged) or a dense anchor/expert (load_dense), by its config."""
+    return load_merged(path) if model_type(path) == "flex_olmo" else load_dense(path)
+
+
+def is_merged(model) -> bool:
+    return getattr(model.config, "model_type", None) == "flex_olmo"
+
 
 def load_merged(path: Path) -> FlexOlmoForCausalLM:
     """A merged (or stock FlexOlmo) directory → FlexOlmo with flexmoe routers, biases and names.
 
     Without flexmoe extras (a stock FlexOlmo checkpoint) the bias is 0 and experts are named
-    expert_0, expert_1, ….
+    expert_0, expert_1, …. Experts whose consent has expired are withheld from the start (the
+    active mask) and by every later expert choice (`expert_mask`), on every path that runs it.
     """
     from safetensors.torch import load_file
 
+    from flexmoe.fsutil import regular_file
+
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FlexmoeError(f"not a model directory (no config.json): {path}")
-    try:
-        model = FlexOlmoForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except Exception as e:
-        msg = f"{type(e).__name__}: {e}"
-        raise FlexmoeError(f"{path}: cannot load a FlexOlmo model ({msg})") from None
+    kind = model_type(path)
+    if kind != "flex_olmo":
+        raise FlexmoeError(f"{path} is a dense {kind} model, not a merged model")
+    meta = read_merged_meta(path) or {}
+    model = _from_pretrained(FlexOlmoForCausalLM, path, "FlexOlmo model")
     install_routers(model)
     n = model.config.num_experts
-    meta = read_merged_meta(path) or {}
     names = list(meta.get("experts") or [f"expert_{i}" for i in range(n)])
     if len(names) != n:
         raise FlexmoeError(f"{path}: {len(names)} expert names for {n} experts")
     rs = routers(model)
-    if (path / BIAS).is_file():
-        bias = load_file(path / BIAS)
+    if (path / BIAS).exists():
+        f = regular_file(path / BIAS, f"{path}: {BIAS}", len(rs) * (n * 4 + 256) + 4096)
+        try:
+            bias = load_file(f)
+        except Exception:
+            raise FlexmoeError(f"{f}: not a valid safetensors file") from None
         with torch.no_grad():
             for i, r in enumerate(rs):
                 b = bias.get(f"layers.{i}.bias")
                 if b is None or tuple(b.shape) != (n,) or not torch.isfinite(b).all():
                     raise FlexmoeError(f"{path / BIAS}: bad or missing layers.{i}.bias")
-                r.bias.copy_(b)
+                r.bias.copy_(b.float())
     model.flexmoe_experts = names
     model.flexmoe_domain_embeddings = _domain_embeddings(path, names)
     pre = meta.get("preselect")
-    if pre is not None and (not isinstance(pre, int) or isinstance(pre, bool) or pre < 1):
-        raise FlexmoeError(f"{path / 'flexmoe_merged.json'}: 'preselect' must be an integer ≥ 1")
     model.flexmoe_preselect = pre if pre and model.flexmoe_domain_embeddings else None
     model.flexmoe_router_tuned = bool(meta.get("router_tuned"))  # RT: see router_tune.py
     model.flexmoe_manifests = {
         k: Manifest.model_validate(v) for k, v in (meta.get("manifests") or {}).items()
     }
+    model.flexmoe_withheld = dict(consent_exclusions(model, None))
+    if model.flexmoe_withheld:
+        set_active_experts(model, torch.tensor([x not in model.flexmoe_withheld for x in names]))
     return model.eval()
 
 
@@ -171,6 +237,7 @@ def expert_mask(
     public = PUBLIC if PUBLIC in names else names[0]
     keep = (set(include) | {public}) if include else set(names)
     keep -= set(exclude or [])
+    keep -= set(getattr(model, "flexmoe_withheld", {}))  # consent expired: never, on any path
     if public not in keep and not allow_no_public:
         raise FlexmoeError(
             f"excluding the public expert '{public}' is refused (pass --allow-no-public)"
@@ -184,6 +251,8 @@ def expert_mask(
 def consent_exclusions(model, use: str | None) -> list[tuple[str, str]]:
     """Experts whose stored consent no longer permits `use` (or has expired): checked at every
     request, so consent that lapses after the merge is still honoured."""
+    if not is_merged(model):
+        return []
     manifests: dict[str, Manifest] = getattr(model, "flexmoe_manifests", {})
     out = []
     for name in expert_names(model):
@@ -239,10 +308,25 @@ def generate(
         raise FlexmoeError("--max-new-tokens must be ≥ 1")
     if temperature < 0 or not 0 < top_p <= 1:
         raise FlexmoeError("need temperature ≥ 0 and 0 < top-p ≤ 1")
-    names = expert_names(model)
+    if not is_merged(model):
+        given = [
+            flag
+            for flag, v in (
+                ("--include", include),
+                ("--exclude", exclude),
+                ("--attribution", attribution),
+                ("--per-layer", per_layer),
+                ("--use", use),
+                ("--preselect", preselect),
+            )
+            if v
+        ]
+        if given:
+            raise FlexmoeError(f"{', '.join(given)}: a dense model has no experts to choose")
+    names = expert_names(model) if is_merged(model) else ["dense"]
     excluded = consent_exclusions(model, use)
     exclude = sorted(set(exclude or []) | {n for n, _ in excluded})
-    mask = expert_mask(model, include, exclude, allow_no_public)
+    mask = expert_mask(model, include, exclude, allow_no_public) if is_merged(model) else None
     preselect = default_preselect(model) if preselect is None else preselect
     if preselect:  # request-level: a function of the active set, so opt-out stays exact
         mask = mask & preselect_mask(model, [prompt], preselect, allowed=mask)[0]
@@ -251,7 +335,8 @@ def generate(
         ids = torch.tensor([[tokenizer.eos_token_id]])
     rs = routers(model)
     previous = rs[0].active.clone() if rs else None
-    set_active_experts(model, mask)
+    if mask is not None:
+        set_active_experts(model, mask)
     record = attribution or per_layer
     for r in rs:
         r.records = [] if record else None
@@ -282,7 +367,7 @@ def generate(
         text=tokenizer.decode(new, skip_special_tokens=True),
         token_ids=new,
         prompt_ids=ids[0].tolist(),
-        active=[n for n, a in zip(names, mask, strict=True) if a],
+        active=names if mask is None else [n for n, a in zip(names, mask, strict=True) if a],
         excluded=excluded,
     )
     if record and new:

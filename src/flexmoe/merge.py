@@ -15,6 +15,10 @@ A merged directory is
   router init and what was excluded and why;
 - `experts/<name>/`: a verbatim copy of each package, so a merged model can be re-verified and
   rebuilt (`--base`, `--add`, `--remove`) without the original package directories.
+
+Packages are copied into the new output first (bounded reads), and only the copies are verified
+and used: a package changed after verification can never be stored unverified. Before the output
+appears, a probe forward with each expert active checks the merged model's logits are finite.
 """
 
 from __future__ import annotations
@@ -30,15 +34,30 @@ import torch
 from transformers import FlexOlmoForCausalLM, Olmo2ForCausalLM
 
 from flexmoe.errors import FlexmoeError
-from flexmoe.fsutil import atomic_dir, write_json
-from flexmoe.model import routers, upcycle
-from flexmoe.package import MANIFEST, WEIGHTS, Manifest, verify_package
+from flexmoe.fsutil import atomic_dir, copy_bounded, guard_output, read_json, write_json
+from flexmoe.model import routers, set_row_masks, upcycle
+from flexmoe.package import (
+    MANIFEST,
+    MAX_HEADER_BYTES,
+    MAX_MANIFEST_BYTES,
+    NAME_RE,
+    OPTIONAL_TENSORS,
+    WEIGHTS,
+    Architecture,
+    Manifest,
+    expected_bytes,
+    expected_shapes,
+    verify_package,
+)
 
 MERGED = "flexmoe_merged.json"
 BIAS = "flexmoe_bias.safetensors"
 EXPERTS_DIR = "experts"
 PUBLIC = "public"
 MAX_DEFAULT_TOP_K = 4  # the paper: quality rises with k up to ~4, then plateaus
+MAX_EXPERTS = 256
+MAX_MERGED_META_BYTES = 64 << 20  # MAX_EXPERTS manifests of MAX_MANIFEST_BYTES each
+SIGNATURE = "signature.json"
 DEFAULT_PRESELECT = 1  # measured best at demo scale (README: selective experts)
 
 
@@ -144,70 +163,175 @@ def merge(
     remove: Sequence[str] = (),
     log: Callable[[str], None] | None = _stderr,
     preselect: int | None = -1,
+    overwrite: bool = False,
+    trusted_keys: Path | None = None,
 ) -> MergeResult:
-    """Verify every package, apply the name and consent policy, build and write atomically.
+    """Copy, verify, apply the name and consent policy, build, probe and write atomically.
 
     With `base`, the base's stored experts (minus `remove`) keep their order and the new packages
     (`package_dirs` + `add`) are appended: the result equals merging that list from scratch.
     `preselect`: the stored default of request-level preselection (infer.preselect_mask): -1 =
     DEFAULT_PRESELECT when every kept package has a domain embedding, else token routing alone;
     0/None = token routing alone; M ≥ 1 = keep public + M experts per request.
+    `trusted_keys`: admit only packages signed by one of these keys (signing.py).
     """
     from flexmoe.anchor import load_anchor
     from flexmoe.data.tokenizer import load_tokenizer
     from flexmoe.records import library_versions
 
     log = log or (lambda _msg: None)
+    sources = [Path(p) for p in (*package_dirs, *add)]
+    out = guard_output(out, "merged model", [anchor_dir, base, *sources], overwrite)
+    trusted = None
+    if trusted_keys is not None:
+        from flexmoe.signing import load_trusted_keys
+
+        trusted = load_trusted_keys(Path(trusted_keys))
     anchor_model, record, extras = load_anchor(Path(anchor_dir))
-    dirs = _package_list(base, record, remove) + [Path(p) for p in (*package_dirs, *add)]
-    verified = [verify_package(p, record, extras, anchor_model.config) for p in dirs]
-    names = [m.name for m, _ in verified]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise FlexmoeError(f"expert names must be unique; repeated: {', '.join(dupes)}")
-    if PUBLIC in names:
-        raise FlexmoeError(f"'{PUBLIC}' is reserved for the anchor's expert")
-    chosen = _select([PUBLIC, *names], include, exclude, allow_no_public)
-    excluded: list[tuple[str, str]] = []
-    kept: list[tuple[Path, Manifest, dict[str, torch.Tensor]]] = []
-    for p, (m, t) in zip(dirs, verified, strict=True):
-        reason = m.consent.permits(use) if m.name in chosen else "excluded by name"
-        if reason is None:
-            kept.append((p, m, t))
-        else:
-            excluded.append((m.name, reason))
-            log(f"excluded expert '{m.name}': {reason}")
-    include_public = PUBLIC in chosen
-    model = build_merged(
-        anchor_model,
-        record,
-        extras,
-        [(m, t) for _, m, t in kept],
-        top_k,
-        include_public=include_public,
-    )
-    expert_names = [PUBLIC] * include_public + [m.name for _, m, _ in kept]
-    embedded = bool(kept) and all("domain_embedding" in t for _, _, t in kept)
-    if preselect == -1:
-        preselect = DEFAULT_PRESELECT if embedded else None
-    elif preselect and not embedded:
-        raise FlexmoeError("--preselect needs every expert package to store a domain embedding")
-    meta = {
-        "format": "flexmoe-merged",
-        "schema_version": 1,
-        "experts": expert_names,
-        "anchor_fingerprint": record["fingerprint"],
-        "top_k": model.config.num_experts_per_tok,
-        "preselect": preselect or None,
-        "router_init": kept[0][1].router_init if kept else None,
-        "manifests": {m.name: json.loads(m.model_dump_json()) for _, m, _ in kept},
-        "excluded": [list(x) for x in excluded],
-        "use": use,
-        "libraries": library_versions(),
-    }
+    dirs = _package_list(base, record, remove) + sources
+    if len(dirs) > MAX_EXPERTS:
+        raise FlexmoeError(f"at most {MAX_EXPERTS} experts can be merged, got {len(dirs)}")
     tok = load_tokenizer(anchor_dir)
-    save_merged(out, model, tok, meta, [(m.name, p) for p, m, _ in kept])
+    with atomic_dir(out, overwrite=True) as tmp:
+        stage = tmp / EXPERTS_DIR
+        copies = [
+            stage_package(p, stage / f".incoming-{i}", anchor_model.config)
+            for i, p in enumerate(dirs)
+        ]
+        verified = [verify_package(c, record, extras, anchor_model) for c in copies]
+        names = [m.name for m, _ in verified]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise FlexmoeError(f"expert names must be unique; repeated: {', '.join(dupes)}")
+        signers = {}
+        for c, (m, _) in zip(copies, verified, strict=True):
+            signer = _signer(c, trusted)
+            if signer is not None:
+                signers[m.name] = {"key_id": signer.key_id, "public_key": signer.public_key}
+        chosen = _select([PUBLIC, *names], include, exclude, allow_no_public)
+        excluded: list[tuple[str, str]] = []
+        kept: list[tuple[Path, Manifest, dict[str, torch.Tensor]]] = []
+        for c, (m, t) in zip(copies, verified, strict=True):
+            reason = m.consent.permits(use) if m.name in chosen else "excluded by name"
+            if reason is None:
+                kept.append((c, m, t))
+            else:
+                excluded.append((m.name, reason))
+        if dirs and not kept:
+            raise FlexmoeError(
+                "every expert was excluded ("
+                + "; ".join(f"{n}: {r}" for n, r in excluded)
+                + "): nothing to merge"
+            )
+        for name, reason in excluded:
+            log(f"excluded expert '{name}': {reason}")
+        include_public = PUBLIC in chosen
+        model = build_merged(
+            anchor_model,
+            record,
+            extras,
+            [(m, t) for _, m, t in kept],
+            top_k,
+            include_public=include_public,
+        )
+        expert_names = [PUBLIC] * include_public + [m.name for _, m, _ in kept]
+        probe(model, expert_names)
+        embedded = bool(kept) and all("domain_embedding" in t for _, _, t in kept)
+        if preselect == -1:
+            preselect = DEFAULT_PRESELECT if embedded else None
+        elif preselect and not embedded:
+            raise FlexmoeError("--preselect needs every expert package to store a domain embedding")
+        meta = {
+            "format": "flexmoe-merged",
+            "schema_version": 1,
+            "experts": expert_names,
+            "anchor_fingerprint": record["fingerprint"],
+            "top_k": model.config.num_experts_per_tok,
+            "preselect": preselect or None,
+            "router_init": kept[0][1].router_init if kept else None,
+            "manifests": {m.name: json.loads(m.model_dump_json()) for _, m, _ in kept},
+            "signers": {n: s for n, s in signers.items() if n in expert_names},
+            "excluded": [list(x) for x in excluded],
+            "use": use,
+            "libraries": library_versions(),
+        }
+        for c, m, _ in kept:
+            c.rename(stage / m.name)
+        for c in copies:
+            if c.exists():
+                shutil.rmtree(c)
+        if stage.exists() and not any(stage.iterdir()):
+            stage.rmdir()
+        write_merged_files(tmp, model, tok, meta)
     return MergeResult(Path(out), expert_names, model.config.num_experts_per_tok, excluded)
+
+
+def _signer(pkg: Path, trusted: dict[str, str] | None):
+    from flexmoe.signing import check_trusted, read_signature
+
+    return check_trusted(pkg, trusted) if trusted is not None else read_signature(pkg)
+
+
+def stage_package(src: Path, dst: Path, config) -> Path:
+    """Copy a package's files into `dst` with reads bounded by what the anchor's shapes imply;
+    the copy is what gets verified and stored."""
+    src = Path(src)
+    if not src.is_dir():
+        raise FlexmoeError(f"expert package not found (not a directory): {src}")
+    arch = Architecture(
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers,
+    )
+    weights = expected_bytes(expected_shapes(arch) | OPTIONAL_TENSORS) + MAX_HEADER_BYTES + 8
+    dst.mkdir(parents=True)
+    for f, limit, required in (
+        (MANIFEST, MAX_MANIFEST_BYTES, True),
+        (WEIGHTS, weights, True),
+        (SIGNATURE, 4096, False),
+    ):
+        if required or (src / f).exists():
+            copy_bounded(src / f, dst / f, limit, f"{src}: {f}")
+    return dst
+
+
+@torch.no_grad()
+def probe(model: FlexOlmoForCausalLM, names: Sequence[str]) -> None:
+    """A fixed short forward with each expert active in turn (with the public expert): a merged
+    model whose logits are not finite is never written."""
+    n = len(names)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for e in range(n):
+        mask[e, e] = True
+        if PUBLIC in names:
+            mask[e, names.index(PUBLIC)] = True
+    ids = (torch.arange(16) * 7919 % model.config.vocab_size).expand(n, -1)
+    set_row_masks(model, mask)
+    try:
+        logits = model(ids).logits
+    finally:
+        set_row_masks(model, None)
+    bad = [names[e] for e in range(n) if not torch.isfinite(logits[e]).all()]
+    if bad:
+        raise FlexmoeError(
+            f"the merged model gives non-finite logits with expert(s) {', '.join(bad)}: not written"
+        )
+
+
+def write_merged_files(tmp: Path, model: FlexOlmoForCausalLM, tokenizer, meta: dict) -> None:
+    """Stock checkpoint, tokenizer, router biases and metadata into a directory being built."""
+    from safetensors.torch import save_file
+
+    model.save_pretrained(tmp, state_dict=stock_state_dict(model))
+    tokenizer.save_pretrained(tmp)
+    save_file(
+        {
+            f"layers.{i}.bias": r.bias.detach().clone().contiguous()
+            for i, r in enumerate(routers(model))
+        },
+        tmp / BIAS,
+    )
+    write_json(tmp / MERGED, meta)
 
 
 def save_merged(
@@ -217,26 +341,17 @@ def save_merged(
     meta: dict,
     packages: Sequence[tuple[str, Path]],
 ) -> None:
-    """Write a merged directory atomically: stock checkpoint, tokenizer, router biases, the
-    verbatim package copies (name, package dir) and the metadata. Shared with router tuning."""
-    from safetensors.torch import save_file
-
+    """Write a merged directory atomically: stock checkpoint, tokenizer, router biases, copies of
+    stored packages (name, package dir; from another merged dir) and the metadata. Used by
+    router tuning and the unrestricted baseline."""
     with atomic_dir(out, overwrite=True) as tmp:
-        model.save_pretrained(tmp, state_dict=stock_state_dict(model))
-        tokenizer.save_pretrained(tmp)
-        save_file(
-            {
-                f"layers.{i}.bias": r.bias.detach().clone().contiguous()
-                for i, r in enumerate(routers(model))
-            },
-            tmp / BIAS,
-        )
         for name, p in packages:
             dst = tmp / EXPERTS_DIR / name
             dst.mkdir(parents=True)
-            for f in (WEIGHTS, MANIFEST):
-                shutil.copyfile(Path(p) / f, dst / f)
-        write_json(tmp / MERGED, meta)
+            for f in (WEIGHTS, MANIFEST, SIGNATURE):
+                if (Path(p) / f).is_file():
+                    shutil.copyfile(Path(p) / f, dst / f)
+        write_merged_files(tmp, model, tokenizer, meta)
 
 
 def _package_list(base: Path | None, anchor_record: dict, remove: Sequence[str]) -> list[Path]:
@@ -259,10 +374,43 @@ def _package_list(base: Path | None, anchor_record: dict, remove: Sequence[str])
 
 
 def read_merged_meta(path: Path) -> dict | None:
+    """flexmoe_merged.json of a merged directory (None if there is none), bounded and checked:
+    expert names are names (never paths), the types of every field the code reads."""
+    import re
+
     p = Path(path) / MERGED
-    if not p.is_file():
+    if not (p.exists() or p.is_symlink()):
         return None
+    meta = read_json(p, MERGED, MAX_MERGED_META_BYTES)
+
+    def bad(what: str) -> FlexmoeError:
+        return FlexmoeError(f"{p}: {what}")
+
+    if not isinstance(meta, dict) or meta.get("format") != "flexmoe-merged":
+        raise bad("not flexmoe merged-model metadata")
+    experts = meta.get("experts")
+    if not isinstance(experts, list) or not 1 <= len(experts) <= MAX_EXPERTS + 1:
+        raise bad(f"'experts' must be a list of 1..{MAX_EXPERTS + 1} names")
+    for n in experts:
+        if not isinstance(n, str) or not re.fullmatch(NAME_RE, n):
+            raise bad(f"expert name {str(n)[:40]!r} is not a valid name")
+    if len(set(experts)) != len(experts):
+        raise bad("expert names repeat")
+    fp = meta.get("anchor_fingerprint")
+    if not isinstance(fp, str) or not re.fullmatch(r"[0-9a-f]{64}", fp):
+        raise bad("'anchor_fingerprint' is not a sha256")
+    top_k = meta.get("top_k")
+    if type(top_k) is not int or not 1 <= top_k <= len(experts):
+        raise bad("'top_k' must be an integer between 1 and the number of experts")
+    pre = meta.get("preselect")
+    if pre is not None and (type(pre) is not int or pre < 1):
+        raise bad("'preselect' must be an integer ≥ 1")
+    manifests = meta.get("manifests") or {}
+    if not isinstance(manifests, dict) or not set(manifests) <= set(experts):
+        raise bad("'manifests' must map stored expert names to manifests")
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise FlexmoeError(f"{p}: not valid JSON ({e})") from None
+        for v in manifests.values():
+            Manifest.model_validate(v)
+    except Exception:  # pydantic ValidationError: one line, no echo of the hostile value
+        raise bad("a stored manifest is invalid") from None
+    return meta

@@ -7,7 +7,14 @@ A package is a directory with
   documents (a statistic of the owner's data, used for request-level preselection);
 - `manifest.json`: who, what, under which consent, built on which anchor, how, and the sha256 of
   every tensor.
-Packages are untrusted input: `verify_package` checks everything before any tensor is used.
+Packages are untrusted input: `verify_package` checks everything before any tensor is used, and
+bounds every read before it allocates: the manifest's bytes, nesting and strings, and the weight
+file's size against the size the anchor's shapes imply (safetensors header parsed first).
+
+Scale rule (finite but absurd weights make a merged model's logits NaN/Inf): every FFN matrix's
+max |w| must be ≤ MAX_FFN_SCALE × the anchor's max |w| of the same matrix in that layer (trained
+demo packages measure ≤ 1.4×); router rows |r| ≤ MAX_ROUTER_ABS; biases in [−MAX_BIAS_ABS, 0]; a
+domain embedding (a mean of unit vectors) has norm ≤ 1.
 """
 
 from __future__ import annotations
@@ -20,17 +27,24 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from flexmoe.errors import FlexmoeError
-from flexmoe.fsutil import atomic_dir, write_json
+from flexmoe.fsutil import atomic_dir, read_json, regular_file, write_json
 
 MANIFEST = "manifest.json"
 WEIGHTS = "expert.safetensors"
 SCHEMA_VERSION = 1
 NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+RESERVED_NAMES = ("public",)  # the anchor's expert in every merged model
 USES = ("research", "commercial")
 OPTIONAL_TENSORS = {"domain_embedding": [384]}
+MAX_MANIFEST_BYTES = 256 * 1024
+MAX_TEXT = 200  # characters of domain, owner, licence
+MAX_HEADER_BYTES = 1 << 20  # a safetensors header (the tensor table)
+MAX_FFN_SCALE = 100.0
+MAX_ROUTER_ABS = 1e3
+MAX_BIAS_ABS = 1e3
 
 
 class Consent(BaseModel):
@@ -79,9 +93,9 @@ class Manifest(BaseModel):
     format: Literal["flexmoe-expert-package"] = "flexmoe-expert-package"
     schema_version: Literal[1] = SCHEMA_VERSION
     name: str = Field(pattern=NAME_RE)
-    domain: str = Field(min_length=1)
-    owner: str = Field(min_length=1)
-    licence: str = Field(min_length=1)
+    domain: str = Field(min_length=1, max_length=MAX_TEXT)
+    owner: str = Field(min_length=1, max_length=MAX_TEXT)
+    licence: str = Field(min_length=1, max_length=MAX_TEXT)
     consent: Consent
     anchor_fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$")
     public_router_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -90,6 +104,13 @@ class Manifest(BaseModel):
     training: TrainingRecord
     tensors: dict[str, TensorInfo]
     created_with: dict[str, str] = {}
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, v: str) -> str:
+        if v in RESERVED_NAMES:
+            raise ValueError(f"'{v}' is reserved for the anchor's expert")
+        return v
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -142,45 +163,122 @@ def _first_error(e: ValidationError) -> str:
 
 
 def read_manifest(pkg: Path) -> Manifest:
-    path = Path(pkg) / MANIFEST
-    if not Path(pkg).is_dir():
+    pkg = Path(pkg)
+    if not pkg.is_dir():
         raise FlexmoeError(f"expert package not found: {pkg}")
-    if not path.is_file():
-        raise FlexmoeError(f"{pkg}: {MANIFEST} is missing")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FlexmoeError(f"{path}: not valid JSON ({e})") from None
+    raw = read_json(pkg / MANIFEST, f"{pkg}: {MANIFEST}", MAX_MANIFEST_BYTES)
     try:
         return Manifest.model_validate(raw)
     except ValidationError as e:
-        raise FlexmoeError(f"{path}: {_first_error(e)}") from None
+        raise FlexmoeError(f"{pkg / MANIFEST}: {_first_error(e)}") from None
 
 
-def load_tensors(pkg: Path) -> dict[str, torch.Tensor]:
-    """Read expert.safetensors without ever unpickling; a non-safetensors file is refused."""
+def expected_bytes(shapes: dict[str, list[int]]) -> int:
+    """The float32 data bytes of a package with these tensor shapes."""
+    total = 0
+    for shape in shapes.values():
+        n = 1
+        for d in shape:
+            n *= d
+        total += 4 * n
+    return total
+
+
+def _read_header(path: Path) -> dict:
+    """The safetensors header, read with bounded size before any tensor is touched."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise FlexmoeError(f"{path}: not a valid safetensors file (truncated)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES:
+            raise FlexmoeError(
+                f"{path}: not a valid safetensors file (header of {n:,} bytes is too large)"
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise FlexmoeError(f"{path}: not a valid safetensors file (bad header)") from None
+    if not isinstance(header, dict):
+        raise FlexmoeError(f"{path}: not a valid safetensors file (bad header)")
+    return header
+
+
+def load_tensors(pkg: Path, shapes: dict[str, list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """Read expert.safetensors without ever unpickling; a non-safetensors file is refused.
+    With `shapes` (the tensors the anchor allows), the file's size and its header's tensor table
+    are checked against them before any tensor is read, so memory stays bounded."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(pkg) / WEIGHTS
-    if not path.is_file():
-        raise FlexmoeError(f"{pkg}: {WEIGHTS} is missing")
+    pkg = Path(pkg)
+    limit = 1 << 40 if shapes is None else expected_bytes(shapes) + MAX_HEADER_BYTES + 8
+    path = regular_file(pkg / WEIGHTS, f"{pkg}: {WEIGHTS}", limit)
+    if shapes is not None:
+        for name, info in _read_header(path).items():
+            if name == "__metadata__":
+                continue
+            if name not in shapes:
+                raise FlexmoeError(f"{pkg}: unexpected tensor '{name[:80]}'")
+            if not isinstance(info, dict) or info.get("dtype") != "F32":
+                raise FlexmoeError(f"{pkg}: tensor '{name}' is not float32")
+            if info.get("shape") != shapes[name]:
+                raise FlexmoeError(
+                    f"{pkg}: tensor '{name}' has shape {str(info.get('shape'))[:40]}, "
+                    f"expected {shapes[name]}"
+                )
     try:
         # copies, not mmap views: the file may be replaced while the tensors are in use
         return {k: v.clone() for k, v in load_file(path).items()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise FlexmoeError(
-            f"{path}: not a valid safetensors file ({str(e).splitlines()[0]})"
+            f"{path}: not a valid safetensors file ({str(e).splitlines()[0][:120]})"
         ) from None
 
 
+def anchor_scales(anchor_model) -> dict[str, float]:
+    """max |w| of each FFN matrix of the anchor, keyed like package tensors (the scale rule)."""
+    out = {}
+    for i, layer in enumerate(anchor_model.model.layers):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            w = getattr(layer.mlp, proj).weight
+            out[f"layers.{i}.{proj}"] = float(w.detach().abs().max())
+    return out
+
+
+def check_scale(pkg: Path, name: str, t: torch.Tensor, scales: dict[str, float] | None) -> None:
+    """The scale rule (module docstring)."""
+    top = float(t.abs().max()) if t.numel() else 0.0
+    if name.endswith((".gate_proj", ".up_proj", ".down_proj")):
+        if scales is not None and name in scales and top > MAX_FFN_SCALE * scales[name]:
+            raise FlexmoeError(
+                f"{pkg}: tensor '{name}' has max |w| {top:.3g}, over {MAX_FFN_SCALE:g}× the "
+                f"anchor's {scales[name]:.3g}"
+            )
+    elif name.endswith(".router") and top > MAX_ROUTER_ABS:
+        raise FlexmoeError(f"{pkg}: router row '{name}' has max |r| {top:.3g} > {MAX_ROUTER_ABS:g}")
+    elif name.endswith(".bias") and not -MAX_BIAS_ABS <= float(t) <= 0:
+        raise FlexmoeError(
+            f"{pkg}: tensor '{name}' is {float(t):g} (bias must be ≤ 0 and ≥ −{MAX_BIAS_ABS:g})"
+        )
+    elif name == "domain_embedding" and float(t.norm()) > 1.0 + 1e-4:
+        raise FlexmoeError(f"{pkg}: domain_embedding has norm {float(t.norm()):.3g} > 1")
+
+
 def verify_package(
-    pkg: Path, anchor_record: dict, anchor_extras: dict[str, torch.Tensor], anchor_config
+    pkg: Path, anchor_record: dict, anchor_extras: dict[str, torch.Tensor], anchor
 ) -> tuple[Manifest, dict[str, torch.Tensor]]:
-    """Schema, tensor set, shapes, dtypes, hashes, finite values, bias ≤ 0, anchor fingerprint and
-    public router row. Any failure raises FlexmoeError naming it; nothing is returned half-checked.
+    """Schema, tensor set, shapes, dtypes, hashes, finite values, the scale rule, bias ≤ 0, the
+    anchor fingerprint and public router row. `anchor`: the anchor model (or only its config,
+    which skips the FFN part of the scale rule). Any failure raises FlexmoeError naming it;
+    nothing is returned half-checked.
     """
     pkg = Path(pkg)
+    config = getattr(anchor, "config", anchor)
+    scales = anchor_scales(anchor) if hasattr(anchor, "model") else None
     m = read_manifest(pkg)
     if m.anchor_fingerprint != anchor_record["fingerprint"]:
         raise FlexmoeError(
@@ -190,14 +288,15 @@ def verify_package(
     public = anchor_extras.get(f"public.{m.router_init}")
     if public is None or tensor_sha256(public) != m.public_router_sha256:
         raise FlexmoeError(f"{pkg}: public router rows ({m.router_init}) differ from the anchor's")
-    check_architecture(m, anchor_config)
-    tensors = load_tensors(pkg)
+    check_architecture(m, config)
+    allowed = expected_shapes(m.architecture) | OPTIONAL_TENSORS
+    tensors = load_tensors(pkg, allowed)
     want = expected_shapes(m.architecture) | {
         k: v for k, v in OPTIONAL_TENSORS.items() if k in tensors or k in m.tensors
     }
     for name in sorted(set(want) | set(m.tensors) | set(tensors)):
         if name not in want:
-            raise FlexmoeError(f"{pkg}: unexpected tensor '{name}'")
+            raise FlexmoeError(f"{pkg}: unexpected tensor '{name[:80]}'")
         if name not in m.tensors:
             raise FlexmoeError(f"{pkg}: manifest lists no tensor '{name}'")
         if name not in tensors:
@@ -213,8 +312,7 @@ def verify_package(
             raise FlexmoeError(f"{pkg}: tensor '{name}' does not match its sha256 (tampered?)")
         if not torch.isfinite(t).all():
             raise FlexmoeError(f"{pkg}: tensor '{name}' has non-finite values")
-        if name.endswith(".bias") and float(t) > 0:
-            raise FlexmoeError(f"{pkg}: tensor '{name}' is {float(t):g} > 0 (bias must be ≤ 0)")
+        check_scale(pkg, name, t, scales)
     return m, tensors
 
 
@@ -228,6 +326,11 @@ def check_architecture(m: Manifest, config) -> None:
 
 
 def validate_name(name: str) -> str:
-    if not re.match(NAME_RE, name):
-        raise FlexmoeError(f"invalid expert name '{name}' (lowercase letters, digits, - and _)")
+    if not re.fullmatch(NAME_RE, name):
+        raise FlexmoeError(
+            f"invalid expert name {name[:70]!r} (1-64 of lowercase letters, digits, - and _, "
+            "starting with a letter or digit)"
+        )
+    if name in RESERVED_NAMES:
+        raise FlexmoeError(f"the expert name '{name}' is reserved for the anchor's expert")
     return name

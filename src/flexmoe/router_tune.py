@@ -168,11 +168,11 @@ def load_proxies(path: Path) -> dict:
 # ---------------------------------------------------------------- merger side: tuning
 def router_tune_config(**overrides):
     """Defaults at demo scale (AI2: lr 2e-3, warmup 100, 5B tokens). Weight decay 0."""
-    from flexmoe.train import TrainConfig
+    from flexmoe.train import make_train_config
 
     base = dict(steps=100, batch_size=16, seq_len=256, lr=2e-3, warmup=10, weight_decay=0.0)
     base.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig(**base)
+    return make_train_config(**base)
 
 
 def freeze_for_router_tuning(model) -> list[str]:
@@ -205,9 +205,13 @@ def router_tune(
     tokenizer_from: Path | None = None,
     public_docs: int = 1000,
     resume: bool = False,
+    overwrite: bool = False,
     **overrides,
 ) -> dict:
     """Tune the routers of a merged model on proxies ∪ a public sample; write a merged dir."""
+    from flexmoe.fsutil import guard_output
+
+    guard_output(out, "merged model", [model_dir, *proxies, public, tokenizer_from], overwrite)
     from flexmoe.data.shards import TokenStream, tokenize_to_shards
     from flexmoe.data.tokenizer import load_tokenizer
     from flexmoe.expert import project_bias

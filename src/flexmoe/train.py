@@ -56,6 +56,18 @@ class TrainConfig(BaseModel):
     stop_after: int | None = Field(None, description="exit after this step (testing a kill)")
 
 
+def make_train_config(**fields) -> TrainConfig:
+    """TrainConfig from user settings; a bad value is a one-line error naming its option."""
+    from pydantic import ValidationError
+
+    try:
+        return TrainConfig(**fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        opt = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "a setting"
+        raise FlexmoeError(f"{opt}: {err['msg'].lower()}") from None
+
+
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Linear warmup, then cosine decay to min_lr_ratio·lr at the last step."""
     if cfg.warmup and step < cfg.warmup:
@@ -139,7 +151,13 @@ def _trainable_names(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def save_checkpoint(out: Path, model, optimizer, step: int, cfg: TrainConfig) -> Path:
+# settings a resumed run may change (they do not alter the weights it produces)
+RESUMABLE_CHANGES = {"stop_after", "ckpt_every", "eval_every", "log_every", "eval_tokens"}
+
+
+def save_checkpoint(
+    out: Path, model, optimizer, step: int, cfg: TrainConfig, metrics: dict | None = None
+) -> Path:
     """Model, optimizer, schedule position, data position and RNG, atomically."""
     rank, world = dist_info()
     state = full_state_dict(model)
@@ -168,6 +186,7 @@ def save_checkpoint(out: Path, model, optimizer, step: int, cfg: TrainConfig) ->
                     "data_position": {"step": step},
                     "world_size": world,
                     "config": cfg.model_dump(),
+                    "metrics": metrics or {},
                 },
             )
         write_json(out / CKPT_DIR / "latest.json", {"step": step, "path": dest.name})
@@ -186,10 +205,36 @@ def latest_checkpoint(out: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
+def checkpoint_state(path: Path, cfg: TrainConfig) -> dict:
+    """state.json of a checkpoint, refusing a resume whose settings differ from the run's."""
+    from flexmoe.fsutil import read_json
+
+    state = read_json(path / "state.json", f"checkpoint state {path.name}")
+    saved = state.get("config") if isinstance(state, dict) else None
+    if not isinstance(saved, dict) or type(state.get("step")) is not int:
+        raise FlexmoeError(f"{path / 'state.json'}: not a flexmoe checkpoint state")
+    now = json.loads(cfg.model_dump_json())
+    changed = sorted(
+        k
+        for k in set(now) | set(saved)
+        if k not in RESUMABLE_CHANGES and now.get(k) != saved.get(k)
+    )
+    if changed:
+        diffs = ", ".join(f"{k} {saved.get(k)!r} → {now.get(k)!r}" for k in changed[:4])
+        raise FlexmoeError(
+            f"--resume with different settings ({diffs}): resume with the original settings, "
+            "or start again without --resume"
+        )
+    return state
+
+
 def load_checkpoint(path: Path, model, optimizer) -> int:
     _, world = dist_info()
-    state = load_file(path / "model.safetensors")
-    osd = torch.load(path / "optimizer.pt", weights_only=True)
+    try:
+        state = load_file(path / "model.safetensors")
+        osd = torch.load(path / "optimizer.pt", weights_only=True)
+    except Exception as e:
+        raise FlexmoeError(f"checkpoint {path} is unreadable ({type(e).__name__})") from None
     if world > 1:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -203,7 +248,10 @@ def load_checkpoint(path: Path, model, optimizer) -> int:
     else:
         model.load_state_dict(state)
         optimizer.load_state_dict(osd)
-    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
+    try:
+        torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
+    except Exception as e:
+        raise FlexmoeError(f"checkpoint {path} is unreadable ({type(e).__name__})") from None
     return json.loads((path / "state.json").read_text())["step"]
 
 
@@ -239,6 +287,9 @@ def train(
             f"batch size {cfg.batch_size} must be divisible by grad_accum×world "
             f"({cfg.grad_accum}×{world})"
         )
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_pos and cfg.seq_len > max_pos:
+        raise FlexmoeError(f"--seq-len {cfg.seq_len} exceeds the model's {max_pos} positions")
     if len(train_stream) <= cfg.seq_len + 1:
         raise FlexmoeError(f"training data has {len(train_stream)} tokens; need > seq_len+1")
     torch.manual_seed(cfg.seed)
@@ -265,17 +316,23 @@ def train(
         betas=cfg.betas,
     )
     start = 0
+    last: dict = {}
     if resume:
         ckpt = latest_checkpoint(out)
         if ckpt is None:
             raise FlexmoeError(f"--resume given but no checkpoint under {out / CKPT_DIR}")
+        last = checkpoint_state(ckpt, cfg).get("metrics") or {}
         start = load_checkpoint(ckpt, model, optimizer)
     elif (out / CKPT_DIR).exists() and rank == 0:
         shutil.rmtree(out / CKPT_DIR)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "metrics.jsonl"
-    if rank == 0 and not resume and log_path.exists():
-        log_path.unlink()
+    if rank == 0 and log_path.exists():
+        if resume:  # keep what the checkpointed steps logged; later steps are logged again
+            keep = [line for line in log_path.read_text().splitlines() if _step(line) <= start]
+            log_path.write_text("".join(x + "\n" for x in keep))
+        else:
+            log_path.unlink()
     autocast = (
         torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
         if cfg.bf16
@@ -309,7 +366,6 @@ def train(
 
     tokens_per_step = cfg.batch_size * cfg.seq_len
     model.train()
-    last: dict = {}
     t_start = time.perf_counter()
     with _progress(rank == 0, progress_label, cfg.steps, start) as bar:
         for step in range(start, cfg.steps):
@@ -375,14 +431,23 @@ def train(
             if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
                 log({"step": done, **evaluate()})
             if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done != cfg.steps:
-                save_checkpoint(out, model, optimizer, done, cfg)
+                save_checkpoint(out, model, optimizer, done, cfg, last)
             bar(done, float(loss_val), tok_s)
             if cfg.stop_after is not None and done >= cfg.stop_after:
                 return {**last, "stopped": True}
     final = {**last, **evaluate(), "seconds": time.perf_counter() - t_start}
-    log(final)
-    save_checkpoint(out, model, optimizer, cfg.steps, cfg)
+    if start < cfg.steps:  # else: resumed after the final checkpoint, already logged and saved
+        log(final)
+        save_checkpoint(out, model, optimizer, cfg.steps, cfg, last)
     return final
+
+
+def _step(line: str) -> float:
+    """The step of a metrics.jsonl line (inf for a line a kill cut short)."""
+    try:
+        return json.loads(line).get("step", math.inf)
+    except (ValueError, AttributeError):
+        return math.inf
 
 
 def router_z_loss(captured: list[list[torch.Tensor]]) -> torch.Tensor:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from flexmoe.errors import FlexmoeError
-from flexmoe.fsutil import atomic_dir, sha256_file, write_json
+from flexmoe.fsutil import atomic_dir, guard_output, read_json, sha256_file, write_json
 
 INDEX = "index.json"
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.xz", ".json.gz")
@@ -169,7 +169,7 @@ def tokenize_to_shards(
     eos = tok.eos_token_id
     vocab = len(tok)
     dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
-    out_dir = Path(out_dir)
+    out_dir = guard_output(out_dir, "token shards", [*inputs, tokenizer_dir], overwrite)
     if out_dir.exists() and not overwrite:
         raise FlexmoeError(f"output exists: {out_dir} (pass --overwrite to replace it)")
     t0 = time.perf_counter()
@@ -278,6 +278,40 @@ class _ShardWriter:
         return self.shards
 
 
+def _check_index(path: Path, index: object) -> dict:
+    """A token-shard index must describe plain shard files inside `path` whose sizes match."""
+    import re
+
+    def bad(what: str) -> FlexmoeError:
+        return FlexmoeError(f"{path / INDEX}: {what}")
+
+    if not isinstance(index, dict):
+        raise bad("not a token-shard index")
+    if index.get("dtype") not in ("uint16", "uint32"):
+        raise bad("'dtype' must be uint16 or uint32")
+    for key in ("vocab_size", "eos_token_id"):
+        if type(index.get(key)) is not int or index[key] < 0:
+            raise bad(f"'{key}' must be a non-negative integer")
+    if not isinstance(index.get("tokenizer_sha256"), str):
+        raise bad("'tokenizer_sha256' is missing")
+    shards = index.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise bad("'shards' must be a non-empty list")
+    itemsize = np.dtype(index["dtype"]).itemsize
+    for sh in shards:
+        if not isinstance(sh, dict) or not isinstance(sh.get("file"), str):
+            raise bad("every shard needs a 'file'")
+        if not re.fullmatch(r"shard_\d{5}\.bin", sh["file"]):
+            raise bad(f"shard file name {sh['file'][:40]!r} is not shard_NNNNN.bin")
+        if type(sh.get("tokens")) is not int or sh["tokens"] < 0:
+            raise bad(f"{sh['file']}: 'tokens' must be a non-negative integer")
+        f = path / sh["file"]
+        size = f.stat().st_size if f.is_file() else None
+        if size != sh["tokens"] * itemsize:
+            raise bad(f"{sh['file']} is missing or its size does not match {sh['tokens']} tokens")
+    return index
+
+
 class TokenStream:
     """Read-only view of a shard directory as one long token array (documents joined by EOS)."""
 
@@ -286,7 +320,7 @@ class TokenStream:
         idx_path = self.path / INDEX
         if not idx_path.is_file():
             raise FlexmoeError(f"not a token-shard directory (no {INDEX}): {self.path}")
-        self.index = json.loads(idx_path.read_text())
+        self.index = _check_index(self.path, read_json(idx_path, f"token-shard index {idx_path}"))
         dtype = np.dtype(self.index["dtype"])
         self.arrays = [
             np.memmap(self.path / s["file"], dtype=dtype, mode="r", shape=(s["tokens"],))

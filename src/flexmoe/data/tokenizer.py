@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from flexmoe.errors import FlexmoeError
-from flexmoe.fsutil import atomic_dir
+from flexmoe.fsutil import atomic_dir, guard_output
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -20,9 +20,14 @@ DEFAULT_VOCAB = 8192
 
 
 def train_tokenizer(
-    texts: Iterable[str], out_dir: str | Path, vocab_size: int = DEFAULT_VOCAB
+    texts: Iterable[str],
+    out_dir: str | Path,
+    vocab_size: int = DEFAULT_VOCAB,
+    overwrite: bool = False,
+    inputs: Iterable[str | Path] = (),
 ) -> Path:
     """Train byte-level BPE on `texts` and save it so AutoTokenizer.from_pretrained loads it."""
+    guard_output(out_dir, "tokenizer", inputs, overwrite)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -50,7 +55,10 @@ def load_tokenizer(path: str | Path):
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
         raise FlexmoeError(f"no tokenizer at {path} (tokenizer.json missing)")
-    return AutoTokenizer.from_pretrained(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:
+        raise FlexmoeError(f"{path}: cannot load the tokenizer ({type(e).__name__})") from None
 
 
 def token_byte_lengths(tokenizer) -> np.ndarray:
