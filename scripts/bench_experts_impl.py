@@ -1,4 +1,5 @@
-"""Which HF experts implementation flexmoe should use on this machine: eager vs grouped_mm.
+"""Which HF experts implementation flexmoe should use on this machine: eager, grouped_mm or
+batched_mm.
 
     python scripts/bench_experts_impl.py            # demo-preset shapes, 1 + 4 experts, top-4
 
@@ -27,7 +28,7 @@ def timeit(fn, repeat: int) -> float:
 
 
 def main() -> None:
-    from flexmoe.model import new_anchor, olmo2_config, routers, upcycle
+    from flexmoe.model import new_anchor, olmo2_config, routers, routing, upcycle
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="demo")
@@ -49,17 +50,23 @@ def main() -> None:
             r.weight.normal_(0, 0.5, generator=g)
     ids = torch.randint(0, 8192, (8, 256), generator=g)
     prompt = ids[:1, :32]
-    ref = None
+    ref = ref_masked = None
+    rows = torch.ones(ids.shape[0], args.experts, dtype=torch.bool)
+    rows[::2, 2:] = False  # half the rows keep 2 experts (< top-k): the padded-row path
     print(
         f"{args.experts} experts, top-{args.top_k}, preset {args.preset}, "
         f"{args.threads} threads (median of {args.repeat})"
     )
-    for impl in ("eager", "grouped_mm"):
+    for impl in ("eager", "grouped_mm", "batched_mm"):
         model.set_experts_implementation(impl)
         with torch.no_grad():
             out = model(ids).logits
+            with routing(model, rows=rows):
+                masked = model(ids).logits
         diff = 0.0 if ref is None else (out - ref).abs().max().item()
+        diff_m = 0.0 if ref_masked is None else (masked - ref_masked).abs().max().item()
         ref = out if ref is None else ref
+        ref_masked = masked if ref_masked is None else ref_masked
 
         def fwd():
             with torch.no_grad():
@@ -84,6 +91,7 @@ def main() -> None:
         print(
             f"{impl:11s} forward {ids.numel() / f:8,.0f} tok/s   fwd+bwd {ids.numel() / fb:8,.0f}"
             f" tok/s   generate {64 / gn:6,.1f} tok/s   max|Δlogits| vs eager {diff:.1e}"
+            f" (masked rows {diff_m:.1e})"
         )
     model.set_experts_implementation("eager")
 

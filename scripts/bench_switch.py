@@ -1,6 +1,6 @@
-"""Median time to switch the active expert set (set_active_experts) on a demo-size merged model.
+"""Median time to enter and leave a request's expert choice (model.routing) on a demo-size model.
 
-No reload and no weight change: switching is a copy into each layer's (E,) bool mask, so it
+No reload and no weight change: a request's mask is thread-local routing state, so switching
 should cost microseconds. Target: < 1 ms. Usage: python scripts/bench_switch.py [--calls N]
 """
 
@@ -13,7 +13,7 @@ import time
 import torch
 
 from flexmoe.infer import expert_mask
-from flexmoe.model import new_anchor, olmo2_config, set_active_experts, upcycle
+from flexmoe.model import new_anchor, olmo2_config, routing, upcycle
 
 
 def main() -> None:
@@ -30,22 +30,22 @@ def main() -> None:
     for i in range(args.calls):
         m = masks[i % 2]
         t0 = time.perf_counter()
-        set_active_experts(model, m)
+        with routing(model, mask=m):
+            pass
         times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        set_active_experts(model, expert_mask(model, exclude=["e2"] if i % 2 else None))
+        with routing(model, mask=expert_mask(model, exclude=["e2"] if i % 2 else None)):
+            pass
         named.append(time.perf_counter() - t0)
     print(
         f"model: hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
         f"{args.experts} experts; {args.calls} switches"
     )
     print(
-        f"set_active_experts: median {statistics.median(times) * 1e6:.1f} µs, "
+        f"routing(mask) enter+exit: median {statistics.median(times) * 1e6:.1f} µs, "
         f"p99 {sorted(times)[int(0.99 * len(times))] * 1e6:.1f} µs"
     )
-    print(
-        f"expert_mask(names) + set_active_experts: median {statistics.median(named) * 1e6:.1f} µs"
-    )
+    print(f"expert_mask(names) + routing: median {statistics.median(named) * 1e6:.1f} µs")
 
 
 if __name__ == "__main__":

@@ -108,8 +108,9 @@ def main() -> None:
                 L, H = p.num_hidden_layers, p.hidden_size
                 extras = {"public.domain": torch.randn(L, H) * 0.02}
                 model = build_two_expert(anchor, extras, torch.randn(L, H) * 0.02, "domain")
+                fmasks = freeze_for_expert(model)
                 named = dict(model.named_parameters())
-                masks = [(named[k], m) for k, m in freeze_for_expert(model).items()]
+                masks = [(named[k], m) for k, m in fmasks.items()]
                 n_params = sum(x.numel() for x in anchor.parameters())  # per-token: both FFNs
             model.to(dev)
             masks = [(pp, m.to(dev)) for pp, m in masks or []]

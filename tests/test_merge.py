@@ -19,7 +19,7 @@ from flexmoe.data.tokenizer import load_tokenizer, train_tokenizer
 from flexmoe.errors import FlexmoeError
 from flexmoe.infer import expert_mask, generate, load_merged
 from flexmoe.merge import BIAS, build_merged, merge
-from flexmoe.model import new_anchor, olmo2_config, routers, set_active_experts, set_row_masks
+from flexmoe.model import new_anchor, olmo2_config, routers, routing
 from flexmoe.package import WEIGHTS, verify_package
 
 NAMES = ["code", "math", "news", "law"]
@@ -99,19 +99,28 @@ def test_merged_layout(env, full) -> None:
     assert torch.equal(routers(full)[1].weight[2], pkg["layers.1.router"])
 
 
-def test_mask_equals_merge_of_subset(env, full, verified) -> None:
-    """For every subset S (public + 2 or 3 of 4 packages): masking = merging S only."""
+IMPLS = ["eager", "grouped_mm", "batched_mm"]  # every HF experts implementation that runs on CPU
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request, full):
+    full.set_experts_implementation(request.param)
+    yield request.param
+    full.set_experts_implementation("eager")
+
+
+def test_mask_equals_merge_of_subset(env, full, verified, impl) -> None:
+    """For every subset S (public + 2 or 3 of 4 packages): masking = merging S only, on every
+    experts implementation (rows with fewer active experts than top-k included)."""
     anchor, record, extras, pk = verified
     x = ids(0)
     outs = []
     for r in (2, 3):
         for sub in itertools.combinations(NAMES, r):
             small = build_merged(anchor, record, extras, [pk[n] for n in sub])
-            set_active_experts(full, expert_mask(full, include=list(sub)))
-            try:
+            small.set_experts_implementation(impl)
+            with routing(full, mask=expert_mask(full, include=list(sub))):
                 got = logits(full, x)
-            finally:
-                set_active_experts(full, torch.ones(5, dtype=torch.bool))
             want = logits(small, x)
             assert (got - want).abs().max() <= 1e-6, sub
             outs.append(want)
@@ -121,35 +130,33 @@ def test_mask_equals_merge_of_subset(env, full, verified) -> None:
     assert (outs[0] - outs[-1]).abs().max() > 1e-3  # experts matter: the check is not vacuous
 
 
-def test_row_masks_equal_single_rows(full) -> None:
+def test_row_masks_equal_single_rows(full, impl) -> None:
     x = ids(1, batch=3)
     rows = torch.tensor([[1, 1, 0, 1, 0], [1, 0, 0, 0, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    set_row_masks(full, rows)
-    try:
+    with routing(full, rows=rows):
         batched = logits(full, x)
-    finally:
-        set_row_masks(full, None)
     for b in range(3):
-        set_active_experts(full, rows[b])
-        try:
+        with routing(full, mask=rows[b]):
             single = logits(full, x[b : b + 1])
-        finally:
-            set_active_experts(full, torch.ones(5, dtype=torch.bool))
         assert (batched[b] - single[0]).abs().max() <= 1e-6
 
 
-def test_excluded_expert_weights_never_read(env) -> None:
+@pytest.mark.parametrize("impl_name", IMPLS)
+def test_excluded_expert_weights_never_read(env, impl_name) -> None:
     model = load_merged(env["full"])
+    model.set_experts_implementation(impl_name)
     x = ids(2)
-    set_active_experts(model, expert_mask(model, exclude=["math"]))
-    before = logits(model, x)
+    mask = expert_mask(model, exclude=["math"])
+    with routing(model, mask=mask):
+        before = logits(model, x)
     with torch.no_grad():
         for layer, r in zip(model.model.layers, routers(model), strict=True):
             layer.mlp.experts.gate_up_proj[2] = float("nan")
             layer.mlp.experts.down_proj[2] = float("nan")
             r.weight[2] = float("nan")
             r.bias[2] = float("nan")
-    after = logits(model, x)
+    with routing(model, mask=mask):
+        after = logits(model, x)
     assert torch.isfinite(after).all() and torch.equal(before, after)
     g = generate(model, env["tok"], "The dog", 5, exclude=["math"], attribution=True)
     assert g.attribution["math"] == 0.0
@@ -285,8 +292,9 @@ def test_attribution(env, full) -> None:
     assert len(g.per_layer) == full.config.num_hidden_layers
     for row in g.per_layer:
         assert abs(sum(row.values()) - 1) < 1e-9 and row["math"] == 0.0
-    assert all(r.records is None for r in routers(full))
-    assert routers(full)[0].active.all()  # the request's mask does not leak into the next
+    from flexmoe.model import current_mask
+
+    assert current_mask(full).all()  # the request's mask does not leak into the next
     s1 = generate(full, env["tok"], "The", 6, temperature=1.0, top_p=0.9, seed=3)
     s2 = generate(full, env["tok"], "The", 6, temperature=1.0, top_p=0.9, seed=3)
     assert s1.token_ids == s2.token_ids
@@ -331,3 +339,44 @@ def test_cli_merge_and_generate(env) -> None:
     )
     assert r.exit_code == 0, r.output
     assert "code" in r.output and "math" in r.output
+
+
+def test_routing_is_restored_on_exception(full) -> None:
+    from flexmoe.model import current_mask
+
+    with pytest.raises(RuntimeError), routing(full, mask=expert_mask(full, include=["code"])):
+        assert current_mask(full).sum() == 2
+        with routing(full, mask=expert_mask(full, exclude=["code"]), record=True):
+            assert current_mask(full).sum() == 1  # nested: AND-ed, never re-enabled
+            raise RuntimeError("request failed")
+    assert current_mask(full).all()
+
+
+def test_two_threads_with_different_masks_match_each_alone(full) -> None:
+    """Per-request routing is thread-local: concurrent requests with different masks give what
+    each gives alone."""
+    import threading
+
+    x = ids(4, batch=2, length=24)
+    masks = [expert_mask(full, include=["code"]), expert_mask(full, exclude=["code", "law"])]
+    alone = []
+    for m in masks:
+        with routing(full, mask=m):
+            alone.append(logits(full, x))
+    results: dict[int, list] = {0: [], 1: []}
+    start = threading.Barrier(2)
+
+    def work(i: int) -> None:
+        start.wait()
+        for _ in range(15):
+            with routing(full, mask=masks[i]):
+                results[i].append(logits(full, x))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in (0, 1):
+        assert len(results[i]) == 15 and all(torch.equal(r, alone[i]) for r in results[i])
+    assert not torch.equal(alone[0], alone[1])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import torch
@@ -42,23 +43,24 @@ def evaluate_bpb(
     seq_len: int,
     batch_size: int = 8,
     max_tokens: int | None = None,
-    before_batch: Callable[[list[int]], None] | None = None,
+    before_batch: Callable[[list[int]], AbstractContextManager | None] | None = None,
 ) -> dict:
     """Mean loss (nats/token) and BPB of `logits_fn` (ids (B,T) → logits (B,T,V)) on a stream.
-    before_batch(window starts) runs before each batch (e.g. to choose experts from the text
-    that precedes each window)."""
+    before_batch(window starts) may return a context the batch's forward runs in (e.g. a
+    model.routing that chooses experts from the text that precedes each window). Logits may
+    be on any device: targets follow them."""
     tb = torch.as_tensor(token_bytes)
     starts = eval_windows(stream, seq_len, max_tokens)
     nll_sum, n_tok, n_bytes = 0.0, 0, 0
     for i in range(0, len(starts), batch_size):
         batch = np.stack([stream.window(s, seq_len + 1) for s in starts[i : i + batch_size]])
         ids = torch.from_numpy(batch)
-        if before_batch is not None:
-            before_batch(starts[i : i + batch_size])
-        logits = logits_fn(ids[:, :-1]).float()
-        targets = ids[:, 1:]
+        ctx = before_batch(starts[i : i + batch_size]) if before_batch is not None else None
+        with ctx or nullcontext():
+            logits = logits_fn(ids[:, :-1]).float()
+        targets = ids[:, 1:].to(logits.device)
         nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
-        nbytes = tb[targets.flatten()]
+        nbytes = tb.to(logits.device)[targets.flatten()]
         keep = nbytes > 0
         nll_sum += float(nll[keep].double().sum())
         n_tok += int(keep.sum())

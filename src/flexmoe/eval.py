@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -44,25 +45,21 @@ def bpb_by_domain(
 ) -> dict[str, float]:
     """preselect=M: each window keeps public + the M experts closest to the text before it."""
     from flexmoe.infer import preselect_hook
-    from flexmoe.model import set_row_masks
 
     model.eval()
-    try:
-        return {
-            d: evaluate_bpb(
-                lambda ids: model(ids).logits,
-                s,
-                token_bytes,
-                seq_len,
-                batch_size=batch_size,
-                max_tokens=max_tokens,
-                before_batch=preselect_hook(model, tokenizer, s, preselect) if preselect else None,
-            )["bpb"]
-            for d, s in streams.items()
-        }
-    finally:
-        if preselect:
-            set_row_masks(model, None)
+    device = next(model.parameters()).device
+    return {
+        d: evaluate_bpb(
+            lambda ids: model(ids.to(device)).logits,
+            s,
+            token_bytes,
+            seq_len,
+            batch_size=batch_size,
+            max_tokens=max_tokens,
+            before_batch=preselect_hook(model, tokenizer, s, preselect) if preselect else None,
+        )["bpb"]
+        for d, s in streams.items()
+    }
 
 
 def bpb_table(
@@ -86,6 +83,7 @@ def bpb_table(
     if not 2 <= seq_len <= max_pos:
         raise FlexmoeError(f"--seq-len must be between 2 and the model's {max_pos} positions")
     notes = []
+    mask = None
     if model.config.model_type == "flex_olmo":
         from flexmoe.infer import (
             PRESELECT_CONTEXT,
@@ -93,10 +91,8 @@ def bpb_table(
             expert_mask,
             expert_names,
         )
-        from flexmoe.model import set_active_experts
 
         mask = expert_mask(model, include, exclude, allow_no_public)
-        set_active_experts(model, mask)
         names = expert_names(model)
         notes.append(
             "active experts: " + ", ".join(n for n, a in zip(names, mask, strict=True) if a)
@@ -117,9 +113,12 @@ def bpb_table(
         )
     tb = token_byte_lengths(tok)
     streams = domain_streams(data, split)
-    scores = bpb_by_domain(
-        model, tb, streams, seq_len, max_tokens, preselect=preselect, tokenizer=tok
-    )
+    from flexmoe.model import routing
+
+    with routing(model, mask=mask) if mask is not None else nullcontext():
+        scores = bpb_by_domain(
+            model, tb, streams, seq_len, max_tokens, preselect=preselect, tokenizer=tok
+        )
     rows = []
     for d, s in streams.items():
         row = {"domain": d, "bpb": scores[d]}

@@ -42,7 +42,7 @@ from flexmoe.gate import (
     gate_loss,
     make_recipe,
 )
-from flexmoe.model import parametrize_bias, routers, upcycle
+from flexmoe.model import merge_owner_params, parametrize_bias, routers, upcycle
 from flexmoe.package import MAX_TEXT, USES, tensor_sha256, validate_name, write_package
 from flexmoe.records import library_versions
 from flexmoe.router_init import (
@@ -79,10 +79,7 @@ def expert_train_config(**overrides) -> TrainConfig:
         min_lr_ratio=0.1,
     )
     base.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = make_train_config(**base)
-    if cfg.weight_decay != 0:
-        raise FlexmoeError("expert training needs weight decay 0 (frozen slices must stay exact)")
-    return cfg
+    return make_train_config(**base)
 
 
 def owner_router_rows(
@@ -124,16 +121,29 @@ def build_two_expert(anchor, extras, owner_rows: torch.Tensor, method: str):
     return model
 
 
-def freeze_for_expert(model, train_bias: bool = True) -> dict[str, torch.Tensor]:
-    """requires_grad only on expert/router tensors; masks keep the public slices frozen.
-    train_bias=False keeps b at its start value (the "no bias" ablation)."""
+def freeze_for_expert(
+    model, train_bias: bool = True, owner_params: bool = True
+) -> dict[str, torch.Tensor]:
+    """requires_grad only on the owner's expert and router tensors. With owner_params (default)
+    the owner's FFN and router rows are parameters of their own (model.owner_only): the public
+    slices are buffers, outside the optimizer. The returned gradient masks freeze what remains
+    shared: the public entry of the bias, and the bias itself when train_bias=False (the "no
+    bias" ablation). owner_params=False is the old layout (every slice masked), kept for
+    scripts/optimizer_memory.py's comparison."""
+    from flexmoe.model import owner_only
+
+    if owner_params:
+        owner_only(model, [OWNER])
     masks: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters():
         trainable = ".mlp.experts." in name or ".mlp.gate." in name
         p.requires_grad_(trainable)
-        if trainable:
+        if not trainable:
+            continue
+        is_bias = name.endswith("gate.bias") or "parametrizations.bias" in name
+        if is_bias or not owner_params:
             m = torch.zeros_like(p)
-            if train_bias or not (name.endswith("gate.bias") or "parametrizations.bias" in name):
+            if train_bias or not is_bias:
                 m[OWNER] = 1.0
             masks[name] = m
     return masks
@@ -311,6 +321,7 @@ def train_expert(
     model = unshard_for_save(model, rebuild)
     if result.get("stopped") or model is None:
         return result
+    merge_owner_params(model)
     calibration = None
     if rec.calibrate:
         calibration = calibrate_gate(model, stream, TokenStream(public), rec, cfg.seq_len, cfg.seed)

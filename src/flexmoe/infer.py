@@ -8,6 +8,7 @@ opt-out — the same function as a model merged without those experts.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from transformers import FlexOlmoForCausalLM
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.merge import BIAS, PUBLIC, read_merged_meta
-from flexmoe.model import install_routers, routers, set_active_experts
+from flexmoe.model import current_mask, install_routers, routers, routing, set_active_experts
 from flexmoe.package import Manifest
 
 DENSE_TYPES = ("olmo2",)  # dense families an anchor or dense expert can be
@@ -160,17 +161,15 @@ PRESELECT_CONTEXT = 256  # tokens before a scored window that preselection reads
 
 def preselect_hook(model, tokenizer, stream, m: int):
     """A before_batch hook for evaluate_bpb: each window keeps public + the m experts closest to
-    the text of the PRESELECT_CONTEXT tokens BEFORE it (the scored window is never read). The caller
-    clears the row masks afterwards (set_row_masks(model, None))."""
-    from flexmoe.model import set_row_masks
+    the text of the PRESELECT_CONTEXT tokens BEFORE it (the scored window is never read)."""
 
-    def choose(starts: list[int]) -> None:
+    def choose(starts: list[int]):
         n = PRESELECT_CONTEXT
         texts = [
             tokenizer.decode(stream.window(max(x - n, 0), min(x, n)).tolist()) if x else ""
             for x in starts
         ]
-        set_row_masks(model, preselect_mask(model, texts, m))
+        return routing(model, rows=preselect_mask(model, texts, m))
 
     return choose
 
@@ -194,7 +193,7 @@ def preselect_mask(
         raise FlexmoeError("--preselect must be ≥ 1")
     names = expert_names(model)
     if allowed is None:
-        allowed = routers(model)[0].active
+        allowed = current_mask(model)
     emb = getattr(model, "flexmoe_domain_embeddings", {})
     scored = [i for i, n in enumerate(names) if n in emb and bool(allowed[i])]
     if not scored and not emb:
@@ -333,20 +332,15 @@ def generate(
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
         ids = torch.tensor([[tokenizer.eos_token_id]])
-    rs = routers(model)
-    previous = rs[0].active.clone() if rs else None
-    if mask is not None:
-        set_active_experts(model, mask)
-    record = attribution or per_layer
-    for r in rs:
-        r.records = [] if record else None
-    try:
+    ctx = routing(model, mask=mask, record=attribution or per_layer) if mask is not None else None
+    with ctx or nullcontext([]) as records:
         if seed is not None:
             torch.manual_seed(seed)
         sample = temperature > 0
+        device = next(model.parameters()).device
         out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
+            ids.to(device),
+            attention_mask=torch.ones_like(ids).to(device),
             max_new_tokens=max_new_tokens,
             do_sample=sample,
             temperature=temperature if sample else None,
@@ -355,13 +349,8 @@ def generate(
             use_cache=True,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
-        )
-        records = [r.records for r in rs] if record else []
-    finally:
-        for r in rs:
-            r.records = None
-        if previous is not None:
-            set_active_experts(model, previous)
+        ).cpu()
+    record = bool(attribution or per_layer) and mask is not None
     new = out[0, ids.shape[1] :].tolist()
     result = Generation(
         text=tokenizer.decode(new, skip_special_tokens=True),
@@ -374,8 +363,8 @@ def generate(
         n = len(names)
         layer_tot = []
         for recs in records:  # one router (layer): a (rows, k) record per forward call
-            index = torch.cat([i for i, _ in recs])[-len(new) :]  # rows that produced new tokens
-            value = torch.cat([v for _, v in recs])[-len(new) :]
+            index = torch.cat([i for i, _ in recs])[-len(new) :].cpu()  # rows → new tokens
+            value = torch.cat([v for _, v in recs])[-len(new) :].cpu()
             layer_tot.append(_shares(index, value, n))
         total = torch.stack(layer_tot).sum(0)
         if attribution:

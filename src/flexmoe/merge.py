@@ -35,7 +35,7 @@ from transformers import FlexOlmoForCausalLM, Olmo2ForCausalLM
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.fsutil import atomic_dir, copy_bounded, guard_output, read_json, write_json
-from flexmoe.model import routers, set_row_masks, upcycle
+from flexmoe.model import routers, routing, upcycle
 from flexmoe.package import (
     MANIFEST,
     MAX_HEADER_BYTES,
@@ -306,11 +306,8 @@ def probe(model: FlexOlmoForCausalLM, names: Sequence[str]) -> None:
         if PUBLIC in names:
             mask[e, names.index(PUBLIC)] = True
     ids = (torch.arange(16) * 7919 % model.config.vocab_size).expand(n, -1)
-    set_row_masks(model, mask)
-    try:
-        logits = model(ids).logits
-    finally:
-        set_row_masks(model, None)
+    with routing(model, rows=mask):
+        logits = model(ids.to(next(model.parameters()).device)).logits
     bad = [names[e] for e in range(n) if not torch.isfinite(logits[e]).all()]
     if bad:
         raise FlexmoeError(

@@ -5,11 +5,23 @@ flexmoe does not re-implement the transformer. It adds, as a small diff over HF'
 - expert masks (global or per batch row) that set excluded experts' logits to −∞ before the
   softmax, with top-k clipped to the active experts — the exact opt-out,
 - optional recording of routing weights, for attribution.
+
+Per-request routing (expert mask, per-row masks, recording) is owned by one context manager,
+`with routing(model, mask=…, rows=…, record=…)`. Its state is thread-local, so two requests
+using one model from two threads never see each other's masks, and it is restored on any exit.
+The router's `active` buffer is only the model's standing default (experts withheld at load).
+
+A row whose mask leaves fewer than top-k experts is padded with its own top expert at weight 0
+(not HF's "no expert" sentinel, which only the eager experts implementation skips), so masks are
+exact on every experts backend.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -90,16 +102,80 @@ def fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 # ---------------------------------------------------------------- MoE
+@dataclass
+class _Route:
+    mask: torch.Tensor | None  # (experts,) bool
+    rows: torch.Tensor | None  # (batch, experts) bool
+    records: list | None  # (top_index, top_value) per forward call
+
+
+_local = threading.local()
+
+
+def _routes() -> dict[int, _Route]:
+    routes = getattr(_local, "routes", None)
+    if routes is None:
+        routes = _local.routes = {}
+    return routes
+
+
+def _and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else a if b is None else a & b
+
+
+@contextlib.contextmanager
+def routing(
+    model: nn.Module,
+    mask: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    record: bool = False,
+) -> Iterator[list[list[tuple[torch.Tensor, torch.Tensor]]]]:
+    """Route this thread's forwards of `model` with an expert mask (E,) and/or per-row masks
+    (B, E), AND-ed with any enclosing routing (an inner block can never re-enable an expert).
+    record=True yields, per layer, the (top_index, top_value) of every forward call."""
+    rs = routers(model)
+    routes = _routes()
+    saved = {id(r): routes.get(id(r)) for r in rs}
+    mask = None if mask is None else torch.as_tensor(mask, dtype=torch.bool)
+    rows = None if rows is None else torch.as_tensor(rows, dtype=torch.bool)
+    out = []
+    try:
+        for r in rs:
+            outer = saved[id(r)]
+            dev = r.weight.device
+            rec = [] if record else (outer.records if outer else None)
+            routes[id(r)] = _Route(
+                _and(outer.mask if outer else None, None if mask is None else mask.to(dev)),
+                _and(outer.rows if outer else None, None if rows is None else rows.to(dev)),
+                rec,
+            )
+            out.append(rec)
+        yield out
+    finally:
+        for r in rs:
+            if saved[id(r)] is None:
+                routes.pop(id(r), None)
+            else:
+                routes[id(r)] = saved[id(r)]
+
+
+def current_mask(model: nn.Module) -> torch.Tensor:
+    """(E,) bool: the experts this thread's forwards may use now (standing mask ∧ routing)."""
+    r = routers(model)[0]
+    route = _routes().get(id(r))
+    mask = r.active.cpu()
+    return mask if route is None or route.mask is None else mask & route.mask.cpu()
+
+
 class FlexmoeRouter(FlexOlmoTopKRouter):
     """HF's top-k router plus bias, masks and recording. Softmax spans the ACTIVE experts only."""
 
     def __init__(self, config: FlexOlmoConfig):
         super().__init__(config)
         self.bias = nn.Parameter(torch.zeros(self.num_experts))
+        # the model's standing mask (experts withheld at load); requests use routing()
         self.register_buffer("active", torch.ones(self.num_experts, dtype=torch.bool), False)
-        self.row_mask: torch.Tensor | None = None  # (batch, experts) bool, set per request
         self.use_bias = True
-        self.records: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         # training only: unmasked logits computed from a DETACHED input, so a loss on them (gate
         # calibration, z-loss) reaches this router's weight and bias and nothing upstream
         self.captured: list[torch.Tensor] | None = None
@@ -113,12 +189,17 @@ class FlexmoeRouter(FlexOlmoTopKRouter):
         if self.captured is not None:
             own = F.linear(hidden_states.detach().float(), self.weight.float())
             self.captured.append(own + bias.float() if bias is not None else own)
+        route = _routes().get(id(self))
         mask = self.active.unsqueeze(0)
-        if self.row_mask is not None:
-            rows = self.row_mask.shape[0]
-            mask = mask & self.row_mask.repeat_interleave(hidden_states.shape[0] // rows, dim=0)
+        if route is not None and route.mask is not None:
+            mask = mask & route.mask.unsqueeze(0)
+        if route is not None and route.rows is not None:
+            rows = route.rows.shape[0]
+            mask = mask & route.rows.repeat_interleave(hidden_states.shape[0] // rows, dim=0)
         mask = mask.expand_as(logits)
         if not bool(mask.all()):
+            if not bool(mask.any(-1).all()):
+                raise FlexmoeError("a routing mask leaves a row with no active expert")
             logits = logits.masked_fill(~mask, float("-inf"))
         probs = torch.softmax(logits, dtype=torch.float, dim=-1)
         k = min(self.top_k, int(mask.sum(-1).max()))
@@ -126,12 +207,13 @@ class FlexmoeRouter(FlexOlmoTopKRouter):
         if self.norm_topk_prob:
             top_value = top_value / top_value.sum(dim=-1, keepdim=True)
         chosen_active = mask.gather(1, top_index)
-        if not bool(chosen_active.all()):  # a row with fewer active experts than k
-            top_index = top_index.masked_fill(~chosen_active, self.num_experts)  # HF's "no expert"
+        if not bool(chosen_active.all()):  # a row with fewer active experts than k: pad it with
+            # its own top (active) expert at weight 0, exact on every experts implementation
+            top_index = torch.where(chosen_active, top_index, top_index[:, :1])
             top_value = top_value.masked_fill(~chosen_active, 0.0)
         top_value = top_value.to(logits.dtype)
-        if self.records is not None:
-            self.records.append((top_index.detach(), top_value.detach().float()))
+        if route is not None and route.records is not None:
+            route.records.append((top_index.detach(), top_value.detach().float()))
         return logits, top_value, top_index
 
 
@@ -152,6 +234,52 @@ class NegativeSoftplus(nn.Module):
     def right_inverse(self, b: torch.Tensor) -> torch.Tensor:
         neg = (-b).clamp(min=1e-6)
         return torch.where(self.trainable, torch.log(torch.expm1(neg)), torch.zeros_like(b))
+
+
+class FrozenSlices(nn.Module):
+    """Parametrization: a stacked (experts, …) tensor = its frozen experts (a buffer) with the
+    trainable experts' rows put in place. The optimizer then holds gradients and Adam state for
+    the trainable rows only, weight decay can never touch a frozen row, and the frozen rows stay
+    bit-identical because nothing ever writes to the buffer."""
+
+    def __init__(self, full: torch.Tensor, trainable: list[int]):
+        super().__init__()
+        self.register_buffer("frozen", full.detach().clone(), persistent=False)
+        self.register_buffer("index", torch.tensor(trainable, device=full.device), False)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.frozen.index_copy(0, self.index, rows)
+
+    def right_inverse(self, full: torch.Tensor) -> torch.Tensor:
+        return full.index_select(0, self.index)
+
+
+OWNER_TENSORS = ("experts.gate_up_proj", "experts.down_proj", "gate.weight")
+
+
+def owner_only(model: nn.Module, trainable: list[int]) -> None:
+    """Give the trainable experts their own parameters inside every stacked expert tensor and
+    router weight (FrozenSlices); undo with merge_owner_params."""
+    from torch.nn.utils import parametrize
+
+    for layer in model.model.layers:
+        for path in OWNER_TENSORS:
+            owner, name = path.split(".")
+            mod = getattr(layer.mlp, owner)
+            param = getattr(mod, name)
+            parametrize.register_parametrization(mod, name, FrozenSlices(param, trainable))
+
+
+def merge_owner_params(model: nn.Module) -> None:
+    """Back to plain stacked tensors (the layout packages and checkpoints are read from)."""
+    from torch.nn.utils import parametrize
+
+    for layer in model.model.layers:
+        for path in OWNER_TENSORS:
+            owner, name = path.split(".")
+            mod = getattr(layer.mlp, owner)
+            if parametrize.is_parametrized(mod, name):
+                parametrize.remove_parametrizations(mod, name, leave_parametrized=True)
 
 
 def parametrize_bias(model: nn.Module, trainable: list[int], init: float) -> None:
@@ -261,13 +389,8 @@ def upcycle(anchor: Olmo2ForCausalLM, num_experts: int, top_k: int) -> FlexOlmoF
 
 
 def set_active_experts(model: nn.Module, active: list[bool] | torch.Tensor) -> None:
-    """Include/exclude experts for every following request; no reload, no weight change."""
+    """The model's standing mask, under every request's routing(): used at load to withhold
+    experts whose consent has lapsed. Per-request choices use routing()."""
     active = torch.as_tensor(active, dtype=torch.bool)
     for r in routers(model):
-        r.active.copy_(active)
-
-
-def set_row_masks(model: nn.Module, row_mask: torch.Tensor | None) -> None:
-    """Per-request expert selection: row_mask[b, e] says whether batch row b may use expert e."""
-    for r in routers(model):
-        r.row_mask = None if row_mask is None else row_mask.to(torch.bool)
+        r.active.copy_(active.to(r.active.device))

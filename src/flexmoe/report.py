@@ -64,7 +64,7 @@ def evaluate_all(
         load_merged,
         preselect_hook,
     )
-    from flexmoe.model import routers, set_active_experts, set_row_masks
+    from flexmoe.model import routers, routing
 
     tok = load_tokenizer(paths["anchor"])
     tb = token_byte_lengths(tok)
@@ -110,13 +110,9 @@ def evaluate_all(
         pre = default_preselect(model)
         before = (lambda s: preselect_hook(model, tok, s, pre)) if pre else None
         res = {}
-        try:
-            for d in cfg.domains:
-                set_active_experts(model, expert_mask(model, exclude=[d]))
+        for d in cfg.domains:
+            with routing(model, mask=expert_mask(model, exclude=[d])):
                 res[d] = _bpb(logits(model), streams, tb, cfg, before)
-        finally:
-            set_active_experts(model, expert_mask(model))
-            set_row_masks(model, None)
         return res
 
     optout = optout_of(merged)
@@ -177,18 +173,14 @@ PRESELECT = (1, 2)  # experts kept per request by the preselection variants
 def preselect_bpb(merged, streams, tb, cfg, tokenizer, m: int) -> dict[str, float]:
     """BPB with request-level preselection of m experts (infer.preselect_hook)."""
     from flexmoe.infer import preselect_hook
-    from flexmoe.model import set_row_masks
 
-    try:
-        return _bpb(
-            lambda ids: merged(ids).logits,
-            streams,
-            tb,
-            cfg,
-            lambda s: preselect_hook(merged, tokenizer, s, m),
-        )
-    finally:
-        set_row_masks(merged, None)
+    return _bpb(
+        lambda ids: merged(ids).logits,
+        streams,
+        tb,
+        cfg,
+        lambda s: preselect_hook(merged, tokenizer, s, m),
+    )
 
 
 @torch.no_grad()
@@ -197,7 +189,7 @@ def recipe_eval(merged, anchor_row: dict, streams, tb, cfg, tokenizer) -> dict:
     preselection, if any), of each owner's 2-expert model and of the inference variants;
     retention; public Δ vs the anchor; routing."""
     from flexmoe.infer import default_preselect, expert_mask, expert_names, preselect_hook
-    from flexmoe.model import set_active_experts
+    from flexmoe.model import routing
 
     names = expert_names(merged)
     doms = [d for d in streams if d != PUBLIC]
@@ -207,9 +199,8 @@ def recipe_eval(merged, anchor_row: dict, streams, tb, cfg, tokenizer) -> dict:
 
     two = {}
     for d in doms:
-        set_active_experts(merged, expert_mask(merged, include=[d]))
-        two[d] = _bpb(fn, streams, tb, cfg)
-    set_active_experts(merged, expert_mask(merged))
+        with routing(merged, mask=expert_mask(merged, include=[d])):
+            two[d] = _bpb(fn, streams, tb, cfg)
     token_only = _bpb(fn, streams, tb, cfg)
     variants = {"token": token_only}
     for v in inference_variant.VARIANTS:
@@ -222,7 +213,7 @@ def recipe_eval(merged, anchor_row: dict, streams, tb, cfg, tokenizer) -> dict:
     pre = default_preselect(merged)
     m = variants[f"preselect-{pre}"] if pre else token_only
     before = (lambda s: preselect_hook(merged, tokenizer, s, pre)) if pre else None
-    routing = routing_matrix(merged, streams, cfg, before)
+    shares = routing_matrix(merged, streams, cfg, before)
     ret = retention(anchor_row, m, two)
     return {
         "preselect": pre,
@@ -232,9 +223,9 @@ def recipe_eval(merged, anchor_row: dict, streams, tb, cfg, tokenizer) -> dict:
         "retention": ret,
         "mean_retention": sum(ret.values()) / max(len(ret), 1),
         "public_delta": m[PUBLIC] / anchor_row[PUBLIC] - 1,
-        "routing_diagonal": {PUBLIC: float(np.mean(routing[PUBLIC], axis=0)[0])}
-        | routing_diagonal(routing, names),
-        "routing": routing,
+        "routing_diagonal": {PUBLIC: float(np.mean(shares[PUBLIC], axis=0)[0])}
+        | routing_diagonal(shares, names),
+        "routing": shares,
     }
 
 
@@ -246,36 +237,29 @@ def _gen(g) -> dict:
 def routing_matrix(model, streams, cfg, before=None) -> dict[str, list[list[float]]]:
     """Per domain: (layers × experts) share of routing weight over that domain's held-out tokens;
     before(stream) → a hook run with each batch's window starts (e.g. preselection)."""
+    from contextlib import nullcontext
+
     import numpy as np
 
     from flexmoe.bpb import eval_windows
-    from flexmoe.model import routers, set_row_masks
+    from flexmoe.model import routing
 
-    rs = routers(model)
     n = model.config.num_experts
     out = {}
     for d, s in streams.items():
         starts = eval_windows(s, cfg.seq_len, cfg.eval_tokens // 4)
         ids = torch.from_numpy(np.stack([s.window(x, cfg.seq_len) for x in starts]))
-        for r in rs:
-            r.records = []
         hook = before(s) if before else None
-        try:
+        with routing(model, record=True) as records:
             for i in range(0, len(ids), 8):
-                if hook:
-                    hook(starts[i : i + 8])
-                model(ids[i : i + 8])
-            mat = []
-            for r in rs:
-                tot = torch.zeros(n + 1, dtype=torch.float64)
-                for idx, val in r.records:
-                    tot.index_add_(0, idx.reshape(-1), val.reshape(-1).double())
-                tot = tot[:n]
-                mat.append((tot / tot.sum()).tolist())
-        finally:
-            for r in rs:
-                r.records = None
-            set_row_masks(model, None)
+                with (hook(starts[i : i + 8]) if hook else None) or nullcontext():
+                    model(ids[i : i + 8])
+        mat = []
+        for recs in records:
+            tot = torch.zeros(n, dtype=torch.float64)
+            for idx, val in recs:
+                tot.index_add_(0, idx.reshape(-1).cpu(), val.reshape(-1).double().cpu())
+            mat.append((tot / tot.sum()).tolist())
         out[d] = mat
     return out
 

@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.fsutil import sha256_file, write_json
@@ -334,7 +333,7 @@ def optout_comparison(
     from flexmoe.eval import bpb_by_domain, domain_streams
     from flexmoe.infer import expert_mask, expert_names, load_merged
     from flexmoe.merge import PUBLIC
-    from flexmoe.model import set_active_experts
+    from flexmoe.model import routing
 
     streams = domain_streams(token_root, split)
     tb = token_byte_lengths(load_tokenizer(untuned_dir))
@@ -347,12 +346,9 @@ def optout_comparison(
         rows = {}
         for excluded in [None, *(n for n in names if n != PUBLIC)]:
             mask = expert_mask(model, exclude=[excluded] if excluded else None)
-            set_active_experts(model, mask)
-            try:
+            with routing(model, mask=mask):
                 rows[excluded or "none"] = bpb_by_domain(
                     model, tb, streams, seq_len, max_tokens, batch_size
                 )
-            finally:
-                set_active_experts(model, torch.ones(len(names), dtype=torch.bool))
         result[label] = rows
     return result

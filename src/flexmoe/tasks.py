@@ -323,13 +323,13 @@ def run_tasks(
     from flexmoe.eval import load_for_eval
 
     model, tok = load_for_eval(model_dir)
+    mask = None
     if include or exclude:
         if getattr(model.config, "model_type", None) != "flex_olmo":
             raise FlexmoeError("--include/--exclude need a merged (FlexOlmo) model")
         from flexmoe.infer import expert_mask
-        from flexmoe.model import set_active_experts
 
-        set_active_experts(model, expert_mask(model, include, exclude, allow_no_public))
+        mask = expert_mask(model, include, exclude, allow_no_public)
 
     import logging
 
@@ -344,15 +344,20 @@ def run_tasks(
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=device)
     tm = TaskManager(include_path=str(task_dir.resolve()), include_defaults=False)
+    from contextlib import nullcontext
+
+    from flexmoe.model import routing
+
     try:
-        res = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=[PREFIX + n for n in names],
-            limit=limit,
-            task_manager=tm,
-            bootstrap_iters=0,
-            log_samples=False,
-        )
+        with routing(model, mask=mask) if mask is not None else nullcontext():
+            res = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=[PREFIX + n for n in names],
+                limit=limit,
+                task_manager=tm,
+                bootstrap_iters=0,
+                log_samples=False,
+            )
     finally:
         lm_log.setLevel(level)
     return {n: _flat(res["results"][PREFIX + n]) for n in names}

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.nn.utils import parametrize
 
 from flexmoe.bpb import evaluate_bpb
 from flexmoe.data.shards import TokenStream
@@ -379,7 +380,7 @@ def train(
             for micro in range(cfg.grad_accum):
                 batch = get_batch(train_stream, cfg, step, micro).to(device)
                 ctx = capture_router_logits(model) if capture else nullcontext([])
-                with ctx as captured, autocast:
+                with ctx as captured, autocast, parametrize.cached():
                     logits = model(batch[:, :-1]).logits
                 loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
                 total = loss
