@@ -57,66 +57,103 @@ def test_resume_without_checkpoint_is_an_error(work, tok_dir, shards):
         _train(work / "never", tok_dir, shards, resume=True)
 
 
-def test_two_process_fsdp2_matches_single_process(work, tok_dir, shards):
-    """torchrun --nproc-per-node 2 (gloo, FSDP2) sees the same global batches as one process."""
-    single = work / "single"
-    dual = work / "dual"
-    args = [
-        "anchor",
-        "train",
-        "--data",
-        shards["public/train"],
-        "--tokenizer",
-        tok_dir,
-        "--preset",
-        "tiny",
-        "--steps",
-        "12",
-        "--router-docs",
-        "4",
-        "--ckpt-every",
-        "6",
-    ]
-    _train_cli = [sys.executable, "-m", "flexmoe.cli", *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FLEXMOE_NO_PROGRESS": "1"}
-    subprocess.run([*_train_cli, "--out", str(single)], check=True, env=env, capture_output=True)
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        "29533",
-    ]
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+ANCHOR_ARGS = ["anchor", "train", "--preset", "tiny", "--steps", "12", "--router-docs", "4"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "FLEXMOE_NO_PROGRESS": "1"}
+
+
+def run_anchor(out, tok_dir, shards, procs: int, *extra) -> subprocess.CompletedProcess:
+    """`flexmoe anchor train` in 1 process or under torchrun with `procs` processes (gloo)."""
+    args = [*ANCHOR_ARGS, "--data", shards["public/train"], "--tokenizer", tok_dir, *extra]
+    launcher = [sys.executable]
+    if procs > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(procs)]
+        launcher += ["--master-port", str(free_port())]
     r = subprocess.run(
-        [*torchrun, "-m", "flexmoe.cli", *map(str, args), "--out", str(dual)],
-        env=env,
+        [*launcher, "-m", "flexmoe.cli", *map(str, args), "--out", str(out)],
+        env=ENV,
         capture_output=True,
         text=True,
     )
     assert r.returncode == 0, r.stderr[-3000:]
+    return r
 
-    def losses(p):
-        recs = [
-            json.loads(x)
-            for x in (p.parent / (p.name + ".train") / "metrics.jsonl").read_text().splitlines()
-        ]
-        return [r["loss"] for r in recs if "loss" in r and "seconds" not in r]
 
+def losses(p):
+    recs = [
+        json.loads(x)
+        for x in (p.parent / (p.name + ".train") / "metrics.jsonl").read_text().splitlines()
+    ]
+    return [r["loss"] for r in recs if "loss" in r and "seconds" not in r]
+
+
+def max_diff(a, b) -> float:
+    m1, m2 = load_anchor(a)[0], load_anchor(b)[0]
+    return max(
+        (x - y).abs().max().item()
+        for x, y in zip(m1.state_dict().values(), m2.state_dict().values(), strict=True)
+    )
+
+
+def test_two_process_fsdp2_matches_single_process(work, tok_dir, shards):
+    """torchrun --nproc-per-node 2 (gloo, FSDP2) sees the same global batches as one process."""
+    single, dual = work / "single", work / "dual"
+    run_anchor(single, tok_dir, shards, 1, "--ckpt-every", "6")
+    run_anchor(dual, tok_dir, shards, 2, "--ckpt-every", "6")
     l1, l2 = losses(single), losses(dual)
     assert len(l1) == len(l2) > 0
     # gradient all-reduce sums in another order: tolerance 1e-3 on a loss of ~6 after 12 steps
     assert max(abs(a - b) for a, b in zip(l1, l2, strict=True)) < 1e-3
-    # the checkpoint written by 2 processes loads in one process
-    m1, _, _ = load_anchor(single)
-    m2, rec2, _ = load_anchor(dual)
-    diff = max(
-        (a - b).abs().max().item()
-        for a, b in zip(m1.state_dict().values(), m2.state_dict().values(), strict=True)
-    )
-    assert diff < 1e-3
-    ck = load_file(
-        dual.parent / "dual.train" / "checkpoints" / "step_0000012" / "model.safetensors"
-    )
-    m2.load_state_dict(ck)
+    assert max_diff(single, dual) < 1e-3
+
+
+@pytest.mark.parametrize("first, then", [(1, 2), (2, 1)])
+def test_sharded_checkpoint_resumes_on_another_world_size(work, tok_dir, shards, first, then):
+    """A run killed after a DCP checkpoint written by `first` processes, resumed by `then`
+    processes, ends where an uninterrupted run ends (cross-process sums: tolerance 1e-3)."""
+    full = work / "dcp-full"
+    if not full.exists():
+        run_anchor(full, tok_dir, shards, 1)
+    part = work / f"dcp-{first}to{then}"
+    run_anchor(part, tok_dir, shards, first, "--ckpt-every", "6", "--stop-after", "8")
+    ckpt = part.parent / (part.name + ".train") / "checkpoints" / "step_0000006"
+    assert (ckpt / ".metadata").is_file() and not part.exists()
+    assert len(list(ckpt.glob("*.distcp"))) == first  # one shard file per writing process
+    run_anchor(part, tok_dir, shards, then, "--ckpt-every", "6", "--resume")
+    assert max_diff(full, part) < 1e-3
+    steps = [json.loads(x).get("step") for x in (ckpt.parent.parent / "metrics.jsonl").open()]
+    early = [s for s in steps if s is not None and s < 12]
+    assert early and len(early) == len(set(early))  # no step logged twice across the resume
+
+
+def test_checkpoints_are_not_deleted_without_restart(work, tok_dir, shards):
+    from flexmoe.errors import FlexmoeError
+
+    out = work / "keep-ckpt"
+    _train(out, tok_dir, shards, ckpt_every=5, stop_after=6)
+    with pytest.raises(FlexmoeError, match="--restart"):
+        _train(out, tok_dir, shards)
+    _train(out, tok_dir, shards, restart=True)
+    assert (out / "config.json").is_file()
+
+
+def test_device_option(work, tok_dir, shards, capsys):
+    """--device cpu trains here; a device this machine lacks is a one-line error before work."""
+    from conftest import run_cli
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: scripts/gpu_smoke.sh covers it")
+    base = ["anchor", "train", "--data", shards["public/train"], "--tokenizer", tok_dir]
+    base += ["--preset", "tiny", "--steps", "2", "--router-docs", "4"]
+    code, _, err = run_cli([*base, "--device", "cuda", "-o", work / "dev-cuda"], capsys)
+    assert code == 2 and err.strip().startswith("error: --device cuda: no CUDA device")
+    assert not (work / "dev-cuda").exists()
+    code, _, err = run_cli([*base, "--device", "cpu", "-o", work / "dev-cpu"], capsys)
+    assert code == 0, err

@@ -25,7 +25,7 @@ from flexmoe.fsutil import (
     sha256_file,
     write_json,
 )
-from flexmoe.model import PRESETS, ROPE_THETA, fingerprint, new_anchor, olmo2_config
+from flexmoe.model import PRESETS, ROPE_THETA, fingerprint, new_anchor, olmo2_config, place
 from flexmoe.records import library_versions, spec_hash
 from flexmoe.train import TrainConfig, make_train_config, train, unshard_for_save
 
@@ -109,6 +109,7 @@ def train_anchor(
     reuse: bool = False,
     router_docs: int = 1000,
     overwrite: bool = False,
+    restart: bool = False,
     **overrides,
 ) -> dict:
     """Pretrain a dense Olmo2 anchor on public token shards and write the anchor directory."""
@@ -120,7 +121,7 @@ def train_anchor(
     train_stream, eval_streams = open_streams(data, tokenizer_dir, evals)
     spec = {
         "preset": preset,
-        "train": cfg.model_dump(exclude={"stop_after"}),
+        "train": cfg.model_dump(exclude={"stop_after", "device"}),
         "data": [s["sha256"] for s in train_stream.index["shards"]],
         "tokenizer": train_stream.index["tokenizer_sha256"],
         "kind": "anchor",
@@ -141,11 +142,13 @@ def train_anchor(
         eval_streams=eval_streams,
         token_bytes=token_byte_lengths(tok),
         resume=resume,
+        restart=restart,
         progress_label=f"anchor ({preset})",
     )
     model = unshard_for_save(model, lambda: new_anchor(model_cfg, cfg.seed))
     if result.get("stopped") or model is None:
         return result
+    place(model, "cpu", "float32")
     model.eval()
     extras = router_extras(model, tok, train_stream, seed=cfg.seed, docs=router_docs)
     record = {

@@ -140,7 +140,9 @@ def package_from_dense(anchor_dir, dense_dir, data, out, name: str, router_docs:
     return write_package(Path(out), tensors, manifest)
 
 
-def train_unrestricted(anchor_dir, data: dict, out, router_docs: int = 200, **overrides):
+def train_unrestricted(
+    anchor_dir, data: dict, out, router_docs: int = 200, restart: bool = True, **overrides
+):
     """Unrestricted MoE: the anchor upcycled to 1+N experts (domain-initialised router rows) and
     trained on ALL data jointly, every parameter free. The real setting forbids it (data would
     have to be pooled); it is the upper-bound reference. `data` maps expert name → shard dir."""
@@ -176,6 +178,7 @@ def train_unrestricted(anchor_dir, data: dict, out, router_docs: int = 200, **ov
         post_step=project_bias,
         token_bytes=token_byte_lengths(tok),
         progress_label="unrestricted MoE",
+        restart=restart,
     )
     meta = {
         "format": "flexmoe-merged",

@@ -145,6 +145,12 @@ def anchor_train(
     warmup: Annotated[int | None, typer.Option(help="Warmup steps.")] = None,
     grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per step.")] = None,
     bf16: Annotated[bool, typer.Option(help="bf16 autocast.")] = False,
+    device: Annotated[
+        str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: CUDA if any).")
+    ] = "auto",
+    dtype: Annotated[
+        str | None, typer.Option(help="Weights dtype: float32 | bfloat16 (default: as stored).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed for init and data order.")] = 0,
     eval_every: Annotated[int | None, typer.Option(help="Held-out eval every N steps.")] = None,
     ckpt_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
@@ -154,6 +160,12 @@ def anchor_train(
     overwrite: Annotated[
         bool, typer.Option(help="Replace a non-empty -o that flexmoe did not write.")
     ] = False,
+    restart: Annotated[
+        bool, typer.Option(help="Discard checkpoints of an earlier run and start at step 0.")
+    ] = False,
+    stop_after: Annotated[
+        int | None, typer.Option(hidden=True, help="Exit after this step (tests a kill).")
+    ] = None,
 ) -> None:
     """Pretrain a dense OLMo-2 anchor on public data (runs under torchrun for FSDP2)."""
     from flexmoe.anchor import train_anchor
@@ -173,11 +185,15 @@ def anchor_train(
         warmup=warmup,
         grad_accum=grad_accum,
         bf16=bf16 or None,
+        device=device,
+        dtype=dtype,
         seed=seed,
         eval_every=eval_every,
         ckpt_every=ckpt_every,
         router_docs=router_docs,
         overwrite=overwrite,
+        restart=restart,
+        stop_after=stop_after,
     )
     if "fingerprint" in rec:
         out.print(f"anchor → {out_dir}  fingerprint {rec['fingerprint'][:16]}…")
@@ -242,6 +258,12 @@ def expert_train(
     warmup: Annotated[int | None, typer.Option(help="Warmup steps.")] = None,
     grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per step.")] = None,
     bf16: Annotated[bool, typer.Option(help="bf16 autocast.")] = False,
+    device: Annotated[
+        str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: CUDA if any).")
+    ] = "auto",
+    dtype: Annotated[
+        str | None, typer.Option(help="Weights dtype: float32 | bfloat16 (default: as stored).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     ckpt_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint.")] = False,
@@ -271,6 +293,12 @@ def expert_train(
     overwrite: Annotated[
         bool, typer.Option(help="Replace a non-empty -o that flexmoe did not write.")
     ] = False,
+    restart: Annotated[
+        bool, typer.Option(help="Discard checkpoints of an earlier run and start at step 0.")
+    ] = False,
+    stop_after: Annotated[
+        int | None, typer.Option(hidden=True, help="Exit after this step (tests a kill).")
+    ] = None,
 ) -> None:
     """Train an expert on private data against the frozen anchor; write its package."""
     import datetime as dt
@@ -316,9 +344,13 @@ def expert_train(
         warmup=warmup,
         grad_accum=grad_accum,
         bf16=bf16 or None,
+        device=device,
+        dtype=dtype,
         seed=seed,
         ckpt_every=ckpt_every,
         overwrite=overwrite,
+        restart=restart,
+        stop_after=stop_after,
     )
     tr = res.get("training", {})
     if "heldout_bpb" in tr or "anchor_heldout_bpb" in tr:
@@ -415,6 +447,12 @@ def eval_bpb(
             "(0 = token routing alone; default: the merged model's stored setting)."
         ),
     ] = None,
+    device: Annotated[
+        str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: CUDA if any).")
+    ] = "auto",
+    dtype: Annotated[
+        str | None, typer.Option(help="Weights dtype: float32 | bfloat16 (default: as stored).")
+    ] = None,
 ) -> None:
     """Per-domain held-out bits per byte (lower is better)."""
     from flexmoe.eval import bpb_table
@@ -430,6 +468,8 @@ def eval_bpb(
         exclude=_names(exclude),
         allow_no_public=allow_no_public,
         preselect=preselect,
+        device=device,
+        dtype=dtype,
     )
     for n in notes:
         console.print(n)
@@ -571,6 +611,12 @@ def generate_cmd(
             "(0 = token routing alone; default: the merged model's stored setting)."
         ),
     ] = None,
+    device: Annotated[
+        str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: CUDA if any).")
+    ] = "auto",
+    dtype: Annotated[
+        str | None, typer.Option(help="Weights dtype: float32 | bfloat16 (default: as stored).")
+    ] = None,
 ) -> None:
     """Generate text with chosen experts (KV cache); optionally attribute it to experts."""
     from flexmoe.data.tokenizer import load_tokenizer
@@ -579,7 +625,9 @@ def generate_cmd(
 
     if use is not None and use not in USES:
         raise FlexmoeError(f"--use must be one of {', '.join(USES)}")
-    m = load_model(model)
+    from flexmoe.model import place
+
+    m = place(load_model(model), device, dtype)
     if getattr(m, "flexmoe_router_tuned", False):
         console.print("note: router-tuned model", style="yellow")
     tok = load_tokenizer(model)
@@ -641,6 +689,12 @@ def eval_tasks(
     allow_no_public: Annotated[
         bool, typer.Option(help="Permit excluding the public expert.")
     ] = False,
+    device: Annotated[
+        str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: CUDA if any).")
+    ] = "auto",
+    dtype: Annotated[
+        str | None, typer.Option(help="Weights dtype: float32 | bfloat16 (default: as stored).")
+    ] = None,
 ) -> None:
     """Downstream OLMES tasks (MC acc/acc_norm, gold-answer bits per byte) via lm-eval, offline."""
     import time
@@ -660,6 +714,8 @@ def eval_tasks(
         include=_names(include),
         exclude=_names(exclude),
         allow_no_public=allow_no_public,
+        device=device,
+        dtype=dtype,
     )
     table = Table(title=f"downstream tasks: {model}" + (f" (limit {limit})" if limit else ""))
     found = {m for r in res.values() for m in r}
@@ -750,6 +806,15 @@ def router_tune_cmd(
     overwrite: Annotated[
         bool, typer.Option(help="Replace a non-empty -o that flexmoe did not write.")
     ] = False,
+    restart: Annotated[
+        bool, typer.Option(help="Discard checkpoints of an earlier run and start at step 0.")
+    ] = False,
+    device: Annotated[
+        str, typer.Option(help="auto | cpu | cuda | cuda:N (auto: CUDA if any).")
+    ] = "auto",
+    dtype: Annotated[
+        str | None, typer.Option(help="Weights dtype: float32 | bfloat16 (default: as stored).")
+    ] = None,
 ) -> None:
     """Tune only the routers (top-k = all experts) on proxies + public data. The exact opt-out
     guarantee holds for the un-tuned model only."""
@@ -771,6 +836,9 @@ def router_tune_cmd(
         warmup=warmup,
         seed=seed,
         overwrite=overwrite,
+        restart=restart,
+        device=device,
+        dtype=dtype,
     )
     if not res.get("stopped"):
         out.print(

@@ -73,12 +73,17 @@ def bpb_table(
     exclude: list[str] | None = None,
     allow_no_public: bool = False,
     preselect: int | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
 ) -> tuple[list[dict], list[str]]:
     """Per-domain BPB rows (+ mean) and notes to show the user (active experts, router tuning).
     preselect: None = the merged model's stored default, 0 = token routing alone."""
     if max_tokens < 1:
         raise FlexmoeError("--max-tokens must be ≥ 1")
+    from flexmoe.model import place
+
     model, tok = load_for_eval(model_dir)
+    place(model, device, dtype)
     max_pos = getattr(model.config, "max_position_embeddings", None) or 1 << 20
     if not 2 <= seq_len <= max_pos:
         raise FlexmoeError(f"--seq-len must be between 2 and the model's {max_pos} positions")

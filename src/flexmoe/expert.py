@@ -42,7 +42,7 @@ from flexmoe.gate import (
     gate_loss,
     make_recipe,
 )
-from flexmoe.model import merge_owner_params, parametrize_bias, routers, upcycle
+from flexmoe.model import merge_owner_params, parametrize_bias, place, routers, upcycle
 from flexmoe.package import MAX_TEXT, USES, tensor_sha256, validate_name, write_package
 from flexmoe.records import library_versions
 from flexmoe.router_init import (
@@ -195,6 +195,7 @@ def train_expert(
     recipe: str | Recipe = "flexmoe",
     public: Path | None = None,
     overwrite: bool = False,
+    restart: bool = False,
     **overrides,
 ) -> dict:
     """Train an expert (or the dense baseline) and write its package (or dense model).
@@ -249,11 +250,13 @@ def train_expert(
             eval_streams=evals,
             token_bytes=tb,
             resume=resume,
+            restart=restart,
             progress_label=f"dense expert {name}",
         )
         model = unshard_for_save(model, lambda: load_anchor(anchor_dir)[0])
         if result.get("stopped") or model is None:
             return result
+        place(model, "cpu", "float32")
         rec = {
             "kind": "dense-expert",
             "name": name,
@@ -310,6 +313,7 @@ def train_expert(
             else None
         ),
         resume=resume,
+        restart=restart,
         progress_label=f"expert {name}",
     )
 
@@ -321,6 +325,7 @@ def train_expert(
     model = unshard_for_save(model, rebuild)
     if result.get("stopped") or model is None:
         return result
+    place(model, "cpu", "float32")  # post-processing and the package: CPU, float32
     merge_owner_params(model)
     calibration = None
     if rec.calibrate:

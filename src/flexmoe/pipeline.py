@@ -197,6 +197,7 @@ def train_models(cfg: DemoConfig, tok_dir: Path, tokens: Path) -> dict[str, Path
             seed=cfg.seed,
             eval_tokens=cfg.eval_tokens,
             bf16=cfg.bf16,
+            restart=True,
         ),
         f"anchor: dense OLMo-2, preset '{cfg.anchor_preset}', public data",
     )
@@ -221,6 +222,7 @@ def train_models(cfg: DemoConfig, tok_dir: Path, tokens: Path) -> dict[str, Path
                     heldout=tokens / d / "heldout",
                     lr=cfg.dense_lr,
                     **common,
+                    restart=True,
                 ),
                 f"dense expert '{d}' (baseline): anchor continued on {d}, same data budget",
             )
@@ -267,6 +269,7 @@ def train_experts(
                 public=tokens / PUBLIC / "train",
                 **common,
                 **kw,
+                restart=True,
             ),
             f"{label} expert '{d}': trained alone on {d} against the frozen anchor",
         )
@@ -424,6 +427,7 @@ def router_tune_stage(cfg: DemoConfig, paths: dict[str, Path], merged: Path) -> 
             seed=cfg.seed,
             bf16=cfg.bf16,
             public_docs=500,
+            restart=True,
         ),
         "router tuning: routers only, on proxies ∪ public sample",
     )

@@ -205,6 +205,7 @@ def router_tune(
     public_docs: int = 1000,
     resume: bool = False,
     overwrite: bool = False,
+    restart: bool = False,
     **overrides,
 ) -> dict:
     """Tune the routers of a merged model on proxies ∪ a public sample; write a merged dir."""
@@ -278,10 +279,14 @@ def router_tune(
             work,
             post_step=project_bias,
             resume=resume,
+            restart=restart,
             progress_label="router tuning",
         )
     if result.get("stopped"):
         return result
+    from flexmoe.model import place
+
+    place(model, "cpu", "float32")
     model.eval()
     model.requires_grad_(False)
     ids_hash = hashlib.sha256("\n".join(chosen).encode()).hexdigest()

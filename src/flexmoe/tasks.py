@@ -301,6 +301,8 @@ def run_tasks(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     allow_no_public: bool = False,
+    device: str = "cpu",
+    dtype: str | None = None,
 ) -> dict[str, dict[str, float]]:
     """Evaluate a flexmoe model (anchor or merged, with chosen experts) on downstream tasks.
 
@@ -321,8 +323,10 @@ def run_tasks(
         raise FlexmoeError("--limit must be at least 1")
 
     from flexmoe.eval import load_for_eval
+    from flexmoe.model import place
 
     model, tok = load_for_eval(model_dir)
+    place(model, device, dtype)
     mask = None
     if include or exclude:
         if getattr(model.config, "model_type", None) != "flex_olmo":

@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -24,15 +25,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import BaseModel, Field
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
 from flexmoe.bpb import evaluate_bpb
 from flexmoe.data.shards import TokenStream
 from flexmoe.errors import FlexmoeError
-from flexmoe.fsutil import atomic_dir, write_json
-from flexmoe.model import capture_router_logits
+from flexmoe.fsutil import write_json
+from flexmoe.model import capture_router_logits, place, resolve_device
 
 
 class TrainConfig(BaseModel):
@@ -49,6 +49,8 @@ class TrainConfig(BaseModel):
     router_z_loss: float = Field(0.0, ge=0, description="weight of the router z-loss (AI2: 1e-3)")
     router_lr_scale: float = Field(1.0, gt=0, description="router rows and biases: lr × this")
     bf16: bool = False
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    dtype: str | None = Field(None, description="weights: float32 | bfloat16 (None: as loaded)")
     seed: int = 0
     eval_every: int = Field(0, ge=0, description="0 = only at the end")
     eval_tokens: int = Field(65536, gt=0)
@@ -153,49 +155,62 @@ def _trainable_names(model: nn.Module) -> list[str]:
 
 
 # settings a resumed run may change (they do not alter the weights it produces)
-RESUMABLE_CHANGES = {"stop_after", "ckpt_every", "eval_every", "log_every", "eval_tokens"}
+RESUMABLE_CHANGES = {
+    "stop_after",
+    "ckpt_every",
+    "eval_every",
+    "log_every",
+    "eval_tokens",
+    "device",
+}
 
 
 def save_checkpoint(
     out: Path, model, optimizer, step: int, cfg: TrainConfig, metrics: dict | None = None
 ) -> Path:
-    """Model, optimizer, schedule position, data position and RNG, atomically."""
-    rank, world = dist_info()
-    state = full_state_dict(model)
-    if world > 1:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-        )
+    """Model, optimizer, schedule position, data position and RNG as a sharded
+    torch.distributed.checkpoint (each rank writes its own shards; no gather on rank 0), made
+    visible by one rename; loadable on any world size."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        osd = get_optimizer_state_dict(
-            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
-    else:
-        osd = optimizer.state_dict()
+    rank, world = dist_info()
+    dest = out / CKPT_DIR / f"step_{step:07d}"
+    tmp = dest.with_name(f".{dest.name}.tmp")
     if rank == 0:
-        dest = out / CKPT_DIR / f"step_{step:07d}"
-        with atomic_dir(dest, overwrite=True) as tmp:
-            save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors")
-            torch.save(osd, tmp / "optimizer.pt")
-            torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
-            write_json(
-                tmp / "state.json",
-                {
-                    "step": step,
-                    "lr": lr_at(cfg, step - 1),
-                    "data_position": {"step": step},
-                    "world_size": world,
-                    "config": cfg.model_dump(),
-                    "metrics": metrics or {},
-                },
-            )
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if world > 1:
+        dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is")
+        dcp.save(
+            {"model": model_sd, "optim": optim_sd, "rng": torch.get_rng_state()},
+            checkpoint_id=tmp,
+        )
+    if rank == 0:
+        write_json(
+            tmp / "state.json",
+            {
+                "step": step,
+                "lr": lr_at(cfg, step - 1),
+                "data_position": {"step": step},
+                "world_size": world,
+                "config": cfg.model_dump(),
+                "metrics": metrics or {},
+                "format": "torch.distributed.checkpoint",
+            },
+        )
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
         write_json(out / CKPT_DIR / "latest.json", {"step": step, "path": dest.name})
         for old in sorted((out / CKPT_DIR).glob("step_*"))[:-2]:  # keep the last two
             shutil.rmtree(old, ignore_errors=True)
     if world > 1:
         dist.barrier()
-    return out / CKPT_DIR / f"step_{step:07d}"
+    return dest
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -230,29 +245,23 @@ def checkpoint_state(path: Path, cfg: TrainConfig) -> dict:
 
 
 def load_checkpoint(path: Path, model, optimizer) -> int:
-    _, world = dist_info()
-    try:
-        state = load_file(path / "model.safetensors")
-        osd = torch.load(path / "optimizer.pt", weights_only=True)
-    except Exception as e:
-        raise FlexmoeError(f"checkpoint {path} is unreadable ({type(e).__name__})") from None
-    if world > 1:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
+    """Load a sharded checkpoint into `model` and `optimizer`, whatever world size wrote it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-        set_model_state_dict(model, state, options=opts)
-        set_optimizer_state_dict(model, optimizer, osd, options=opts)
-    else:
-        model.load_state_dict(state)
-        optimizer.load_state_dict(osd)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd, "rng": torch.get_rng_state()}
     try:
-        torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is")
+            dcp.load(state, checkpoint_id=path)
     except Exception as e:
-        raise FlexmoeError(f"checkpoint {path} is unreadable ({type(e).__name__})") from None
+        msg = str(e).splitlines()[0][:160] if str(e) else ""
+        raise FlexmoeError(f"checkpoint {path} is unreadable ({type(e).__name__}: {msg})") from None
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
+    torch.set_rng_state(state["rng"])
     return json.loads((path / "state.json").read_text())["step"]
 
 
@@ -270,6 +279,7 @@ def train(
     router_loss: Callable[[list[list[torch.Tensor]]], torch.Tensor] | None = None,
     resume: bool = False,
     progress_label: str = "train",
+    restart: bool = False,
 ) -> dict:
     """Train `model`'s requires_grad parameters. Returns the final metrics.
 
@@ -294,6 +304,10 @@ def train(
     if len(train_stream) <= cfg.seq_len + 1:
         raise FlexmoeError(f"training data has {len(train_stream)} tokens; need > seq_len+1")
     torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and world > 1:  # one GPU per process under torchrun
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    place(model, device, cfg.dtype)
     names = _trainable_names(model)
     if not names:
         raise FlexmoeError("nothing to train: no parameter has requires_grad")
@@ -324,6 +338,11 @@ def train(
             raise FlexmoeError(f"--resume given but no checkpoint under {out / CKPT_DIR}")
         last = checkpoint_state(ckpt, cfg).get("metrics") or {}
         start = load_checkpoint(ckpt, model, optimizer)
+    elif latest_checkpoint(out) is not None and not restart:
+        raise FlexmoeError(
+            f"{out / CKPT_DIR} holds checkpoints of an earlier run: pass --resume to continue "
+            "it, or --restart to discard them"
+        )
     elif (out / CKPT_DIR).exists() and rank == 0:
         shutil.rmtree(out / CKPT_DIR)
     out.mkdir(parents=True, exist_ok=True)
@@ -334,12 +353,7 @@ def train(
             log_path.write_text("".join(x + "\n" for x in keep))
         else:
             log_path.unlink()
-    autocast = (
-        torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16)
-        if cfg.bf16
-        else nullcontext()
-    )
-    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
 
     def evaluate() -> dict:
         if not eval_streams or token_bytes is None:
