@@ -57,7 +57,14 @@ def main() -> None:
         f"{args.experts} experts, top-{args.top_k}, preset {args.preset}, "
         f"{args.threads} threads (median of {args.repeat})"
     )
+    cfg = model.config
+    gather = ids.numel() * args.top_k * 3 * cfg.intermediate_size * cfg.hidden_size * 4
     for impl in ("eager", "grouped_mm", "batched_mm"):
+        if impl == "batched_mm" and gather > 4 * 2**30:  # it gathers every token's expert weights
+            print(
+                f"{impl:11s} skipped: gathers per-token expert weights, ~{gather / 2**30:.0f} GiB"
+            )
+            continue
         model.set_experts_implementation(impl)
         with torch.no_grad():
             out = model(ids).logits
