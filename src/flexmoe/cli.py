@@ -882,6 +882,76 @@ def expert_sign(
     out.print(f"signed expert '{m.name}' with key {signer.key_id} → {package}/signature.json")
 
 
+@app.command("serve")
+def serve_cmd(
+    model: Annotated[Path, typer.Option(help="A merged model (or dense anchor) directory.")],
+    host: Annotated[str, typer.Option(help="Address to bind (default: this machine only).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    keys: Annotated[
+        Path | None, typer.Option(help="Keys file (TOML): tenants, key hashes, admin key hash.")
+    ] = None,
+    state: Annotated[
+        Path | None,
+        typer.Option(help="Where revocations and the ledger live (default: MODEL.serve/)."),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
+    max_batch: Annotated[int, typer.Option(help="Requests decoded together.")] = 16,
+    queue_size: Annotated[int, typer.Option(help="Waiting requests before 503.")] = 64,
+    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask.")] = 256,
+    max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt, in tokens.")] = 1024,
+    timeout: Annotated[float, typer.Option(help="Seconds before a request gets 504.")] = 120.0,
+) -> None:
+    """Serve a merged model over an OpenAI-compatible API with per-request experts."""
+    import uvicorn
+
+    from flexmoe.serve import Limits, Server, create_app
+
+    for what, v in (("--max-batch", max_batch), ("--queue-size", queue_size)):
+        if v < 1:
+            raise FlexmoeError(f"{what} must be ≥ 1")
+    if not 0 < port < 65536:
+        raise FlexmoeError("--port must be between 1 and 65535")
+    limits = Limits(
+        max_prompt_tokens=max_prompt_tokens,
+        max_tokens=max_tokens,
+        queue_size=queue_size,
+        max_batch=max_batch,
+        timeout_s=timeout,
+    )
+    server = Server(model, keys=keys, state_dir=state, limits=limits, device=device)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        console.print(f"note: listening on {host}: reachable from other machines", style="yellow")
+    if server.keys.open:
+        console.print("note: no --keys: every request is the anonymous tenant", style="yellow")
+    uvicorn.run(create_app(server), host=host, port=port, log_level="warning")
+
+
+ledger_app = typer.Typer(help="The serving usage ledger (for crediting data owners).")
+app.add_typer(ledger_app, name="ledger")
+
+
+@ledger_app.command("summarize")
+def ledger_summarize(
+    ledger: Annotated[Path, typer.Argument(help="ledger.jsonl written by `flexmoe serve`.")],
+) -> None:
+    """Routed tokens per expert and tenant (generated tokens × routing share)."""
+    from flexmoe.serve import summarize_ledger
+
+    if not ledger.is_file():
+        raise FlexmoeError(f"no ledger at {ledger}")
+    totals = summarize_ledger(ledger)
+    experts = sorted({e for per in totals.values() for e in per})
+    table = Table(title=f"routed tokens per expert: {ledger}")
+    table.add_column("tenant")
+    for e in experts:
+        table.add_column(clean(e), justify="right")
+    for tenant, per in sorted(totals.items()):
+        table.add_row(clean(tenant), *[f"{per.get(e, 0.0):,.1f}" for e in experts])
+    out.print(table)
+
+
 def clean(text: object, limit: int = 2000) -> str:
     """Untrusted text for the terminal: control and format characters shown as escapes (no
     terminal escape sequences, no bidi tricks), bounded length. Print it with markup off."""

@@ -1,0 +1,758 @@
+"""`flexmoe serve`: an OpenAI-compatible HTTP server where every request chooses its experts.
+
+One model instance serves every request. An engine thread groups the requests waiting in a
+bounded queue into one batch and decodes them together. Each batch row has its own expert mask
+(model.routing rows), its own sampling generator and its own stop rules. Per request the API
+takes `experts: {include, exclude}` and `use` (the official client sends them via
+`extra_body`). Every answer carries `flexmoe: {active, excluded, attribution}`: the share of
+routing weight each expert carried for the generated tokens.
+
+Consent is checked on every request (expiry, allowed use, revocation). `POST
+/admin/experts/{name}/revoke` takes an expert out of all later requests at once and is
+persisted in the state directory. Tenants come from a keys file: API keys are stored as sha256
+hashes and compared in constant time. Each request appends a JSON line to the usage ledger
+(`flexmoe ledger summarize`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import hmac
+import json
+import queue
+import threading
+import time
+import tomllib
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from flexmoe.errors import FlexmoeError
+
+STATIC = Path(__file__).parent / "static"
+
+
+# ---------------------------------------------------------------- settings and tenants
+@dataclass
+class Limits:
+    max_prompt_tokens: int = 1024
+    max_tokens: int = 256
+    queue_size: int = 64
+    max_batch: int = 16
+    batch_window_s: float = 0.005
+    timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    experts: frozenset[str] | None  # None = every expert
+    uses: frozenset[str]
+
+
+OPEN = Tenant("anonymous", None, frozenset({"research", "commercial"}))
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Keys:
+    """The keys file (TOML): `admin_key_sha256 = "…"` and `[[tenants]]` tables with `name`,
+    `key_sha256`, `experts` (names or ["*"]) and `uses`. Without a file every request is the
+    anonymous tenant and the admin routes are closed."""
+
+    def __init__(self, path: Path | None):
+        self.admin: str | None = None
+        self.tenants: list[tuple[str, Tenant]] = []
+        if path is None:
+            return
+        from flexmoe.fsutil import regular_file
+
+        try:
+            raw = tomllib.loads(regular_file(path, "keys file", 1 << 20).read_text())
+            self.admin = raw.get("admin_key_sha256")
+            for t in raw.get("tenants", []):
+                experts = t.get("experts", ["*"])
+                self.tenants.append(
+                    (
+                        str(t["key_sha256"]),
+                        Tenant(
+                            str(t["name"]),
+                            None if "*" in experts else frozenset(map(str, experts)),
+                            frozenset(t.get("uses", ["research", "commercial"])),
+                        ),
+                    )
+                )
+        except (tomllib.TOMLDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise FlexmoeError(f"keys file {path}: {type(e).__name__}: {e}") from None
+
+    @property
+    def open(self) -> bool:
+        return not self.tenants
+
+    def tenant(self, key: str | None) -> Tenant | None:
+        if self.open:
+            return OPEN
+        if not key:
+            return None
+        h = key_hash(key)
+        found = None
+        for stored, tenant in self.tenants:  # constant time per entry, every entry compared
+            if hmac.compare_digest(stored, h):
+                found = tenant
+        return found
+
+    def is_admin(self, key: str | None) -> bool:
+        return bool(self.admin and key and hmac.compare_digest(self.admin, key_hash(key)))
+
+
+# ---------------------------------------------------------------- the engine
+@dataclass
+class Job:
+    """One request as the engine sees it; events go back to the HTTP handler's loop."""
+
+    ids: list[int]
+    mask: torch.Tensor | None  # (E,) bool, None for a dense model
+    max_new: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: list[str]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue
+    cancelled: bool = False
+    tokens: list[int] = field(default_factory=list)
+    top_expert: list[int] = field(default_factory=list)
+    weights: torch.Tensor | None = None  # (E,) summed routing weight of generated tokens
+
+    def emit(self, kind: str, payload: Any = None) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+
+
+class Engine:
+    """A thread that takes waiting jobs (up to max_batch, after a short window) and decodes them
+    as one batch: left-padded prefill, then one forward per step with the KV cache."""
+
+    def __init__(self, model, tokenizer, limits: Limits):
+        self.model, self.tok, self.limits = model, tokenizer, limits
+        self.jobs: queue.Queue[Job] = queue.Queue(maxsize=limits.queue_size)
+        self.thread = threading.Thread(target=self._run, name="flexmoe-engine", daemon=True)
+        self.stopping = False
+        self.batches = 0
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def submit(self, job: Job) -> bool:
+        try:
+            self.jobs.put_nowait(job)
+            return True
+        except queue.Full:
+            return False
+
+    def _run(self) -> None:
+        while not self.stopping:
+            try:
+                first = self.jobs.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            batch = [first]
+            deadline = time.monotonic() + self.limits.batch_window_s
+            while len(batch) < self.limits.max_batch:
+                try:
+                    batch.append(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            batch = [j for j in batch if not j.cancelled]
+            if not batch:
+                continue
+            try:
+                self.batches += 1
+                decode(self.model, self.tok, batch)
+            except Exception as e:  # a bug must not kill the engine: fail these jobs only
+                for j in batch:
+                    j.emit("error", f"{type(e).__name__}: {e}")
+
+
+def _pick(logits: torch.Tensor, job: Job, gen: torch.Generator | None) -> int:
+    if job.temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / job.temperature, -1)
+    if job.top_p < 1:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < job.top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+@torch.no_grad()
+def decode(model, tok, jobs: list[Job]) -> None:
+    """Greedy rows decode exactly as `generate` would alone; sampled rows use their own
+    generator (seeded per request). Emits ("token", text) per new text piece and ("done", info)."""
+    from transformers import DynamicCache
+
+    from flexmoe.model import routing
+
+    device = next(model.parameters()).device
+    b, length = len(jobs), max(len(j.ids) for j in jobs)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((b, length), pad, dtype=torch.long)
+    attn = torch.zeros((b, length), dtype=torch.long)
+    for i, j in enumerate(jobs):
+        ids[i, length - len(j.ids) :] = torch.tensor(j.ids)
+        attn[i, length - len(j.ids) :] = 1
+    ids, attn = ids.to(device), attn.to(device)
+    merged = jobs[0].mask is not None
+    rows = torch.stack([j.mask for j in jobs]) if merged else None
+    gens = []
+    for j in jobs:
+        g = None
+        if j.temperature > 0:
+            g = torch.Generator(device=device)
+            g.manual_seed(j.seed if j.seed is not None else int(torch.randint(0, 2**62, ())))
+        gens.append(g)
+    done = [False] * b
+    finish = ["length"] * b
+    texts = [""] * b
+    sent = [0] * b
+    cache = DynamicCache()
+    n_exp = rows.shape[1] if merged else 0
+    for j in jobs:
+        j.weights = torch.zeros(n_exp, dtype=torch.float64)
+    eos = tok.eos_token_id
+    max_new = max(j.max_new for j in jobs)
+    with routing(model, rows=rows, record=merged) if merged else _null() as records:
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        logits = model(
+            ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True
+        ).logits[:, -1]
+        for _ in range(max_new):
+            if merged:  # routing weight of the position that produces this step's token
+                per_layer = []
+                for recs in records:
+                    index, value = recs[-1]
+                    index, value = (
+                        index.view(b, -1, index.shape[-1]),
+                        value.view(b, -1, value.shape[-1]),
+                    )
+                    w = torch.zeros(b, n_exp, dtype=torch.float64, device=index.device)
+                    w.scatter_add_(1, index[:, -1], value[:, -1].double())
+                    per_layer.append(w)
+                step_w = torch.stack(per_layer).sum(0).cpu()
+            nxt = torch.full((b,), pad, dtype=torch.long)
+            for i, j in enumerate(jobs):
+                if done[i]:
+                    continue
+                t = _pick(logits[i], j, gens[i])
+                nxt[i] = t
+                if t == eos:
+                    done[i], finish[i] = True, "stop"
+                else:
+                    j.tokens.append(t)
+                    if merged:
+                        j.weights += step_w[i]
+                        j.top_expert.append(int(step_w[i].argmax()))
+                    text = tok.decode(j.tokens, skip_special_tokens=True)
+                    cut = min((text.find(s) for s in j.stop if s in text), default=-1)
+                    if cut >= 0:
+                        text, done[i], finish[i] = text[:cut], True, "stop"
+                    texts[i] = text
+                    if len(j.tokens) >= j.max_new:
+                        done[i] = True
+                hold = 0 if done[i] else max((len(s) - 1 for s in j.stop), default=0)
+                upto = max(sent[i], len(texts[i]) - hold)
+                if upto > sent[i] and not texts[i].endswith("\ufffd"):
+                    j.emit("token", texts[i][sent[i] : upto])
+                    sent[i] = upto
+                if j.cancelled:
+                    done[i] = True
+            if all(done):
+                break
+            attn = torch.cat([attn, torch.ones((b, 1), dtype=attn.dtype, device=device)], 1)
+            pos = attn.sum(-1, keepdim=True) - 1
+            logits = model(
+                nxt[:, None].to(device),
+                attention_mask=attn,
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+            ).logits[:, -1]
+    for i, j in enumerate(jobs):
+        if sent[i] < len(texts[i]):
+            j.emit("token", texts[i][sent[i] :])
+        j.emit("done", {"text": texts[i], "finish_reason": finish[i]})
+
+
+class _null:
+    def __enter__(self):
+        return []
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------- the request schema
+class ExpertChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include: list[str] | None = Field(None, max_length=256)
+    exclude: list[str] | None = Field(None, max_length=256)
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    prompt: str | list[str] = ""
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0, le=4)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: Literal[1] = 1
+    stream: bool = False
+    experts: ExpertChoice | None = None
+    use: Literal["research", "commercial"] | None = None
+    token_experts: bool = False  # per generated token: the expert with most routing weight
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str
+
+
+class ChatRequest(CompletionRequest):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=512)
+
+
+# ---------------------------------------------------------------- the app
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+class Server:
+    """Model, tenants, consent state, ledger and metrics behind one FastAPI app."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        keys: Path | None = None,
+        state_dir: Path | None = None,
+        limits: Limits | None = None,
+        device: str = "cpu",
+    ):
+        from flexmoe.data.tokenizer import load_tokenizer
+        from flexmoe.infer import is_merged, load_model
+        from flexmoe.model import place
+
+        self.model_dir = Path(model_dir)
+        self.model = place(load_model(self.model_dir), device).eval()
+        self.tok = load_tokenizer(self.model_dir)
+        self.merged = is_merged(self.model)
+        self.limits = limits or Limits()
+        self.keys = Keys(keys)
+        self.state_dir = Path(state_dir or self.model_dir.with_name(self.model_dir.name + ".serve"))
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.revoked: dict[str, str] = self._load_revoked()
+        self.ledger = self.state_dir / "ledger.jsonl"
+        self.ledger_lock = threading.Lock()
+        self.engine = Engine(self.model, self.tok, self.limits)
+        self.name = self.model_dir.name
+        self._metrics()
+
+    # -- state
+    def _load_revoked(self) -> dict[str, str]:
+        from flexmoe.fsutil import read_json
+
+        p = self.state_dir / "revoked.json"
+        if not p.exists():
+            return {}
+        raw = read_json(p, "revocations")
+        return {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+
+    def revoke(self, name: str) -> None:
+        from flexmoe.fsutil import write_json
+
+        self.revoked[name] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        write_json(self.state_dir / "revoked.json", self.revoked)
+
+    def _metrics(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.m_requests = Counter(
+            "flexmoe_requests",
+            "Requests by endpoint and status",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.m_tokens = Counter(
+            "flexmoe_tokens", "Tokens by kind", ["kind"], registry=self.registry
+        )
+        self.m_latency = Histogram(
+            "flexmoe_request_seconds",
+            "Request latency",
+            registry=self.registry,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+        )
+        self.m_routed = Counter(
+            "flexmoe_expert_routed_tokens",
+            "Generated tokens × routing share, per expert",
+            ["expert"],
+            registry=self.registry,
+        )
+
+    # -- experts and consent
+    def experts(self) -> list[str]:
+        from flexmoe.infer import expert_names
+
+        return expert_names(self.model) if self.merged else []
+
+    def availability(self, name: str, tenant: Tenant, use: str | None) -> str | None:
+        """None if `tenant` may use expert `name` for `use` now, else the reason."""
+        from flexmoe.merge import PUBLIC
+
+        if name in self.revoked:
+            return f"consent revoked on {self.revoked[name]}"
+        m = getattr(self.model, "flexmoe_manifests", {}).get(name)
+        if m is not None:
+            reason = m.consent.permits(use)
+            if reason is not None:
+                return reason
+        if tenant.experts is not None and name != PUBLIC and name not in tenant.experts:
+            return f"tenant '{tenant.name}' may not use it"
+        return None
+
+    def choose(self, req: CompletionRequest, tenant: Tenant):
+        """(mask, active, excluded) for a request; 403/400 for what it may not ask."""
+        from flexmoe.infer import default_preselect, expert_mask
+
+        if req.use is not None and req.use not in tenant.uses:
+            raise ApiError(403, f"tenant '{tenant.name}' may not make '{req.use}' requests")
+        if not self.merged:
+            if req.experts and (req.experts.include or req.experts.exclude):
+                raise ApiError(400, "this is a dense model: it has no experts to choose")
+            return None, [], []
+        names = self.experts()
+        choice = req.experts or ExpertChoice()
+        unknown = sorted((set(choice.include or []) | set(choice.exclude or [])) - set(names))
+        if unknown:
+            raise ApiError(400, f"unknown expert(s): {', '.join(unknown)}")
+        for n in choice.include or []:
+            reason = self.availability(n, tenant, req.use)
+            if reason is not None:
+                raise ApiError(403, f"expert '{n}' is not available: {reason}")
+        excluded = [(n, "excluded by request") for n in choice.exclude or []]
+        for n in names:
+            if n in (choice.exclude or []):
+                continue
+            reason = self.availability(n, tenant, req.use)
+            if reason is not None:
+                excluded.append((n, reason))
+        try:
+            mask = expert_mask(self.model, choice.include, [n for n, _ in excluded])
+        except FlexmoeError as e:
+            raise ApiError(400, str(e)) from None
+        pre = default_preselect(self.model)
+        return mask, pre, excluded
+
+    # -- one request
+    async def run(self, req: CompletionRequest, prompt: str, tenant: Tenant, started: float):
+        from flexmoe.infer import preselect_mask
+
+        if req.max_tokens > self.limits.max_tokens:
+            raise ApiError(
+                400, f"max_tokens {req.max_tokens} exceeds the limit {self.limits.max_tokens}"
+            )
+        mask, pre, excluded = self.choose(req, tenant)
+        ids = self.tok(prompt, add_special_tokens=False)["input_ids"] or [self.tok.eos_token_id]
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise ApiError(
+                400,
+                f"prompt has {len(ids)} tokens, over the limit of {self.limits.max_prompt_tokens}",
+            )
+        if mask is not None and pre:  # request-level preselection, as `generate` does
+            mask = mask & preselect_mask(self.model, [prompt], pre, allowed=mask)[0]
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stop) > 4 or any(len(s) > 64 or not s for s in stop):
+            raise ApiError(400, "stop: at most 4 non-empty strings of ≤ 64 characters")
+        loop = asyncio.get_running_loop()
+        job = Job(
+            ids,
+            mask,
+            req.max_tokens,
+            req.temperature,
+            req.top_p,
+            req.seed,
+            stop,
+            loop,
+            asyncio.Queue(),
+        )
+        if not self.engine.submit(job):
+            raise ApiError(503, "the request queue is full: retry later", "server_busy")
+        names = self.experts()
+        active = (
+            [n for n, a in zip(names, mask.tolist(), strict=True) if a] if mask is not None else []
+        )
+        meta = {"active": active, "excluded": [{"name": n, "reason": r} for n, r in excluded]}
+        return job, meta, len(ids)
+
+    def finish(self, job: Job, meta: dict, tenant: Tenant, prompt_tokens: int, req) -> dict:
+        names = self.experts()
+        if job.weights is not None and job.weights.sum() > 0:
+            share = (job.weights / job.weights.sum()).tolist()
+            meta["attribution"] = dict(zip(names, share, strict=True))
+        else:
+            meta["attribution"] = {n: 0.0 for n in names}
+        if req.token_experts and names:
+            meta["tokens"] = [
+                {"text": self.tok.decode([t]), "expert": names[e]}
+                for t, e in zip(job.tokens, job.top_expert, strict=False)
+            ]
+        n_out = len(job.tokens)
+        self.m_tokens.labels("prompt").inc(prompt_tokens)
+        self.m_tokens.labels("completion").inc(n_out)
+        for n, s in meta["attribution"].items():
+            if s:
+                self.m_routed.labels(n).inc(s * n_out)
+        rec = {
+            "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+            "tenant": tenant.name,
+            "active": meta["active"],
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": n_out,
+            "attribution": meta["attribution"],
+        }
+        with self.ledger_lock, open(self.ledger, "a") as f:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+        return meta
+
+
+def _chat_prompt(server: Server, req: ChatRequest) -> str:
+    if not getattr(server.tok, "chat_template", None):
+        raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions")
+    msgs = [m.model_dump() for m in req.messages]
+    return server.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+
+def create_app(server: Server):
+    """The FastAPI app (the engine thread starts and stops with it)."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        server.engine.start()
+        yield
+        server.engine.stop()
+
+    app = FastAPI(title="flexmoe", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+        return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        server.m_requests.labels(request.url.path, str(e.status)).inc()
+        return error(e.status, e.message, e.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request: Request, e: RequestValidationError):
+        server.m_requests.labels(request.url.path, "400").inc()
+        err = e.errors()[0] if e.errors() else {}
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        return error(400, f"{loc or 'body'}: {err.get('msg', 'invalid request')}")
+
+    def bearer(request: Request) -> str | None:
+        auth = request.headers.get("authorization", "")
+        return auth[7:].strip() if auth.lower().startswith("bearer ") else None
+
+    def tenant_of(request: Request) -> Tenant:
+        t = server.keys.tenant(bearer(request))
+        if t is None:
+            raise ApiError(401, "missing or unknown API key", "authentication_error")
+        return t
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "queue": server.engine.jobs.qsize()}
+
+    @app.get("/metrics")
+    async def metrics():
+        from prometheus_client import generate_latest
+
+        return PlainTextResponse(generate_latest(server.registry).decode())
+
+    @app.get("/")
+    async def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        tenant_of(request)
+        return {
+            "object": "list",
+            "data": [{"id": server.name, "object": "model", "owned_by": "flexmoe"}],
+        }
+
+    @app.get("/v1/experts")
+    async def experts(request: Request, use: str | None = None):
+        tenant = tenant_of(request)
+        manifests = getattr(server.model, "flexmoe_manifests", {})
+        out = []
+        for n in server.experts():
+            m = manifests.get(n)
+            reason = server.availability(n, tenant, use)
+            out.append(
+                {
+                    "name": n,
+                    "owner": m.owner if m else None,
+                    "licence": m.licence if m else None,
+                    "consent": json.loads(m.consent.model_dump_json()) if m else None,
+                    "active": reason is None,
+                    "reason": reason,
+                }
+            )
+        return {"object": "list", "data": out}
+
+    @app.post("/admin/experts/{name}/revoke")
+    async def revoke(name: str, request: Request):
+        if not server.keys.is_admin(bearer(request)):
+            raise ApiError(403, "the admin key is required", "permission_error")
+        if name not in server.experts():
+            raise ApiError(404, f"no expert '{name}'")
+        from flexmoe.merge import PUBLIC
+
+        if name == PUBLIC:
+            raise ApiError(400, "the public expert cannot be revoked")
+        server.revoke(name)
+        return {"revoked": name, "at": server.revoked[name]}
+
+    async def serve(request: Request, req: CompletionRequest, prompt: str, chat: bool):
+        started = time.perf_counter()
+        tenant = tenant_of(request)
+        job, meta, n_prompt = await server.run(req, prompt, tenant, started)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+
+        def choice(text: str | None, finish: str | None, delta: bool) -> dict:
+            if chat:
+                key = "delta" if delta else "message"
+                body = {"role": "assistant", "content": text} if text is not None else {}
+                return {"index": 0, key: body, "finish_reason": finish}
+            return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+
+        async def next_event():
+            try:
+                return await asyncio.wait_for(job.events.get(), server.limits.timeout_s)
+            except TimeoutError:
+                job.cancelled = True
+                return ("error", "timeout")
+
+        if req.stream:
+
+            async def events():
+                while True:
+                    kind, payload = await next_event()
+                    if kind == "token":
+                        chunk = {
+                            "id": rid,
+                            "object": obj + ".chunk" if chat else obj,
+                            "created": created,
+                            "model": server.name,
+                            "choices": [choice(payload, None, True)],
+                        }
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                    elif kind == "done":
+                        info = server.finish(job, meta, tenant, n_prompt, req)
+                        chunk = {
+                            "id": rid,
+                            "object": obj + ".chunk" if chat else obj,
+                            "created": created,
+                            "model": server.name,
+                            "choices": [
+                                choice(None if chat else "", payload["finish_reason"], True)
+                            ],
+                            "usage": _usage(n_prompt, len(job.tokens)),
+                            "flexmoe": info,
+                        }
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                        yield "data: [DONE]\n\n"
+                        server.m_requests.labels(request.url.path, "200").inc()
+                        server.m_latency.observe(time.perf_counter() - started)
+                        return
+                    else:
+                        yield f"data: {json.dumps({'error': {'message': payload}})}\n\n"
+                        return
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        while True:
+            kind, payload = await next_event()
+            if kind == "done":
+                break
+            if kind == "error":
+                status = 504 if payload == "timeout" else 500
+                raise ApiError(status, f"generation failed: {payload}", "server_error")
+        info = server.finish(job, meta, tenant, n_prompt, req)
+        server.m_requests.labels(request.url.path, "200").inc()
+        server.m_latency.observe(time.perf_counter() - started)
+        return {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": server.name,
+            "choices": [choice(payload["text"], payload["finish_reason"], False)],
+            "usage": _usage(n_prompt, len(job.tokens)),
+            "flexmoe": info,
+        }
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        prompt = req.prompt if isinstance(req.prompt, str) else "".join(req.prompt[:1])
+        return await serve(request, req, prompt, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        return await serve(request, req, _chat_prompt(server, req), chat=True)
+
+    return app
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+# ---------------------------------------------------------------- the ledger
+def summarize_ledger(path: Path) -> dict[str, dict[str, float]]:
+    """{tenant: {expert: routed tokens}}: generated tokens × routing share, per expert and
+    tenant — the basis for crediting data owners."""
+    from flexmoe.data.shards import iter_jsonl
+
+    out: dict[str, dict[str, float]] = {}
+    for _, rec in iter_jsonl(Path(path)):
+        if not isinstance(rec, dict):
+            continue
+        per = out.setdefault(str(rec.get("tenant")), {})
+        n = float(rec.get("completion_tokens") or 0)
+        for expert, share in (rec.get("attribution") or {}).items():
+            per[expert] = per.get(expert, 0.0) + n * float(share)
+    return out
