@@ -346,3 +346,36 @@ def _which(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} is not installed: run `make test-browser` (it installs it)")
     return str(Path(path))
+
+
+def test_cli_serve_binds_localhost(env):
+    """`flexmoe serve` as users run it: a subprocess on 127.0.0.1, answering /health."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "flexmoe.cli", "serve", "--model", str(env["root"] / "merged")]
+    cmd += ["--port", str(port), "--keys", str(env["keys"]), "--device", "cpu"]
+    cmd += ["--state", str(env["root"] / "state-cli")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        t0 = time.time()
+        while True:
+            try:
+                r = raw({"url": f"http://127.0.0.1:{port}"}, "/health", method="GET")
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+                assert time.time() - t0 < 60, "flexmoe serve did not come up"
+                time.sleep(0.2)
+        assert r.json()["status"] == "ok"
+        with socket.socket() as s:  # not reachable on another interface address
+            s.settimeout(1)
+            other = socket.gethostbyname(socket.gethostname())
+            if other != "127.0.0.1":
+                assert s.connect_ex((other, port)) != 0
+        r = raw({"url": f"http://127.0.0.1:{port}"}, "/v1/models", key="sk-nope", method="GET")
+        assert r.status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(10)
