@@ -299,6 +299,15 @@ def expert_train(
     stop_after: Annotated[
         int | None, typer.Option(hidden=True, help="Exit after this step (tests a kill).")
     ] = None,
+    dp_epsilon: Annotated[
+        float | None,
+        typer.Option(help="Train with DP-SGD (Opacus) to this ε per owner document."),
+    ] = None,
+    dp_delta: Annotated[
+        float | None, typer.Option(help="DP δ (default min(1e-5, 1/(10·documents))).")
+    ] = None,
+    max_grad_norm: Annotated[float, typer.Option(help="DP per-document clipping norm.")] = 1.0,
+    dp_epochs: Annotated[int, typer.Option(help="DP passes over the documents.")] = 1,
 ) -> None:
     """Train an expert on private data against the frozen anchor; write its package."""
     import datetime as dt
@@ -351,6 +360,14 @@ def expert_train(
         overwrite=overwrite,
         restart=restart,
         stop_after=stop_after,
+        dp=None
+        if dp_epsilon is None
+        else {
+            "epsilon": dp_epsilon,
+            "delta": dp_delta,
+            "max_grad_norm": max_grad_norm,
+            "epochs": dp_epochs,
+        },
     )
     tr = res.get("training", {})
     if "heldout_bpb" in tr or "anchor_heldout_bpb" in tr:
@@ -414,6 +431,17 @@ def expert_verify(
         f"signed by key {signer.key_id} (signature valid)"
         if signer is not None
         else "unsigned (no signature.json)"
+    )
+    from flexmoe.package import dp_record
+
+    dp = dp_record(m)
+    out.print(
+        "trained without differential privacy"
+        if dp is None
+        else f"DP-SGD: ε = {dp['epsilon']:.3g}, δ = {dp['delta']:.2g}, noise multiplier "
+        f"{dp.get('noise_multiplier', float('nan')):.3g}, clip {dp.get('max_grad_norm')}, "
+        f"{dp.get('steps')} steps, sampling rate {dp.get('sampling_rate', float('nan')):.3g} "
+        f"({dp.get('accountant')}; unit: {dp.get('privacy_unit')})"
     )
 
 
@@ -542,6 +570,9 @@ def merge_cmd(
         Path | None,
         typer.Option(help="Admit only packages signed by a key in this file (keys new → .pub)."),
     ] = None,
+    max_epsilon: Annotated[
+        float | None, typer.Option(help="Admit only DP-trained packages with ε ≤ this.")
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option(help="Replace a non-empty -o that flexmoe did not write.")
     ] = False,
@@ -575,6 +606,7 @@ def merge_cmd(
         preselect=-1 if preselect is None else preselect,
         overwrite=overwrite,
         trusted_keys=trusted_keys,
+        max_epsilon=max_epsilon,
     )
     out.print(
         f"merged {len(res.experts)} experts ({', '.join(res.experts)}), top-k {res.top_k} "
@@ -950,6 +982,89 @@ def ledger_summarize(
     for tenant, per in sorted(totals.items()):
         table.add_row(clean(tenant), *[f"{per.get(e, 0.0):,.1f}" for e in experts])
     out.print(table)
+
+
+@app.command("audit")
+def audit_cmd(
+    data: Annotated[Path, typer.Argument(help="The owner's training token shards (members).")],
+    models: Annotated[
+        list[Path] | None, typer.Option("--model", help="Model dirs to audit (repeatable).")
+    ] = None,
+    heldout: Annotated[
+        Path | None, typer.Option(help="The owner's held-out shards (non-members, for MIA).")
+    ] = None,
+    reference: Annotated[
+        Path | None, typer.Option(help="Reference model for the calibrated MIA (the anchor).")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option(help="Merged models: also audit with these excluded.")
+    ] = None,
+    docs: Annotated[int, typer.Option(help="Documents to audit (bounds the cost).")] = 100,
+    seq_len: Annotated[int, typer.Option(help="Tokens per document for the MIA loss.")] = 128,
+    seed: Annotated[int, typer.Option(help="Seed for offsets and sampling.")] = 0,
+    control: Annotated[
+        bool, typer.Option(help="Also train (or reuse) and audit an overfit positive control.")
+    ] = False,
+    control_dir: Annotated[Path, typer.Option(help="Where the control expert is kept.")] = Path(
+        "runs/audit-control"
+    ),
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
+) -> None:
+    """Memorisation audit: extraction (the paper's protocol) and membership inference."""
+    from flexmoe.audit import Audited, audit, split_documents, train_control
+    from flexmoe.data.shards import TokenStream
+    from flexmoe.data.tokenizer import load_tokenizer
+    from flexmoe.fsutil import write_json
+    from flexmoe.infer import expert_mask, is_merged, load_model
+
+    if not models and not control:
+        raise FlexmoeError("give --model (repeatable) and/or --control")
+    if docs < 1 or seq_len < 2:
+        raise FlexmoeError("--docs must be ≥ 1 and --seq-len ≥ 2")
+    if control and reference is None:
+        raise FlexmoeError("--control needs --reference ANCHOR (the control is trained on it)")
+    first = Path((models or [reference])[0])
+    tok = load_tokenizer(first)
+    members = split_documents(TokenStream(data))
+    non = split_documents(TokenStream(heldout)) if heldout else None
+    targets = []
+    for path in models or []:
+        m = load_model(path)
+        targets.append(Audited(str(path), m))
+        if exclude and is_merged(m):
+            mask = expert_mask(m, exclude=_names(exclude))
+            targets.append(Audited(f"{path} −{','.join(_names(exclude))}", m, mask))
+    ref = Audited(str(reference), load_model(reference)) if reference else None
+    res = audit(targets, tok, members, non, ref, n_docs=docs, seq_len=seq_len, seed=seed)
+    if control:
+        merged, ctrl_docs = train_control(reference, data, control_dir, seed=seed)
+        res |= audit(
+            [Audited("overfit control", load_model(merged))],
+            tok,
+            ctrl_docs,
+            non,
+            ref,
+            n_docs=docs,
+            seq_len=seq_len,
+            seed=seed,
+        )
+    table = Table(title=f"memorisation audit: {data}")
+    for c in ("model", "extracted", "95% CI", "MIA AUC (loss)", "MIA AUC (ref)", "member loss"):
+        table.add_column(c, justify="left" if c == "model" else "right")
+    for label, r in res.items():
+        e = r["extraction"]
+        mia = r.get("mia", {})
+
+        table.add_row(
+            clean(label),
+            f"{e['extracted']}/{e['documents']} ({100 * e['rate']:.1f}%)",
+            f"{100 * e['ci95'][0]:.1f}–{100 * e['ci95'][1]:.1f}%",
+            *(f"{mia[k]['auc']:.3f}" if k in mia else "-" for k in ("loss", "reference")),
+            f"{r['member_loss']:.3f}",
+        )
+    out.print(table)
+    if json_out is not None:
+        write_json(json_out, res)
 
 
 def clean(text: object, limit: int = 2000) -> str:

@@ -196,13 +196,21 @@ def train_expert(
     public: Path | None = None,
     overwrite: bool = False,
     restart: bool = False,
+    dp: dict | None = None,
     **overrides,
 ) -> dict:
     """Train an expert (or the dense baseline) and write its package (or dense model).
 
     `public`: token shards of public text (the anchor's public corpus or any public text), needed
-    by a recipe with public negatives. Every setting is checked before any work."""
+    by a recipe with public negatives. `dp`: {"epsilon", "delta", "max_grad_norm", "epochs"}
+    trains with DP-SGD (dp.py) instead. Every setting is checked before any work."""
     validate_name(name)
+    if dp is not None:
+        if dense:
+            raise FlexmoeError("--dp-epsilon trains an expert package, not a dense model")
+        recipe = make_recipe("paper")
+        if not 0 < float(dp.get("epsilon", 0)) <= 100:
+            raise FlexmoeError("--dp-epsilon must be in (0, 100]")
     out = guard_output(
         out,
         "dense expert" if dense else "expert package",
@@ -215,7 +223,7 @@ def train_expert(
     if expires is not None and expires < dt.date.today():
         raise FlexmoeError(f"--consent-expires {expires.isoformat()} is already in the past")
     rec = recipe if isinstance(recipe, Recipe) else make_recipe(recipe)
-    if not dense and (rec.public_ratio > 0 or rec.calibrate) and public is None:
+    if dp is None and not dense and (rec.public_ratio > 0 or rec.calibrate) and public is None:
         raise FlexmoeError(
             f"recipe '{rec.name}' trains the gate on public negatives: pass --public "
             "(public token shards), or use --recipe paper"
@@ -290,6 +298,127 @@ def train_expert(
         return m
 
     model = build()
+    dp_record = None
+    if dp is not None:  # DP-SGD (dp.py): the paper's recipe under a privacy accountant
+        from flexmoe.dp import package_tensors, train_dp
+
+        t0 = __import__("time").perf_counter()
+        dp_record = train_dp(
+            model,
+            stream,
+            epsilon=dp["epsilon"],
+            delta=dp.get("delta"),
+            max_grad_norm=dp.get("max_grad_norm", 1.0),
+            epochs=dp.get("epochs", 1),
+            batch_size=cfg.batch_size,
+            seq_len=cfg.seq_len,
+            lr=cfg.lr,
+            seed=cfg.seed,
+            pad=tok.pad_token_id if tok.pad_token_id is not None else 0,
+        )
+        model.eval()
+        tensors = package_tensors(model, embedding)
+        result = {
+            "tokens": dp_record["steps"] * dp_record["expected_batch_size"] * cfg.seq_len,
+            "step": dp_record["steps"],
+            "loss": dp_record["mean_train_loss"],
+            "seconds": __import__("time").perf_counter() - t0,
+        }
+        if heldout is not None:
+            with torch.no_grad():
+                result["eval/heldout/bpb"] = heldout_bpb(model)
+        calibration = None
+    else:
+        result, calibration, model = _train_owner(
+            model,
+            build,
+            rec,
+            cfg,
+            stream,
+            work,
+            evals,
+            tb,
+            train_bias,
+            public,
+            resume,
+            restart,
+            name,
+            heldout_bpb if heldout is not None else None,
+        )
+        if result.get("stopped") or model is None:
+            return result
+        tensors = extract_package_tensors(model, embedding)
+    manifest = {
+        "name": name,
+        "domain": domain or name,
+        "owner": owner,
+        "licence": licence,
+        "consent": {
+            "allowed_uses": allowed_uses or list(USES),
+            "expires": expires.isoformat() if expires else None,
+        },
+        "anchor_fingerprint": record["fingerprint"],
+        "public_router_sha256": tensor_sha256(extras[f"public.{router_init}"]),
+        "architecture": {
+            "hidden_size": anchor.config.hidden_size,
+            "intermediate_size": anchor.config.intermediate_size,
+            "num_hidden_layers": anchor.config.num_hidden_layers,
+            "hidden_act": anchor.config.hidden_act,
+        },
+        "router_init": router_init,
+        "training": {
+            "tokens": result["tokens"],
+            "steps": result["step"],
+            "seed": cfg.seed,
+            "hyperparameters": cfg.model_dump(exclude={"stop_after"}),
+            "heldout_bpb": result.get("eval/heldout/bpb"),
+            "anchor_heldout_bpb": anchor_bpb,
+            "final_loss": result["loss"],
+            "seconds": result.get("seconds"),
+            "tokens_per_s": result.get("tokens_per_s"),
+            "router_docs": router_docs,
+            "train_bias": train_bias,
+            "recipe": rec.describe(),
+            "public_data_sha256": (
+                shards_sha256(public) if dp is None and rec.public_ratio > 0 else None
+            ),
+            "public_owner_gate": result.get("public/owner_gate"),
+            "gate_calibration": calibration,
+            "domain_embedding": (
+                f"mean all-MiniLM-L6-v2 embedding of {router_docs} of the owner's documents (a "
+                "statistic of the owner's data, used for request-level preselection)"
+            ),
+        },
+        "created_with": library_versions(),
+    }
+    if dp_record is not None:
+        manifest["training"]["dp"] = dp_record
+        manifest["training"]["recipe"] = {
+            "name": "paper+dp",
+            "objective": "LM loss on the owner's documents with DP-SGD (dp.py); not calibrated",
+        }
+    m = write_package(Path(out), tensors, manifest)
+    return m.model_dump(mode="json")
+
+
+def _train_owner(
+    model,
+    build,
+    rec,
+    cfg,
+    stream,
+    work,
+    evals,
+    tb,
+    train_bias,
+    public,
+    resume,
+    restart,
+    name,
+    heldout_bpb,
+):
+    """The non-DP owner training (shared loop) and, for the flexmoe recipe, gate calibration.
+    Returns (result, calibration, model on CPU in the package layout)."""
     masks = freeze_for_expert(model, train_bias)
     negatives = None
     if rec.public_ratio > 0:
@@ -324,57 +453,15 @@ def train_expert(
 
     model = unshard_for_save(model, rebuild)
     if result.get("stopped") or model is None:
-        return result
+        return result, None, model
     place(model, "cpu", "float32")  # post-processing and the package: CPU, float32
     merge_owner_params(model)
     calibration = None
     if rec.calibrate:
         calibration = calibrate_gate(model, stream, TokenStream(public), rec, cfg.seq_len, cfg.seed)
-        if heldout is not None:  # the package's held-out number is the calibrated model's
+        if heldout_bpb is not None:  # the package's held-out number is the calibrated model's
             result["eval/heldout/bpb"] = heldout_bpb(model)
-    manifest = {
-        "name": name,
-        "domain": domain or name,
-        "owner": owner,
-        "licence": licence,
-        "consent": {
-            "allowed_uses": allowed_uses or list(USES),
-            "expires": expires.isoformat() if expires else None,
-        },
-        "anchor_fingerprint": record["fingerprint"],
-        "public_router_sha256": tensor_sha256(extras[f"public.{router_init}"]),
-        "architecture": {
-            "hidden_size": anchor.config.hidden_size,
-            "intermediate_size": anchor.config.intermediate_size,
-            "num_hidden_layers": anchor.config.num_hidden_layers,
-            "hidden_act": anchor.config.hidden_act,
-        },
-        "router_init": router_init,
-        "training": {
-            "tokens": result["tokens"],
-            "steps": result["step"],
-            "seed": cfg.seed,
-            "hyperparameters": cfg.model_dump(exclude={"stop_after"}),
-            "heldout_bpb": result.get("eval/heldout/bpb"),
-            "anchor_heldout_bpb": anchor_bpb,
-            "final_loss": result["loss"],
-            "seconds": result.get("seconds"),
-            "tokens_per_s": result.get("tokens_per_s"),
-            "router_docs": router_docs,
-            "train_bias": train_bias,
-            "recipe": rec.describe(),
-            "public_data_sha256": shards_sha256(public) if negatives is not None else None,
-            "public_owner_gate": result.get("public/owner_gate"),
-            "gate_calibration": calibration,
-            "domain_embedding": (
-                f"mean all-MiniLM-L6-v2 embedding of {router_docs} of the owner's documents (a "
-                "statistic of the owner's data, used for request-level preselection)"
-            ),
-        },
-        "created_with": library_versions(),
-    }
-    m = write_package(Path(out), extract_package_tensors(model, embedding), manifest)
-    return m.model_dump(mode="json")
+    return result, calibration, model
 
 
 def calibrate_package(

@@ -45,6 +45,7 @@ from flexmoe.package import (
     WEIGHTS,
     Architecture,
     Manifest,
+    dp_record,
     expected_bytes,
     expected_shapes,
     verify_package,
@@ -165,6 +166,7 @@ def merge(
     preselect: int | None = -1,
     overwrite: bool = False,
     trusted_keys: Path | None = None,
+    max_epsilon: float | None = None,
 ) -> MergeResult:
     """Copy, verify, apply the name and consent policy, build, probe and write atomically.
 
@@ -174,6 +176,7 @@ def merge(
     DEFAULT_PRESELECT when every kept package has a domain embedding, else token routing alone;
     0/None = token routing alone; M ≥ 1 = keep public + M experts per request.
     `trusted_keys`: admit only packages signed by one of these keys (signing.py).
+    `max_epsilon`: admit only packages trained with DP-SGD at ε ≤ max_epsilon (dp.py).
     """
     from flexmoe.anchor import load_anchor
     from flexmoe.data.tokenizer import load_tokenizer
@@ -200,6 +203,16 @@ def merge(
         ]
         verified = [verify_package(c, record, extras, anchor_model) for c in copies]
         names = [m.name for m, _ in verified]
+        if max_epsilon is not None:
+            for m, _ in verified:
+                rec = dp_record(m)
+                if rec is None:
+                    raise FlexmoeError(f"expert '{m.name}' was not trained with DP (--max-epsilon)")
+                if rec["epsilon"] > max_epsilon:
+                    raise FlexmoeError(
+                        f"expert '{m.name}' has ε = {rec['epsilon']:.3g} > --max-epsilon "
+                        f"{max_epsilon:g}"
+                    )
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise FlexmoeError(f"expert names must be unique; repeated: {', '.join(dupes)}")

@@ -313,7 +313,22 @@ def verify_package(
         if not torch.isfinite(t).all():
             raise FlexmoeError(f"{pkg}: tensor '{name}' has non-finite values")
         check_scale(pkg, name, t, scales)
+    dp_record(m)
     return m, tensors
+
+
+def dp_record(m: Manifest) -> dict | None:
+    """The manifest's DP-SGD record (dp.py), None if trained without DP; malformed → error."""
+    rec = (m.training.model_extra or {}).get("dp")
+    if rec is None:
+        return None
+    eps = rec.get("epsilon") if isinstance(rec, dict) else None
+    delta = rec.get("delta") if isinstance(rec, dict) else None
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (eps, delta)):
+        raise FlexmoeError(f"expert '{m.name}': training.dp needs numeric epsilon and delta")
+    if not (0 < eps < float("inf") and 0 < delta < 1):
+        raise FlexmoeError(f"expert '{m.name}': training.dp has an invalid epsilon or delta")
+    return rec
 
 
 def check_architecture(m: Manifest, config) -> None:
