@@ -171,10 +171,12 @@ def audit(
     return out
 
 
-def train_control(anchor_dir, data, out, docs: int = 50, steps: int = 300, seed: int = 0):
-    """The positive control: an expert deliberately overfit on `docs` documents of the owner's
-    data (many passes), merged with the anchor. Reused when `out` holds one already. Returns
-    (merged dir, the member documents)."""
+def train_control(
+    anchor_dir, data, out, docs: int = 50, steps: int = 1000, seed: int = 0, lr: float = 3e-3
+):
+    """The positive control: the anchor deliberately overfit (dense, every weight trained, many
+    passes) on `docs` documents of the owner's data, like the paper's overfit model. Reused when
+    `out` holds one already. Returns (model dir, the member documents)."""
     import json
     import tempfile
     from pathlib import Path
@@ -182,13 +184,12 @@ def train_control(anchor_dir, data, out, docs: int = 50, steps: int = 300, seed:
     from flexmoe.data.shards import TokenStream, tokenize_to_shards
     from flexmoe.data.tokenizer import load_tokenizer
     from flexmoe.expert import train_expert
-    from flexmoe.merge import merge
 
     out = Path(out)
     tok = load_tokenizer(anchor_dir)
     members = [d for d in split_documents(TokenStream(data)) if len(d) >= MIN_DOC][:docs]
-    merged = out / "merged"
-    if not (merged / "flexmoe_merged.json").is_file():
+    model_dir = out / "model"
+    if not (model_dir / "flexmoe_anchor.json").is_file():
         with tempfile.TemporaryDirectory() as tmp:
             raw = Path(tmp) / "control.jsonl"
             raw.write_text(
@@ -198,18 +199,17 @@ def train_control(anchor_dir, data, out, docs: int = 50, steps: int = 300, seed:
             train_expert(
                 anchor_dir,
                 Path(tmp) / "shards",
-                out / "package",
+                model_dir,
                 "control",
-                recipe="paper",
+                dense=True,
                 router_docs=8,
                 steps=steps,
                 batch_size=8,
                 seq_len=128,
-                lr=3e-3,
+                lr=lr,
                 warmup=10,
                 seed=seed,
                 restart=True,
                 overwrite=True,
             )
-        merge(anchor_dir, [out / "package"], merged, log=None, preselect=0, overwrite=True)
-    return merged, members
+    return model_dir, members
