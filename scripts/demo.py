@@ -1,7 +1,7 @@
 """`make demo`: the whole FlexOlmo lifecycle on FlexMix-mini (see flexmoe.pipeline).
 
 python scripts/demo.py            # 4 demo domains, ~10 min on 2 CPU cores → runs/demo/
-python scripts/demo.py --full     # all 7 domains, ablations, RT → runs/demo-full/
+python scripts/demo.py --full     # all 7 domains, ablations, RT, privacy → runs/demo-full/
 python scripts/demo.py --smoke    # tiny models, for checking the plumbing → runs/demo-smoke/
 """
 
@@ -62,6 +62,12 @@ def main() -> int:
     except FlexmoeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.full:  # the privacy section: math owner (scripts/privacy_table.py)
+        import subprocess
+
+        script = Path(__file__).with_name("privacy_table.py")
+        cmd = [sys.executable, str(script), "--run", str(cfg.out), "--domain", "math"]
+        return subprocess.call(cmd)
     return 0
 
 

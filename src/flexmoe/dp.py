@@ -149,7 +149,7 @@ def train_dp(
     loader = DataLoader(
         TensorDataset(docs, masks), batch_size=min(batch_size, n), shuffle=True, generator=g
     )
-    engine = PrivacyEngine(accountant="rdp", secure_mode=False)
+    engine = PrivacyEngine(accountant="rdp", secure_mode=False)  # secure RNG: see README
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model, opt, loader = engine.make_private_with_epsilon(
@@ -178,13 +178,15 @@ def train_dp(
             per_doc = (nll * m).sum(1) / m.sum(1).clamp(min=1)
             loss = per_doc.mean()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with warnings.catch_warnings():  # frozen inputs: Opacus's hooks fire on outputs
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                loss.backward()
             opt.step()
             with torch.no_grad():
                 for layer in model._module.model.layers:
                     layer.mlp.router.bias.clamp_(max=0.0)
             steps += 1
-            loss_sum += float(loss) * len(x)
+            loss_sum += float(loss.detach()) * len(x)
             seen += len(x)
         if log:
             log(f"DP epoch {epoch + 1}/{epochs}: ε so far {engine.get_epsilon(delta):.2f}")
