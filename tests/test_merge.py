@@ -380,3 +380,10 @@ def test_two_threads_with_different_masks_match_each_alone(full) -> None:
     for i in (0, 1):
         assert len(results[i]) == 15 and all(torch.equal(r, alone[i]) for r in results[i])
     assert not torch.equal(alone[0], alone[1])
+
+
+def test_a_model_merged_without_public_has_no_stand_in_public(env) -> None:
+    model = load_merged(env["full"])
+    model.flexmoe_experts = ["code", "math", "news", "law", "extra"]  # as if merged without public
+    mask = expert_mask(model, include=["math"])
+    assert mask.tolist() == [False, True, False, False, False]

@@ -193,6 +193,7 @@ def raw(env, path: str, body=None, key: str | None = "alpha", method: str = "POS
         ({"prompt": "word " * 3000}, "alpha", 400, "prompt has"),
         ({"prompt": "x", "n": 2}, "alpha", 400, "n"),
         ({"prompt": "x", "temperature": -1}, "alpha", 400, "temperature"),
+        ({"prompt": "x", "seed": 2**64}, "alpha", 400, "seed"),
     ],
 )
 def test_errors_are_json_with_status(env, body, key, status, expect):
@@ -379,3 +380,14 @@ def test_cli_serve_binds_localhost(env):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_hostile_requests_do_not_hurt_others(env):
+    """A tiny temperature or odd route names cannot fail other requests or grow the metrics."""
+    r = raw(env, "/v1/completions", {"prompt": "x", "max_tokens": 3, "temperature": 1e-300})
+    assert r.status_code == 200, r.text
+    for i in range(5):
+        assert raw(env, f"/admin/experts/zz-{i}/revoke", {}, "alpha").status_code == 403
+    assert "zz-" not in raw(env, "/metrics", method="GET").text
+    r = raw(env, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, None)
+    assert r.status_code == 401

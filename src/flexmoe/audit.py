@@ -188,8 +188,14 @@ def train_control(
     out = Path(out)
     tok = load_tokenizer(anchor_dir)
     members = [d for d in split_documents(TokenStream(data)) if len(d) >= MIN_DOC][:docs]
+    from flexmoe.expert import shards_sha256
+    from flexmoe.fsutil import write_json
+
     model_dir = out / "model"
-    if not (model_dir / "flexmoe_anchor.json").is_file():
+    spec = {"data": shards_sha256(data), "docs": docs, "steps": steps, "seed": seed, "lr": lr}
+    spec_file = out / "control.json"
+    reuse = spec_file.is_file() and json.loads(spec_file.read_text()) == spec
+    if not (reuse and (model_dir / "flexmoe_anchor.json").is_file()):
         with tempfile.TemporaryDirectory() as tmp:
             raw = Path(tmp) / "control.jsonl"
             raw.write_text(
@@ -212,4 +218,5 @@ def train_control(
                 restart=True,
                 overwrite=True,
             )
+        write_json(spec_file, spec)
     return model_dir, members

@@ -439,8 +439,8 @@ def expert_verify(
         "trained without differential privacy"
         if dp is None
         else f"DP-SGD: ε = {dp['epsilon']:.3g}, δ = {dp['delta']:.2g}, noise multiplier "
-        f"{dp.get('noise_multiplier', float('nan')):.3g}, clip {dp.get('max_grad_norm')}, "
-        f"{dp.get('steps')} steps, sampling rate {dp.get('sampling_rate', float('nan')):.3g} "
+        f"{float(dp.get('noise_multiplier') or 'nan'):.3g}, clip {dp.get('max_grad_norm')}, "
+        f"{dp.get('steps')} steps, sampling rate {float(dp.get('sampling_rate') or 'nan'):.3g} "
         f"({dp.get('accountant')}; unit: {dp.get('privacy_unit')})"
     )
 

@@ -13,7 +13,9 @@ longer document contributes only that window). Batches are Poisson-sampled over 
 document's gradient is clipped to `max_grad_norm`, Gaussian noise is added, and Opacus's RDP
 accountant gives ε at the recorded δ. The recipe is the paper's (owner data only): public
 negatives and gate calibration would touch the owner's data outside the accountant, so DP
-packages are not calibrated.
+packages are not calibrated. For the same reason the owner's router row starts as a copy of the
+public row (a data-independent init) and the package ships no domain embedding: every tensor
+in a DP package is a function of the noised gradients and public data only.
 """
 
 from __future__ import annotations
@@ -166,12 +168,13 @@ def train_dp(
     steps, loss_sum, seen = 0, 0.0, 0
     for epoch in range(epochs):
         for x, m in loader:
-            if len(x) == 0:  # Poisson sampling can draw an empty batch: still a step
+            logits = model(x[:, :-1]).logits
+            if len(x) == 0:  # Poisson sampling drew no document: a noise-only step, as analysed
                 opt.zero_grad(set_to_none=True)
+                (logits.sum() * 0).backward()
                 opt.step()
                 steps += 1
                 continue
-            logits = model(x[:, :-1]).logits
             nll = F.cross_entropy(
                 logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="none"
             ).view(len(x), -1)

@@ -281,11 +281,15 @@ def train_expert(
         }
         return write_anchor(model, tok, extras, Path(out), rec)
 
-    # the owner's mean document embedding: router init, and request-level preselection later
-    embedding = embed_documents(sample_documents(stream, tok, router_docs, cfg.seed))
-    owner_rows = owner_router_rows(
-        router_init, anchor, extras, tok, stream, cfg.seed, router_docs, cfg.seq_len, embedding
-    )
+    if dp is None:
+        # the owner's mean document embedding: router init, and request-level preselection later
+        embedding = embed_documents(sample_documents(stream, tok, router_docs, cfg.seed))
+        owner_rows = owner_router_rows(
+            router_init, anchor, extras, tok, stream, cfg.seed, router_docs, cfg.seq_len, embedding
+        )
+    else:  # DP: nothing computed from the owner's data outside the accountant (dp.py)
+        embedding = None
+        owner_rows = extras[f"public.{router_init}"].clone()
 
     def build():
         m = build_two_expert(anchor, extras, owner_rows, router_init)
@@ -384,7 +388,9 @@ def train_expert(
             ),
             "public_owner_gate": result.get("public/owner_gate"),
             "gate_calibration": calibration,
-            "domain_embedding": (
+            "domain_embedding": None
+            if embedding is None
+            else (
                 f"mean all-MiniLM-L6-v2 embedding of {router_docs} of the owner's documents (a "
                 "statistic of the owner's data, used for request-level preselection)"
             ),
@@ -484,6 +490,12 @@ def calibrate_package(
     rec = recipe or make_recipe("flexmoe", calibrate=True)
     anchor, record, extras = load_anchor(anchor_dir)
     m, tensors = verify_package(package, record, extras, anchor)
+    from flexmoe.package import dp_record
+
+    if dp_record(m) is not None:
+        raise FlexmoeError(
+            f"{package} was trained with DP: calibrating it on the owner's data would void its ε"
+        )
     model = build_merged(anchor, record, extras, [(m, tensors)], top_k=2)  # = the owner's model
     report = calibrate_gate(model, TokenStream(data), TokenStream(public), rec, seq_len, seed)
     manifest = json.loads(m.model_dump_json(exclude={"tensors"}))

@@ -232,13 +232,17 @@ def _marker(name: str, **fields: Any) -> Callable[[Path], bool]:
     return check
 
 
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+
 # what each writer leaves behind, to recognise its own previous output
 OUTPUT_KINDS: dict[str, Callable[[Path], bool]] = {
     "anchor": _marker("flexmoe_anchor.json", kind="anchor"),
     "dense expert": _marker("flexmoe_anchor.json", kind="dense-expert"),
     "expert package": _marker("manifest.json", format="flexmoe-expert-package"),
     "merged model": _marker("flexmoe_merged.json", format="flexmoe-merged"),
-    "tokenizer": _marker("tokenizer.json"),
+    "tokenizer": lambda d: (
+        _marker("tokenizer.json")(d) and {p.name for p in d.iterdir()} <= TOKENIZER_FILES
+    ),
     "token shards": _marker("index.json"),
 }
 

@@ -147,6 +147,9 @@ def _domain_embeddings(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
             with safe_open(f, framework="pt") as st:
                 if "domain_embedding" not in st.keys():
                     continue
+                shape = st.get_slice("domain_embedding").get_shape()
+                if list(shape) != OPTIONAL_TENSORS["domain_embedding"]:
+                    raise FlexmoeError(f"{f}: bad domain_embedding")
                 t = st.get_tensor("domain_embedding").float()
         except Exception as e:  # a corrupt stored package: refuse, naming it
             raise FlexmoeError(f"{f}: unreadable ({type(e).__name__})") from None
@@ -233,11 +236,13 @@ def expert_mask(
             raise FlexmoeError(
                 f"{what}: unknown expert(s) {', '.join(unknown)} (known: {', '.join(names)})"
             )
-    public = PUBLIC if PUBLIC in names else names[0]
-    keep = (set(include) | {public}) if include else set(names)
+    # a stock FlexOlmo checkpoint's expert_0 is its public expert; a model merged without the
+    # public expert (--allow-no-public) has none
+    public = PUBLIC if PUBLIC in names else ("expert_0" if names[0] == "expert_0" else None)
+    keep = (set(include) | {public} - {None}) if include else set(names)
     keep -= set(exclude or [])
     keep -= set(getattr(model, "flexmoe_withheld", {}))  # consent expired: never, on any path
-    if public not in keep and not allow_no_public:
+    if public is not None and public not in keep and not allow_no_public:
         raise FlexmoeError(
             f"excluding the public expert '{public}' is refused (pass --allow-no-public)"
         )

@@ -326,8 +326,15 @@ def dp_record(m: Manifest) -> dict | None:
     delta = rec.get("delta") if isinstance(rec, dict) else None
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (eps, delta)):
         raise FlexmoeError(f"expert '{m.name}': training.dp needs numeric epsilon and delta")
-    if not (0 < eps < float("inf") and 0 < delta < 1):
+    if not (0 < eps <= 1e6 and 0 < delta < 1):
         raise FlexmoeError(f"expert '{m.name}': training.dp has an invalid epsilon or delta")
+    for k in ("noise_multiplier", "max_grad_norm", "sampling_rate", "steps"):
+        v = rec.get(k)
+        if v is not None and not (isinstance(v, int | float) and abs(float(v)) < 1e12):
+            raise FlexmoeError(f"expert '{m.name}': training.dp.{k} is not a number")
+    for k in ("accountant", "privacy_unit"):
+        if not isinstance(rec.get(k, ""), str) or len(rec.get(k, "")) > 200:
+            raise FlexmoeError(f"expert '{m.name}': training.dp.{k} is not a short string")
     return rec
 
 

@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import json
 import queue
+import re
 import threading
 import time
 import tomllib
@@ -79,8 +80,15 @@ class Keys:
         try:
             raw = tomllib.loads(regular_file(path, "keys file", 1 << 20).read_text())
             self.admin = raw.get("admin_key_sha256")
+            hexes = [self.admin] if self.admin is not None else []
+            hexes += [t.get("key_sha256") for t in raw.get("tenants", [])]
+            for h in hexes:
+                if not isinstance(h, str) or not re.fullmatch(r"[0-9a-f]{64}", h):
+                    raise FlexmoeError(f"keys file {path}: a key hash is not 64 hex characters")
             for t in raw.get("tenants", []):
                 experts = t.get("experts", ["*"])
+                if not isinstance(experts, list) or not all(isinstance(e, str) for e in experts):
+                    raise FlexmoeError(f"keys file {path}: 'experts' must be a list of names")
                 self.tenants.append(
                     (
                         str(t["key_sha256"]),
@@ -188,7 +196,7 @@ class Engine:
 def _pick(logits: torch.Tensor, job: Job, gen: torch.Generator | None) -> int:
     if job.temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / job.temperature, -1)
+    probs = torch.softmax(logits.double() / max(job.temperature, 1e-3), -1)
     if job.top_p < 1:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < job.top_p
@@ -316,7 +324,7 @@ class CompletionRequest(BaseModel):
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0, le=4)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
     n: Literal[1] = 1
     stream: bool = False
@@ -362,7 +370,8 @@ class Server:
         self.merged = is_merged(self.model)
         self.limits = limits or Limits()
         self.keys = Keys(keys)
-        self.state_dir = Path(state_dir or self.model_dir.with_name(self.model_dir.name + ".serve"))
+        real = self.model_dir.resolve()
+        self.state_dir = Path(state_dir or real.with_name(real.name + ".serve"))
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.revoked: dict[str, str] = self._load_revoked()
         self.ledger = self.state_dir / "ledger.jsonl"
@@ -476,14 +485,20 @@ class Server:
                 400, f"max_tokens {req.max_tokens} exceeds the limit {self.limits.max_tokens}"
             )
         mask, pre, excluded = self.choose(req, tenant)
-        ids = self.tok(prompt, add_special_tokens=False)["input_ids"] or [self.tok.eos_token_id]
+        if len(prompt) > 16 * self.limits.max_prompt_tokens:  # before tokenizing it
+            raise ApiError(
+                400, f"prompt is over the limit of {self.limits.max_prompt_tokens} tokens"
+            )
+        encoded = await asyncio.to_thread(self.tok, prompt, add_special_tokens=False)
+        ids = encoded["input_ids"] or [self.tok.eos_token_id]
         if len(ids) > self.limits.max_prompt_tokens:
             raise ApiError(
                 400,
                 f"prompt has {len(ids)} tokens, over the limit of {self.limits.max_prompt_tokens}",
             )
         if mask is not None and pre:  # request-level preselection, as `generate` does
-            mask = mask & preselect_mask(self.model, [prompt], pre, allowed=mask)[0]
+            chosen = await asyncio.to_thread(preselect_mask, self.model, [prompt], pre, mask)
+            mask = mask & chosen[0]
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > 4 or any(len(s) > 64 or not s for s in stop):
             raise ApiError(400, "stop: at most 4 non-empty strings of ≤ 64 characters")
@@ -565,14 +580,18 @@ def create_app(server: Server):
     def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
         return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
 
+    def route(request: Request) -> str:  # the route template: request paths are unbounded
+        r = request.scope.get("route")
+        return getattr(r, "path", "other")
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
-        server.m_requests.labels(request.url.path, str(e.status)).inc()
+        server.m_requests.labels(route(request), str(e.status)).inc()
         return error(e.status, e.message, e.kind)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, e: RequestValidationError):
-        server.m_requests.labels(request.url.path, "400").inc()
+        server.m_requests.labels(route(request), "400").inc()
         err = e.errors()[0] if e.errors() else {}
         loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
         return error(400, f"{loc or 'body'}: {err.get('msg', 'invalid request')}")
@@ -667,6 +686,13 @@ def create_app(server: Server):
         if req.stream:
 
             async def events():
+                try:
+                    async for chunk in _events():
+                        yield chunk
+                finally:  # a client that went away: free its batch row
+                    job.cancelled = True
+
+            async def _events():
                 while True:
                     kind, payload = await next_event()
                     if kind == "token":
@@ -693,7 +719,7 @@ def create_app(server: Server):
                         }
                         yield f"data: {json.dumps(chunk)}\n\n"
                         yield "data: [DONE]\n\n"
-                        server.m_requests.labels(request.url.path, "200").inc()
+                        server.m_requests.labels(route(request), "200").inc()
                         server.m_latency.observe(time.perf_counter() - started)
                         return
                     else:
@@ -709,7 +735,7 @@ def create_app(server: Server):
                 status = 504 if payload == "timeout" else 500
                 raise ApiError(status, f"generation failed: {payload}", "server_error")
         info = server.finish(job, meta, tenant, n_prompt, req)
-        server.m_requests.labels(request.url.path, "200").inc()
+        server.m_requests.labels(route(request), "200").inc()
         server.m_latency.observe(time.perf_counter() - started)
         return {
             "id": rid,
@@ -728,6 +754,7 @@ def create_app(server: Server):
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
+        tenant_of(request)
         return await serve(request, req, _chat_prompt(server, req), chat=True)
 
     return app

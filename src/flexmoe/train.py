@@ -214,10 +214,18 @@ def save_checkpoint(
 
 
 def latest_checkpoint(out: Path) -> Path | None:
+    import re
+
+    from flexmoe.fsutil import read_json
+
     ptr = out / CKPT_DIR / "latest.json"
     if not ptr.is_file():
         return None
-    path = out / CKPT_DIR / json.loads(ptr.read_text())["path"]
+    rec = read_json(ptr, "checkpoint pointer")
+    name = rec.get("path") if isinstance(rec, dict) else None
+    if not isinstance(name, str) or not re.fullmatch(r"step_\d{7}", name):
+        raise FlexmoeError(f"{ptr}: does not name a checkpoint (step_NNNNNNN)")
+    path = out / CKPT_DIR / name
     return path if path.is_dir() else None
 
 
