@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -306,7 +307,7 @@ def train_expert(
     if dp is not None:  # DP-SGD (dp.py): the paper's recipe under a privacy accountant
         from flexmoe.dp import package_tensors, train_dp
 
-        t0 = __import__("time").perf_counter()
+        t0 = time.perf_counter()
         dp_record = train_dp(
             model,
             stream,
@@ -326,7 +327,7 @@ def train_expert(
             "tokens": dp_record["steps"] * dp_record["expected_batch_size"] * cfg.seq_len,
             "step": dp_record["steps"],
             "loss": dp_record["mean_train_loss"],
-            "seconds": __import__("time").perf_counter() - t0,
+            "seconds": time.perf_counter() - t0,
         }
         if heldout is not None:
             with torch.no_grad():
