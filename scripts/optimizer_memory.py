@@ -17,10 +17,11 @@ import torch
 
 
 def count(preset: str, owner_params: bool) -> dict[str, int]:
+    from flexmoe.arch import moe_config
     from flexmoe.expert import freeze_for_expert
-    from flexmoe.model import flexolmo_config, install_routers, olmo2_config
+    from flexmoe.model import install_routers, olmo2_config
 
-    cfg = flexolmo_config(olmo2_config(preset, 100_352, 0, 1), num_experts=2, top_k=2)
+    cfg = moe_config(olmo2_config(preset, 100_352, 0, 1), num_experts=2, top_k=2)
     with torch.device("meta"):
         from transformers import FlexOlmoForCausalLM
 

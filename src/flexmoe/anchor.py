@@ -1,8 +1,11 @@
-"""The public anchor: a dense OLMo-2 model every expert is trained against, then frozen.
+"""The public anchor: a dense model every expert is trained against, then frozen.
 
-An anchor directory is a stock `save_pretrained` Olmo2 checkpoint (loadable by
-AutoModelForCausalLM) plus the tokenizer and `flexmoe_anchor.json`: the training or import record
-and the anchor fingerprint that experts and merges use to prove which anchor they were built on.
+An anchor directory is a stock `save_pretrained` checkpoint of a supported dense family
+(flexmoe.arch: OLMo-2, Llama/SmolLM/Mistral, Qwen3; loadable by AutoModelForCausalLM) plus the
+model's own tokenizer and `flexmoe_anchor.json`: the training or import record and the anchor
+fingerprint that experts and merges use to prove which anchor they were built on. `train_anchor`
+pretrains an OLMo-2 from scratch; `import_anchor` takes a pretrained local HF directory or a GGUF
+file (dequantised to float32; the record says from which quantisation).
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import Olmo2Config, Olmo2ForCausalLM
+from transformers import PreTrainedModel
 
+from flexmoe.arch import check_dense, family_of
 from flexmoe.data.shards import TokenStream
 from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
 from flexmoe.errors import FlexmoeError
@@ -168,16 +172,18 @@ def train_anchor(
     return write_anchor(model, tok, extras, out, record)
 
 
-def write_anchor(model: Olmo2ForCausalLM, tokenizer, extras: dict, out: Path, record: dict) -> dict:
+def write_anchor(model: PreTrainedModel, tokenizer, extras: dict, out: Path, record: dict) -> dict:
     """save_pretrained + tokenizer + router extras + record with fingerprint, atomically."""
     from safetensors.torch import save_file
 
-    if model.config.model_type != "olmo2":
-        raise FlexmoeError(f"an anchor must be an OLMo-2 model, got {model.config.model_type}")
+    check_dense(model.config)
+    rope = dict(getattr(model.config, "rope_parameters", None) or {})
     record = {
         **record,
+        "architecture": model.config.model_type,
+        "moe_type": family_of(model.config.model_type).moe_type,
         "fingerprint": anchor_fingerprint(model, extras),
-        "rope_theta": model.config.rope_parameters["rope_theta"],
+        "rope_theta": rope.get("rope_theta"),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     with atomic_dir(out, overwrite=True) as tmp:
@@ -188,61 +194,169 @@ def write_anchor(model: Olmo2ForCausalLM, tokenizer, extras: dict, out: Path, re
     return record
 
 
+MAX_GGUF_BYTES = 64 << 30
+
+
+def _check_finite(model, src: Path) -> None:
+    for name, t in model.state_dict().items():
+        if not torch.isfinite(t).all():
+            raise FlexmoeError(f"{src}: tensor {name} has non-finite values")
+
+
+def _load_hf_dir(hf_dir: Path):
+    """A local HF dense checkpoint (safetensors only) of a supported family, as float32."""
+    from flexmoe.infer import _from_pretrained
+
+    cfg_path = hf_dir / "config.json"
+    if not cfg_path.is_file():
+        raise FlexmoeError(f"not a HF checkpoint (no config.json): {hf_dir}")
+    raw = read_json(cfg_path, f"{hf_dir}: config.json", 1 << 20)
+    if not isinstance(raw, dict):
+        raise FlexmoeError(f"{cfg_path}: not a config object")
+    fam = family_of(raw.get("model_type"))
+    if raw.get("model_type") not in fam.dense_types:
+        raise FlexmoeError(f"{hf_dir}: {raw.get('model_type')} is not a dense model")
+    if not any(hf_dir.glob("*.safetensors")):
+        raise FlexmoeError(f"{hf_dir}: no .safetensors weights (pickle checkpoints are refused)")
+    if "rope_theta" not in raw and "rope_theta" not in (raw.get("rope_parameters") or {}):
+        raise FlexmoeError(
+            f"{hf_dir}: config has no rope_theta; transformers would silently use its class "
+            f"default (OLMo-2 uses {ROPE_THETA:g}). Add it to config.json explicitly."
+        )
+    model = _from_pretrained(
+        fam.dense_classes[fam.dense_types.index(raw["model_type"])], hf_dir, "dense model"
+    )
+    check_dense(model.config)
+    return model.float(), {"imported_from": str(hf_dir.resolve())}
+
+
+def _load_gguf(gguf: Path):
+    """A GGUF file via transformers' GGUF loader (dequantised to float32), rebuilt as a clean
+    dense model of its family (a GGUF-loaded model refuses save_pretrained)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = regular_file(gguf, "GGUF file", MAX_GGUF_BYTES)
+    types = gguf_tensor_types(gguf)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except FlexmoeError:
+        raise
+    except Exception as e:
+        msg = str(e).splitlines()[0][:160] if str(e) else ""
+        raise FlexmoeError(
+            f"{gguf}: cannot load the GGUF file ({type(e).__name__}: {msg})"
+        ) from None
+    raw = loaded.config.to_dict()
+    raw.pop("quantization_config", None)
+    fam = family_of(raw.get("model_type"))
+    cls = fam.dense_classes[fam.dense_types.index(raw["model_type"])]
+    config = cls.config_class.from_dict(raw)
+    check_dense(config)
+    model = cls(config).float()
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise FlexmoeError(
+            f"{gguf}: weights do not fit {cls.__name__} ({(missing or unexpected)[0]})"
+        )
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    source = {
+        "imported_from": str(gguf.resolve()),
+        "gguf": {
+            "file": gguf.name,
+            "sha256": sha256_file(gguf),
+            "tensor_types": types,
+            "dequantised_to": "float32",
+        },
+    }
+    return model.eval(), source, tok
+
+
+def gguf_tensor_types(gguf: Path) -> dict[str, int]:
+    """How many tensors of each GGUF type (Q4_1, F32, …) the file holds: what was dequantised."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(gguf))
+        out: dict[str, int] = {}
+        for t in reader.tensors:
+            out[t.tensor_type.name] = out.get(t.tensor_type.name, 0) + 1
+        return out
+    except ImportError:
+        raise FlexmoeError("GGUF import needs the gguf package: pip install gguf") from None
+    except Exception as e:
+        raise FlexmoeError(f"{gguf}: not a readable GGUF file ({type(e).__name__})") from None
+
+
+def _public_stream(public: Path, tok, tmp_root: Path) -> TokenStream:
+    """Token shards made with the model's tokenizer, or raw text (.jsonl/.txt/.parquet/HF
+    dataset) that is tokenized with it into a scratch directory."""
+    from flexmoe.data.shards import INDEX, tokenize_to_shards
+
+    public = Path(public)
+    if (public / INDEX).is_file():
+        stream = TokenStream(public)
+        if (
+            stream.index["vocab_size"] != len(tok)
+            or stream.index["eos_token_id"] != tok.eos_token_id
+        ):
+            raise FlexmoeError(f"{public} was tokenized with a different tokenizer")
+        return stream
+    tok_dir = tmp_root / "tokenizer"
+    tok.save_pretrained(tok_dir)
+    tokenize_to_shards([public], tmp_root / "public", tok_dir)
+    return TokenStream(tmp_root / "public")
+
+
 def import_anchor(
-    hf_dir: Path,
+    hf_dir: Path | None,
     out: Path,
     public: Path,
     tokenizer_dir: Path | None = None,
     router_docs: int = 1000,
     overwrite: bool = False,
+    gguf: Path | None = None,
 ) -> dict:
-    """Validate a local HF OLMo-2 dense checkpoint and write it in the anchor layout."""
-    hf_dir = Path(hf_dir)
-    guard_output(out, "anchor", [hf_dir, public, tokenizer_dir], overwrite)
-    cfg_path = hf_dir / "config.json"
-    if not cfg_path.is_file():
-        raise FlexmoeError(f"not a HF checkpoint (no config.json): {hf_dir}")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise FlexmoeError(f"{cfg_path}: invalid JSON ({e.msg})") from None
-    if raw.get("model_type") != "olmo2":
-        raise FlexmoeError(f"{hf_dir}: model_type is {raw.get('model_type')!r}, expected 'olmo2'")
-    if not any(hf_dir.glob("*.safetensors")):
-        raise FlexmoeError(f"{hf_dir}: no .safetensors weights (pickle checkpoints are refused)")
-    config = Olmo2Config.from_pretrained(hf_dir)
-    rope = dict(config.rope_parameters or {})
-    if "rope_theta" not in raw and "rope_theta" not in (raw.get("rope_parameters") or {}):
+    """A pretrained dense model (local HF directory or GGUF file) of a supported family → an anchor
+    directory with the model's own tokenizer, the fingerprint and the shared router space."""
+    import tempfile
+
+    if (hf_dir is None) == (gguf is None):
+        raise FlexmoeError("give either a HF checkpoint directory or --gguf FILE")
+    src = Path(gguf if gguf is not None else hf_dir)
+    guard_output(out, "anchor", [src, public, tokenizer_dir], overwrite)
+    if gguf is not None:
+        model, source, tok = _load_gguf(Path(gguf))
+    else:
+        model, source = _load_hf_dir(Path(hf_dir))
+        tok = None
+    _check_finite(model, src)
+    if tokenizer_dir is not None or tok is None:
+        tok = load_tokenizer(Path(tokenizer_dir) if tokenizer_dir else src)
+    if len(tok) > model.config.vocab_size:
         raise FlexmoeError(
-            f"{hf_dir}: config has no rope_theta; Olmo2Config would silently use 10000 "
-            f"(OLMo-2 uses {ROPE_THETA:g}). Add it to config.json explicitly."
+            f"tokenizer has {len(tok)} tokens > model vocab {model.config.vocab_size}"
         )
-    try:
-        model = Olmo2ForCausalLM.from_pretrained(hf_dir, config=config, dtype=torch.float32)
-    except Exception as e:
-        raise FlexmoeError(f"{hf_dir}: cannot load weights ({type(e).__name__}: {e})") from None
-    for name, t in model.state_dict().items():
-        if not torch.isfinite(t).all():
-            raise FlexmoeError(f"{hf_dir}: tensor {name} has non-finite values")
-    tok_src = Path(tokenizer_dir) if tokenizer_dir else hf_dir
-    tok = load_tokenizer(tok_src)
-    if len(tok) > config.vocab_size:
-        raise FlexmoeError(f"tokenizer has {len(tok)} tokens > model vocab {config.vocab_size}")
-    public_stream = TokenStream(public)
-    if public_stream.index["vocab_size"] != len(tok):
-        raise FlexmoeError(f"{public} was tokenized with a different tokenizer")
-    extras = router_extras(model.eval(), tok, public_stream, docs=router_docs)
+    if tok.eos_token_id is None:
+        raise FlexmoeError(f"{src}: the tokenizer has no end-of-text token")
+    with tempfile.TemporaryDirectory(prefix=".flexmoe-import-") as tmp:
+        stream = _public_stream(Path(public), tok, Path(tmp))
+        extras = router_extras(model.eval(), tok, stream, docs=router_docs)
     record = {
         "kind": "anchor",
         "source": "imported",
-        "imported_from": str(hf_dir.resolve()),
-        "rope_parameters": rope,
+        **source,
+        "rope_parameters": dict(getattr(model.config, "rope_parameters", None) or {}),
         "libraries": library_versions(),
     }
     return write_anchor(model, tok, extras, Path(out), record)
 
 
-def load_anchor(path: Path) -> tuple[Olmo2ForCausalLM, dict, dict[str, torch.Tensor]]:
+def load_anchor(path: Path) -> tuple[PreTrainedModel, dict, dict[str, torch.Tensor]]:
     """Load an anchor directory (model, record, router extras) and check its fingerprint."""
     from safetensors.torch import load_file
 
@@ -256,8 +370,7 @@ def load_anchor(path: Path) -> tuple[Olmo2ForCausalLM, dict, dict[str, torch.Ten
     if not isinstance(record, dict) or not isinstance(record.get("fingerprint"), str):
         raise FlexmoeError(f"{rec_path}: not an anchor record (no fingerprint)")
     model = load_dense(path)
-    if model.config.model_type != "olmo2":
-        raise FlexmoeError(f"{path}: an anchor must be an OLMo-2 model")
+    check_dense(model.config)
     cfg = model.config
     limit = 4 * cfg.hidden_size * (3 * cfg.num_hidden_layers + 384) + (1 << 20)
     router = regular_file(path / ROUTER, f"anchor router file {ROUTER}", limit)

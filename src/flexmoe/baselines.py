@@ -15,15 +15,16 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import Olmo2ForCausalLM
+from transformers import PreTrainedModel
 
+from flexmoe.arch import family_of
 from flexmoe.bpb import evaluate_bpb
 from flexmoe.data.shards import TokenStream
 from flexmoe.errors import FlexmoeError
 
 
 @torch.no_grad()
-def soup(models: Sequence[Olmo2ForCausalLM], weights: Sequence[float] | None = None):
+def soup(models: Sequence[PreTrainedModel], weights: Sequence[float] | None = None):
     """Parameter average; weights default to uniform and are normalised to sum to 1."""
     if not models:
         raise FlexmoeError("model soup needs at least one model")
@@ -124,6 +125,7 @@ def package_from_dense(anchor_dir, dense_dir, data, out, name: str, router_docs:
         "anchor_fingerprint": record["fingerprint"],
         "public_router_sha256": tensor_sha256(extras["public.domain"]),
         "architecture": {
+            "model_type": family_of(cfg.model_type).moe_type,
             "hidden_size": cfg.hidden_size,
             "intermediate_size": cfg.intermediate_size,
             "num_hidden_layers": cfg.num_hidden_layers,

@@ -201,26 +201,46 @@ def anchor_train(
 
 @anchor_app.command("import")
 def anchor_import(
-    hf_dir: Annotated[Path, typer.Argument(help="A local HF OLMo-2 dense checkpoint directory.")],
-    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Anchor directory to write.")],
+    hf_dir: Annotated[
+        Path | None,
+        typer.Argument(
+            help="A local HF dense checkpoint directory (safetensors).", show_default=False
+        ),
+    ] = None,
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Anchor directory to write.")] = None,
     public: Annotated[
-        Path, typer.Option(help="Public token shards (for the public router embedding).")
-    ],
+        Path,
+        typer.Option(
+            help="Public data for the public router embedding: token shards made with the "
+            "model's tokenizer, or raw .jsonl/.txt/.parquet (tokenized with it)."
+        ),
+    ] = None,
+    gguf: Annotated[
+        Path | None, typer.Option(help="Import a GGUF file instead (dequantised to float32).")
+    ] = None,
     tokenizer: Annotated[
-        Path | None, typer.Option(help="Tokenizer dir, if HF_DIR has none.")
+        Path | None, typer.Option(help="Tokenizer dir, if the model has none of its own.")
     ] = None,
     router_docs: Annotated[int, typer.Option(help="Public documents to embed.")] = 1000,
     overwrite: Annotated[
         bool, typer.Option(help="Replace a non-empty -o that flexmoe did not write.")
     ] = False,
 ) -> None:
-    """Validate an existing OLMo-2 checkpoint and write it in the anchor layout."""
+    """Import a pretrained dense model (OLMo-2, Llama/SmolLM/Mistral, Qwen3; HF dir or --gguf)."""
     from flexmoe.anchor import import_anchor
 
+    if out_dir is None or public is None:
+        raise FlexmoeError(f"missing option {'--out' if out_dir is None else '--public'}")
     rec = import_anchor(
-        hf_dir, out_dir, public, tokenizer, router_docs=router_docs, overwrite=overwrite
+        hf_dir,
+        out_dir,
+        public,
+        tokenizer,
+        router_docs=router_docs,
+        overwrite=overwrite,
+        gguf=gguf,
     )
-    out.print(f"anchor → {out_dir}  fingerprint {rec['fingerprint'][:16]}…")
+    out.print(f"anchor ({rec['architecture']}) → {out_dir}  fingerprint {rec['fingerprint'][:16]}…")
 
 
 expert_app = typer.Typer(

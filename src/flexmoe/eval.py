@@ -89,7 +89,9 @@ def bpb_table(
         raise FlexmoeError(f"--seq-len must be between 2 and the model's {max_pos} positions")
     notes = []
     mask = None
-    if model.config.model_type == "flex_olmo":
+    from flexmoe.infer import is_merged
+
+    if is_merged(model):
         from flexmoe.infer import (
             PRESELECT_CONTEXT,
             default_preselect,

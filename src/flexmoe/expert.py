@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from flexmoe.anchor import load_anchor, open_streams, write_anchor
+from flexmoe.arch import family_of
 from flexmoe.bpb import evaluate_bpb
 from flexmoe.data.shards import TokenStream
 from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
@@ -365,6 +366,7 @@ def train_expert(
         "anchor_fingerprint": record["fingerprint"],
         "public_router_sha256": tensor_sha256(extras[f"public.{router_init}"]),
         "architecture": {
+            "model_type": family_of(anchor.config.model_type).moe_type,
             "hidden_size": anchor.config.hidden_size,
             "intermediate_size": anchor.config.intermediate_size,
             "num_hidden_layers": anchor.config.num_hidden_layers,

@@ -13,20 +13,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import FlexOlmoForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from flexmoe.arch import DENSE_TYPES, MOE_TYPES, supported
 from flexmoe.errors import FlexmoeError
 from flexmoe.merge import BIAS, PUBLIC, read_merged_meta
 from flexmoe.model import current_mask, install_routers, routers, routing, set_active_experts
 from flexmoe.package import Manifest
 
-DENSE_TYPES = ("olmo2",)  # dense families an anchor or dense expert can be
 MAX_CONFIG_BYTES = 1 << 20
 
 
 def model_type(path: Path) -> str:
-    """'flex_olmo' for a merged model, a DENSE_TYPES entry for an anchor or dense expert; any other
-    directory is a one-line error (it would otherwise load partly random)."""
+    """A MOE_TYPES entry for a merged model, a DENSE_TYPES entry for an anchor or dense expert
+    (flexmoe.arch's table); any other directory is a one-line error (it would otherwise load
+    partly random)."""
     from flexmoe.fsutil import read_json
 
     path = Path(path)
@@ -34,10 +35,10 @@ def model_type(path: Path) -> str:
         raise FlexmoeError(f"model directory not found: {path}")
     cfg = read_json(path / "config.json", f"{path}: config.json", MAX_CONFIG_BYTES)
     kind = cfg.get("model_type") if isinstance(cfg, dict) else None
-    if kind != "flex_olmo" and kind not in DENSE_TYPES:
+    if kind not in MOE_TYPES and kind not in DENSE_TYPES:
         raise FlexmoeError(
-            f"{path}: model_type {str(kind)[:40]!r} is neither a flexmoe merged model (flex_olmo) "
-            f"nor a dense anchor/expert ({', '.join(DENSE_TYPES)})"
+            f"{path}: model_type {str(kind)[:40]!r} is neither a flexmoe merged model "
+            f"({', '.join(MOE_TYPES)}) nor a dense anchor/expert (supported: {supported()})"
         )
     return kind
 
@@ -64,28 +65,27 @@ def _from_pretrained(cls, path: Path, what: str):
 
 def load_dense(path: Path):
     """An anchor or dense expert, as the dense model it is."""
-    from transformers import AutoModelForCausalLM
-
     path = Path(path)
     kind = model_type(path)
-    if kind == "flex_olmo":
+    if kind in MOE_TYPES:
         raise FlexmoeError(f"{path} is a merged model, not a dense one")
     return _from_pretrained(AutoModelForCausalLM, path, f"dense {kind} model").eval()
 
 
 def load_model(path: Path):
     """A merged model (load_merged) or a dense anchor/expert (load_dense), by its config."""
-    return load_merged(path) if model_type(path) == "flex_olmo" else load_dense(path)
+    return load_merged(path) if model_type(path) in MOE_TYPES else load_dense(path)
 
 
 def is_merged(model) -> bool:
-    return getattr(model.config, "model_type", None) == "flex_olmo"
+    return getattr(model.config, "model_type", None) in MOE_TYPES
 
 
-def load_merged(path: Path) -> FlexOlmoForCausalLM:
-    """A merged (or stock FlexOlmo) directory → FlexOlmo with flexmoe routers, biases and names.
+def load_merged(path: Path) -> PreTrainedModel:
+    """A merged (or stock MoE of a supported family) directory → the stock MoE class with flexmoe
+    routers, biases and names.
 
-    Without flexmoe extras (a stock FlexOlmo checkpoint) the bias is 0 and experts are named
+    Without flexmoe extras (a stock checkpoint) the bias is 0 and experts are named
     expert_0, expert_1, …. Experts whose consent has expired are withheld from the start (the
     active mask) and by every later expert choice (`expert_mask`), on every path that runs it.
     """
@@ -95,10 +95,10 @@ def load_merged(path: Path) -> FlexOlmoForCausalLM:
 
     path = Path(path)
     kind = model_type(path)
-    if kind != "flex_olmo":
+    if kind not in MOE_TYPES:
         raise FlexmoeError(f"{path} is a dense {kind} model, not a merged model")
     meta = read_merged_meta(path) or {}
-    model = _from_pretrained(FlexOlmoForCausalLM, path, "FlexOlmo model")
+    model = _from_pretrained(AutoModelForCausalLM, path, f"{kind} model")
     install_routers(model)
     n = model.config.num_experts
     names = list(meta.get("experts") or [f"expert_{i}" for i in range(n)])
@@ -236,7 +236,7 @@ def expert_mask(
             raise FlexmoeError(
                 f"{what}: unknown expert(s) {', '.join(unknown)} (known: {', '.join(names)})"
             )
-    # a stock FlexOlmo checkpoint's expert_0 is its public expert; a model merged without the
+    # a stock MoE checkpoint's expert_0 is its public expert; a model merged without the
     # public expert (--allow-no-public) has none
     public = PUBLIC if PUBLIC in names else ("expert_0" if names[0] == "expert_0" else None)
     keep = (set(include) | {public} - {None}) if include else set(names)

@@ -1,14 +1,15 @@
-"""Merging: one FlexOlmo MoE from the public anchor plus N independently trained expert packages.
+"""Merging: one mixture-of-experts (the anchor family's stock MoE class, flexmoe.arch) from the
+public anchor plus N independently trained expert packages.
 
 Expert 0 is the public expert (the anchor's FFN, router row `public.<router_init>`); experts
 1..N are the packages' FFNs in order. Router rows are concatenated public first, so opting an
 expert out is dropping its row (or masking its logit): no retraining, nothing else moves.
 
 A merged directory is
-- a stock `save_pretrained` FlexOlmo checkpoint (model_type `flex_olmo`) plus the tokenizer:
-  stock `AutoModelForCausalLM.from_pretrained` loads it;
+- a stock `save_pretrained` checkpoint of the MoE class (FlexOlmo, Mixtral or Qwen3-MoE) plus the
+  tokenizer: stock `AutoModelForCausalLM.from_pretrained` loads it;
 - `flexmoe_bias.safetensors`: the per-layer router bias vectors `layers.{i}.bias` (E,), ≤ 0.
-  Stock transformers' FlexOlmo router has no bias, so the stock-loadable export simply omits it:
+  Stock transformers' MoE routers have no bias, so the stock-loadable export simply omits it:
   a stock loader runs the model with b = 0 (scripts measure what that costs); `infer.load_merged`
   restores it;
 - `flexmoe_merged.json`: expert names in order, anchor fingerprint, every manifest, top-k,
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import FlexOlmoForCausalLM, Olmo2ForCausalLM
+from transformers import PreTrainedModel
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.fsutil import atomic_dir, copy_bounded, guard_output, read_json, write_json
@@ -80,13 +81,13 @@ def default_top_k(num_experts: int) -> int:
 
 @torch.no_grad()
 def build_merged(
-    anchor_model: Olmo2ForCausalLM,
+    anchor_model: PreTrainedModel,
     anchor_record: dict,
     anchor_extras: dict[str, torch.Tensor],
     packages: Sequence[tuple[Manifest, dict[str, torch.Tensor]]],
     top_k: int | None = None,
     include_public: bool = True,
-) -> FlexOlmoForCausalLM:
+) -> PreTrainedModel:
     """The merged MoE (packages must already be verified against this anchor)."""
     for m, _ in packages:
         if m.anchor_fingerprint != anchor_record["fingerprint"]:
@@ -125,8 +126,8 @@ def build_merged(
     return model.eval()
 
 
-def stock_state_dict(model: FlexOlmoForCausalLM) -> dict[str, torch.Tensor]:
-    """The model's state without flexmoe's router bias: exactly what stock FlexOlmo expects."""
+def stock_state_dict(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The model's state without flexmoe's router bias: exactly what the stock MoE class expects."""
     return {k: v for k, v in model.state_dict().items() if not k.endswith(".mlp.gate.bias")}
 
 
@@ -309,7 +310,7 @@ def stage_package(src: Path, dst: Path, config) -> Path:
 
 
 @torch.no_grad()
-def probe(model: FlexOlmoForCausalLM, names: Sequence[str]) -> None:
+def probe(model: PreTrainedModel, names: Sequence[str]) -> None:
     """A fixed short forward with each expert active in turn (with the public expert): a merged
     model whose logits are not finite is never written."""
     n = len(names)
@@ -328,7 +329,7 @@ def probe(model: FlexOlmoForCausalLM, names: Sequence[str]) -> None:
         )
 
 
-def write_merged_files(tmp: Path, model: FlexOlmoForCausalLM, tokenizer, meta: dict) -> None:
+def write_merged_files(tmp: Path, model: PreTrainedModel, tokenizer, meta: dict) -> None:
     """Stock checkpoint, tokenizer, router biases and metadata into a directory being built."""
     from safetensors.torch import save_file
 
@@ -346,7 +347,7 @@ def write_merged_files(tmp: Path, model: FlexOlmoForCausalLM, tokenizer, meta: d
 
 def save_merged(
     out: Path,
-    model: FlexOlmoForCausalLM,
+    model: PreTrainedModel,
     tokenizer,
     meta: dict,
     packages: Sequence[tuple[str, Path]],

@@ -1,6 +1,7 @@
-"""The model: HF's Olmo2 (dense anchor) and FlexOlmo (MoE) plus what FlexOlmo-the-method adds.
+"""The model: a stock HF dense anchor and its stock MoE sibling (flexmoe.arch's table: OLMo-2 →
+FlexOlmo, Llama/Mistral → Mixtral, Qwen3 → Qwen3-MoE) plus what FlexOlmo-the-method adds.
 
-flexmoe does not re-implement the transformer. It adds, as a small diff over HF's FlexOlmo:
+flexmoe does not re-implement the transformer. It adds, as a small diff over the MoE class:
 - a per-layer, per-expert router bias b ≤ 0 (the paper's negative bias; stock HF has none),
 - expert masks (global or per batch row) that set excluded experts' logits to −∞ before the
   softmax, with top-k clipped to the active experts — the exact opt-out,
@@ -27,8 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import FlexOlmoConfig, FlexOlmoForCausalLM, Olmo2Config, Olmo2ForCausalLM
-from transformers.models.flex_olmo.modeling_flex_olmo import FlexOlmoTopKRouter
+from transformers import Olmo2Config, Olmo2ForCausalLM, PretrainedConfig, PreTrainedModel
 
 from flexmoe.errors import FlexmoeError
 
@@ -210,11 +210,18 @@ def current_mask(model: nn.Module) -> torch.Tensor:
     return mask if route is None or route.mask is None else mask & route.mask.cpu()
 
 
-class FlexmoeRouter(FlexOlmoTopKRouter):
-    """HF's top-k router plus bias, masks and recording. Softmax spans the ACTIVE experts only."""
+class FlexmoeRouter(nn.Module):
+    """The MoE block's top-k router plus bias, masks and recording; a drop-in for the stock router
+    of every row of flexmoe.arch (same weight, same (logits, weights, indices) outputs). Softmax
+    spans the ACTIVE experts only; top-k weights are renormalised when the row's class does."""
 
-    def __init__(self, config: FlexOlmoConfig):
-        super().__init__(config)
+    def __init__(self, config: PretrainedConfig, renormalize: bool):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.num_experts
+        self.hidden_dim = config.hidden_size
+        self.norm_topk_prob = renormalize
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
         self.bias = nn.Parameter(torch.zeros(self.num_experts))
         # the model's standing mask (experts withheld at load); requests use routing()
         self.register_buffer("active", torch.ones(self.num_experts, dtype=torch.bool), False)
@@ -357,38 +364,16 @@ class capture_router_logits:
         return False
 
 
-def flexolmo_config(anchor: Olmo2Config, num_experts: int, top_k: int) -> FlexOlmoConfig:
-    """A FlexOlmo config with the anchor's shapes and rope θ (FlexOlmoConfig defaults differ)."""
-    cfg = FlexOlmoConfig(
-        vocab_size=anchor.vocab_size,
-        hidden_size=anchor.hidden_size,
-        intermediate_size=anchor.intermediate_size,
-        num_hidden_layers=anchor.num_hidden_layers,
-        num_attention_heads=anchor.num_attention_heads,
-        num_key_value_heads=anchor.num_key_value_heads,
-        max_position_embeddings=anchor.max_position_embeddings,
-        rms_norm_eps=anchor.rms_norm_eps,
-        rope_parameters=dict(anchor.rope_parameters),
-        eos_token_id=anchor.eos_token_id,
-        pad_token_id=anchor.pad_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=anchor.tie_word_embeddings,
-        num_experts=num_experts,
-        num_experts_per_tok=top_k,
-        norm_topk_prob=False,
-        output_router_logits=False,
-    )
-    cfg._experts_implementation = EXPERTS_IMPL
-    return cfg
+def install_routers(model: PreTrainedModel) -> PreTrainedModel:
+    """Swap the MoE class's stock routers for FlexmoeRouter in place, keeping their weights."""
+    from flexmoe.arch import family_of
 
-
-def install_routers(model: FlexOlmoForCausalLM) -> FlexOlmoForCausalLM:
-    """Swap HF's routers for FlexmoeRouter in place, keeping their weights."""
+    renorm = family_of(model.config.model_type).renormalize
     for layer in model.model.layers:
         old = layer.mlp.gate
         if isinstance(old, FlexmoeRouter):
             continue
-        new = FlexmoeRouter(model.config).to(old.weight.device, old.weight.dtype)
+        new = FlexmoeRouter(model.config, renorm).to(old.weight.device, old.weight.dtype)
         with torch.no_grad():
             new.weight.copy_(old.weight)
         layer.mlp.gate = new
@@ -400,34 +385,36 @@ def routers(model: nn.Module) -> list[FlexmoeRouter]:
     return [m for m in model.modules() if isinstance(m, FlexmoeRouter)]
 
 
-def upcycle(anchor: Olmo2ForCausalLM, num_experts: int, top_k: int) -> FlexOlmoForCausalLM:
-    """An MoE whose every expert is a copy of the anchor's FFN; all shared weights copied.
+def upcycle(anchor: PreTrainedModel, num_experts: int, top_k: int) -> PreTrainedModel:
+    """The anchor's MoE sibling (flexmoe.arch) whose every expert is a copy of the anchor's FFN;
+    every other weight copied by name. Router rows start at zero: callers initialise them
+    (domain embedding, random, hidden)."""
+    from flexmoe.arch import check_dense, moe_config
 
-    Router rows start at zero: callers initialise them (domain embedding, random, hidden).
-    """
-    cfg = flexolmo_config(anchor.config, num_experts, top_k)
+    keys = check_dense(anchor.config).keys
+    cfg = moe_config(anchor.config, num_experts, top_k)
     with torch.device("meta"):
-        model = FlexOlmoForCausalLM(cfg)
+        model = check_dense(anchor.config).moe_class(cfg)
     model = model.to_empty(device="cpu")
     model.model.rotary_emb = type(model.model.rotary_emb)(cfg)
     src = anchor.state_dict()
-    dst = {}
-    for name, t in src.items():
-        if ".mlp." in name:
-            continue
-        dst[name] = t.clone()
+    dst = {name: t.clone() for name, t in src.items() if ".mlp." not in name}
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}.mlp"
-        gate_up = torch.cat([src[f"{p}.gate_proj.weight"], src[f"{p}.up_proj.weight"]], dim=0)
-        dst[f"{p}.experts.gate_up_proj"] = gate_up.unsqueeze(0).repeat(num_experts, 1, 1)
-        dst[f"{p}.experts.down_proj"] = (
-            src[f"{p}.down_proj.weight"].unsqueeze(0).repeat(num_experts, 1, 1)
-        )
-        dst[f"{p}.gate.weight"] = torch.zeros(num_experts, cfg.hidden_size)
+        gate_up = torch.cat([src[f"{p}.{keys.gate}"], src[f"{p}.{keys.up}"]], dim=0)
+        dst[f"{p}.{keys.experts_gate_up}"] = gate_up.unsqueeze(0).repeat(num_experts, 1, 1)
+        down = src[f"{p}.{keys.down}"]
+        dst[f"{p}.{keys.experts_down}"] = down.unsqueeze(0).repeat(num_experts, 1, 1)
+        dst[f"{p}.{keys.router}"] = torch.zeros(num_experts, cfg.hidden_size)
     missing, unexpected = model.load_state_dict(dst, strict=False)
-    missing = [m for m in missing if "rotary" not in m]
+    tied = cfg.tie_word_embeddings
+    missing = [
+        m for m in missing if "rotary" not in m and not (tied and m.endswith("lm_head.weight"))
+    ]
     if missing or unexpected:
         raise FlexmoeError(f"upcycle: state dict mismatch (missing {missing}, extra {unexpected})")
+    if tied:
+        model.tie_weights()
     return install_routers(model.float())
 
 

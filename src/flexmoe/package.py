@@ -64,7 +64,7 @@ class Consent(BaseModel):
 
 class Architecture(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    model_type: Literal["flex_olmo"] = "flex_olmo"
+    model_type: Literal["flex_olmo", "mixtral", "qwen3_moe"] = "flex_olmo"
     hidden_size: int = Field(gt=0)
     intermediate_size: int = Field(gt=0)
     num_hidden_layers: int = Field(gt=0)
@@ -340,9 +340,16 @@ def dp_record(m: Manifest) -> dict | None:
 
 def check_architecture(m: Manifest, config) -> None:
     """The package's shapes must be the anchor's."""
+    from flexmoe.arch import family_of
+
     a = m.architecture
-    got = (a.hidden_size, a.intermediate_size, a.num_hidden_layers)
-    want = (config.hidden_size, config.intermediate_size, config.num_hidden_layers)
+    got = (a.model_type, a.hidden_size, a.intermediate_size, a.num_hidden_layers)
+    want = (
+        family_of(config.model_type).moe_type,
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_hidden_layers,
+    )
     if got != want:
         raise FlexmoeError(f"expert '{m.name}': architecture {got} does not match anchor {want}")
 

@@ -329,9 +329,10 @@ def run_tasks(
     place(model, device, dtype)
     mask = None
     if include or exclude:
-        if getattr(model.config, "model_type", None) != "flex_olmo":
-            raise FlexmoeError("--include/--exclude need a merged (FlexOlmo) model")
-        from flexmoe.infer import expert_mask
+        from flexmoe.infer import expert_mask, is_merged
+
+        if not is_merged(model):
+            raise FlexmoeError("--include/--exclude need a merged model")
 
         mask = expert_mask(model, include, exclude, allow_no_public)
 
