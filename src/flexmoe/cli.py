@@ -115,7 +115,10 @@ def data_stats(
     out.print(table)
 
 
-anchor_app = typer.Typer(help="The public dense anchor (OLMo-2).", no_args_is_help=True)
+anchor_app = typer.Typer(
+    help="The public dense anchor (trained OLMo-2, or an imported pretrained model).",
+    no_args_is_help=True,
+)
 app.add_typer(anchor_app, name="anchor")
 
 
@@ -601,7 +604,7 @@ def merge_cmd(
         typer.Argument(help="More package dirs (as in --experts a b c).", show_default=False),
     ] = None,
 ) -> None:
-    """Verify every package, then merge anchor + experts into one FlexOlmo MoE (atomic)."""
+    """Verify every package, then merge anchor + experts into one MoE (atomic)."""
     from flexmoe.merge import merge
     from flexmoe.package import USES
 

