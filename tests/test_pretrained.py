@@ -12,9 +12,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli, sample_texts, write_jsonl
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from conftest import run_cli, sample_texts, write_jsonl
 from flexmoe.anchor import load_anchor
 from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
 
