@@ -33,6 +33,8 @@ def main() -> int:
         help="also train the ablations (router init, no bias, no coordination, unrestricted MoE)",
     )
     p.add_argument("--rt", action="store_true", help="also run router tuning on public proxies")
+    p.add_argument("--tasks", action="store_true", help="also run downstream tasks")
+    p.add_argument("--task-limit", type=int, help="documents per task (default 100)")
     p.add_argument("--out", type=Path, help="run directory")
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -61,6 +63,8 @@ def main() -> int:
         cfg.out = args.out
     cfg.ablations = cfg.ablations or args.ablations
     cfg.router_tuning = cfg.router_tuning or args.rt
+    cfg.tasks = cfg.tasks or args.tasks
+    cfg.task_limit = args.task_limit or cfg.task_limit
     try:
         run_demo(cfg)
     except FlexmoeError as e:

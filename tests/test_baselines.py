@@ -65,6 +65,7 @@ def test_demo_smoke_end_to_end(tmp_path):
     """The whole pipeline with tiny models: every stage runs and the report is written."""
     out = tmp_path / "run"
     cmd = [sys.executable, "scripts/demo.py", "--smoke", "--ablations", "--rt", "--out", str(out)]
+    cmd += ["--tasks", "--task-limit", "2"]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     report = (out / "report" / "report.md").read_text()
@@ -72,6 +73,10 @@ def test_demo_smoke_end_to_end(tmp_path):
     assert "Selective experts: recipes side by side" in report
     for png in ("optout.png", "routing.png", "topk.png", "main.png"):
         assert (out / "report" / png).is_file()
+    assert "Per source" in report
+    assert "math.flexmix-mathgen" in report and "Top-k renormalisation" in report
+    tasks = (out / "report" / "tasks.md").read_text()
+    assert "| merged without code |" in tasks and "| model soup (uniform) |" in tasks
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "▶" not in again.stderr  # every stage, the evaluation included, was reused

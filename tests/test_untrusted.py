@@ -149,11 +149,16 @@ def test_generate_on_a_dense_anchor_runs_the_dense_model(env, capsys):
 def test_a_model_that_is_neither_dense_nor_merged_is_refused(env, capsys):
     odd = env["root"] / "odd"
     shutil.copytree(env["anchor"], odd)
-    cfg = json.loads((odd / "config.json").read_text()) | {"model_type": "llama"}
+    cfg = json.loads((odd / "config.json").read_text()) | {"model_type": "gpt2"}
     (odd / "config.json").write_text(json.dumps(cfg))
     for args in (["generate", "--prompt", "x"], ["eval", "bpb", "--data", env["root"]]):
         code, _, err = run_cli([*args, "--model", odd], capsys)
         one_line_error(code, err, "neither a flexmoe merged model")
+    # OLMo-2 weights labelled as another supported family: its extra weights would be ignored
+    cfg["model_type"] = "llama"
+    (odd / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run_cli(["generate", "--prompt", "x", "--model", odd], capsys)
+    one_line_error(code, err, "dense llama model (weight ")
     # a dense checkpoint missing weights would load partly random: refused
     part = env["root"] / "partial"
     shutil.copytree(env["anchor"], part)

@@ -60,6 +60,9 @@ def _from_pretrained(cls, path: Path, what: str):
     if missing or info.get("mismatched_keys"):
         bad = (missing or [str(x[0]) for x in info["mismatched_keys"]])[0]
         raise FlexmoeError(f"{path}: not a complete {what} (weight {bad} missing or mismatched)")
+    unexpected = [k for k in info.get("unexpected_keys", []) if "rotary_emb" not in k]
+    if unexpected:  # weights of another architecture, which the model would silently ignore
+        raise FlexmoeError(f"{path}: not a {what} (weight {unexpected[0]} is not part of it)")
     return model
 
 

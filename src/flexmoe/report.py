@@ -794,3 +794,25 @@ def rebuild(run_dir: Path) -> Path:
     if not res.is_file():
         raise FlexmoeError(f"no results at {res} (run the demo or an evaluation first)")
     return write_report(json.loads(res.read_text()), res.parent)
+
+
+def tasks_md(results: dict[str, dict[str, dict[str, float]]], limit: int) -> str:
+    """Table-1-style markdown: one row per model, one column per task (acc_norm for multiple
+    choice, bits per byte of the gold answer for generative tasks)."""
+    tasks = list(next(iter(results.values())))
+
+    def cell(m: dict) -> str:
+        v = m.get("acc_norm", m.get("acc", m.get("bits_per_byte")))
+        return "–" if v is None else f"{v:.3f}"
+
+    md = [
+        "# Downstream tasks",
+        "",
+        f"`flexmoe eval tasks`, {limit} documents per task; multiple choice: acc_norm (higher is "
+        "better), gold-answer tasks: bits per byte (lower is better).",
+        "",
+        "| model | " + " | ".join(tasks) + " |",
+        "|---|" + "---:|" * len(tasks),
+    ]
+    md += [f"| {m} | " + " | ".join(cell(r[t]) for t in tasks) + " |" for m, r in results.items()]
+    return "\n".join(md) + "\n"
