@@ -51,7 +51,13 @@ def llama_dir(work, tok_dir):
 
 @pytest.fixture(scope="module")
 def public_raw(work):
-    return write_jsonl(work / "raw" / "public-llama.jsonl", sample_texts("public", "train", 40))
+    path = work / "raw" / "public-llama.jsonl"  # with ids: owners pick router-tuning proxies
+    path.parent.mkdir(parents=True, exist_ok=True)
+    docs = sample_texts("public", "train", 40)
+    path.write_text(
+        "".join(json.dumps({"id": f"pub-{i}", "text": t}) + "\n" for i, t in enumerate(docs))
+    )
+    return path
 
 
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
@@ -253,6 +259,23 @@ def test_lifecycle_on_a_pretrained_llama(work, llama_dir, public_raw, capsys):
         capsys,
     )
     assert code == 0 and "bpb" in (stdout + err).lower(), err
+    # router tuning on proxies the owner picked from public text
+    prox = work / "llama-proxies.json"
+    owner_raw = work / "raw" / "llama-code-train.jsonl"
+    code, _, err = run_cli(
+        ["expert", "proxy", "--data", owner_raw, "--public", public_raw, "--out", prox, "--k", "3"],
+        capsys,
+    )
+    assert code == 0, err
+    tuned = work / "merged-llama-rt"
+    code, stdout, err = run_cli(
+        ["router-tune", "--model", merged, "--proxies", prox, "--public", public_raw, "-o", tuned,
+         "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--public-docs", "2"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    rt = load_merged(tuned)
+    assert type(rt) is family_of("llama").moe_class and rt.flexmoe_router_tuned
 
 
 def test_bpb_counts_bytes_for_byte_level_and_sentencepiece_vocabs(tok_dir, tmp_path):

@@ -56,6 +56,7 @@ class DemoConfig:
     ablation_variants: tuple[str, ...] = ("random", "hidden")  # + "no-bias" in --full
     unrestricted: bool = False  # the unrestricted-MoE reference (--full)
     prompt: str = "def fibonacci(n):"
+    gen_exclude: str | None = None  # the expert excluded in the report's second generation
     tasks: bool = (
         False  # downstream tasks (flexmoe eval tasks) for anchor/merged/opt-outs/baselines
     )
@@ -119,6 +120,7 @@ class DemoConfig:
             compare_paper=False,
             lean_eval=True,
             eval_bf16=True,
+            gen_exclude="code",
         )
 
     @classmethod

@@ -147,9 +147,14 @@ def evaluate_all(
     cosine = (unit @ unit.transpose(1, 2)).mean(0).tolist()
 
     gen_full = generate(merged, tok, cfg.prompt, max_new_tokens=24, attribution=True)
-    top_expert = max(
-        (n for n in gen_full.attribution if n != names[0]), key=lambda n: gen_full.attribution[n]
-    )
+    # the expert the prompt is about (cfg.gen_exclude, e.g. code for a Python prompt), else the
+    # expert with the most routing weight
+    top_expert = getattr(cfg, "gen_exclude", None)
+    if top_expert not in names:
+        top_expert = max(
+            (n for n in gen_full.attribution if n != names[0]),
+            key=lambda n: gen_full.attribution[n],
+        )
     gen_out = generate(
         merged, tok, cfg.prompt, max_new_tokens=24, attribution=True, exclude=[top_expert]
     )
