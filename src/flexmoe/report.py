@@ -158,6 +158,10 @@ def evaluate_all(
     gen_out = generate(
         merged, tok, cfg.prompt, max_new_tokens=24, attribution=True, exclude=[top_expert]
     )
+    # the excluded expert's own effect: public + that expert only (its owner's view)
+    gen_only = generate(
+        merged, tok, cfg.prompt, max_new_tokens=24, attribution=True, include=[top_expert]
+    )
     return {
         "domains": domains,
         "experts": names,
@@ -178,6 +182,7 @@ def evaluate_all(
             "full": _gen(gen_full),
             "excluded": top_expert,
             "without": _gen(gen_out),
+            "only": _gen(gen_only),
         },
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()},
     }
@@ -491,6 +496,7 @@ def print_main_table(results: dict) -> None:
         f"\n  attribution: "
         + ", ".join(f"{k} {v:.0%}" for k, v in g["full"]["attribution"].items())
         + f"\n  without '{g['excluded']}': {g['without']['text']!r}"
+        + (f"\n  public + '{g['excluded']}' only: {g['only']['text']!r}" if g.get("only") else "")
     )
 
 
@@ -637,6 +643,13 @@ def write_report(results: dict, out: Path) -> Path:
         + ", ".join(f"{k} {v:.0%}" for k, v in g["full"]["attribution"].items()),
         f"- without `{g['excluded']}`: `{g['without']['text']!r}` — attribution "
         + ", ".join(f"{k} {v:.0%}" for k, v in g["without"]["attribution"].items()),
+    ]
+    if g.get("only"):
+        md.append(
+            f"- public + `{g['excluded']}` only: `{g['only']['text']!r}` — attribution "
+            + ", ".join(f"{k} {v:.0%}" for k, v in g["only"]["attribution"].items())
+        )
+    md += [
         "",
         "## Plots",
         "",
