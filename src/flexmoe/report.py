@@ -445,7 +445,10 @@ def row_order(names) -> list[str]:
 def main_table_md(results: dict) -> str:
     cols = [*results["domains"], "mean"]
     lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
-    best = {c: min(r[c] for r in results["main"].values()) for c in cols}
+    best = {  # NaN: not evaluated (lean evaluation), never the best
+        c: min((r[c] for r in results["main"].values() if r[c] == r[c]), default=None)
+        for c in cols
+    }
     for name in row_order(results["main"]):
         r = results["main"][name]
         cells = [f"**{_fmt(r[c])}**" if r[c] == best[c] else _fmt(r[c]) for c in cols]
