@@ -327,7 +327,8 @@ def routing_matrix(model, streams, cfg, before=None) -> dict[str, list[list[floa
     n = model.config.num_experts
     out = {}
     for d, s in streams.items():
-        starts = eval_windows(s, cfg.seq_len, cfg.eval_tokens // 4)
+        # at least 2,048 tokens per domain: a lean evaluation's quarter would be a few windows
+        starts = eval_windows(s, cfg.seq_len, max(cfg.eval_tokens // 4, 2048))
         ids = torch.from_numpy(np.stack([s.window(x, cfg.seq_len) for x in starts]))
         hook = before(s) if before else None
         with routing(model, record=True) as records:
@@ -446,8 +447,7 @@ def main_table_md(results: dict) -> str:
     cols = [*results["domains"], "mean"]
     lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     best = {  # NaN: not evaluated (lean evaluation), never the best
-        c: min((r[c] for r in results["main"].values() if r[c] == r[c]), default=None)
-        for c in cols
+        c: min((r[c] for r in results["main"].values() if r[c] == r[c]), default=None) for c in cols
     }
     for name in row_order(results["main"]):
         r = results["main"][name]
