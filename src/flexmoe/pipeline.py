@@ -601,12 +601,13 @@ def tasks_stage(cfg: DemoConfig, paths: dict[str, Path], merged: Path) -> dict:
             "tasks: the uniform model soup as a model directory",
         )
         runs["model soup (uniform)"] = (soup_dir, {})
+    evaluated = spec_hash(_eval_spec(cfg))  # redone when any model stage changes
     results = {}
     for i, (label, (model, kw)) in enumerate(runs.items()):
         out = root / f"{i:02d}.json"
         _stage(
             root / f".{i:02d}.json",
-            {"model": str(model), "kw": kw, "limit": cfg.task_limit, "v": 1},
+            {"model": str(model), "kw": kw, "limit": cfg.task_limit, "models": evaluated, "v": 1},
             lambda out=out, model=model, kw=kw: write_json(
                 out, run_tasks(model, task_dir=DEFAULT_TASK_DIR, limit=cfg.task_limit, **kw)
             ),
@@ -671,7 +672,7 @@ def _eval_spec(cfg: DemoConfig) -> dict:
     stages = {
         str(m.relative_to(cfg.out)): json.loads(m.read_text())["spec_hash"]
         for m in sorted(cfg.out.rglob(".*.json"))
-        if m.name != ".report.json"
+        if m.name != ".report.json" and m.relative_to(cfg.out).parts[0] != "tasks"  # after it
     }
     from flexmoe.infer import PRESELECT_CONTEXT
 
