@@ -24,9 +24,10 @@ def main() -> int:
     from flexmoe.pipeline import DemoConfig, run_demo
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--full", action="store_true", help="all 7 domains, every ablation, RT")
-    p.add_argument("--smoke", action="store_true", help="tiny models (plumbing check)")
-    p.add_argument("--scratch", action="store_true", help="train the anchor from scratch")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--full", action="store_true", help="all 7 domains, every ablation, RT")
+    kind.add_argument("--smoke", action="store_true", help="tiny models (plumbing check)")
+    kind.add_argument("--scratch", action="store_true", help="train the anchor from scratch")
     p.add_argument(
         "--ablations",
         action="store_true",
@@ -64,7 +65,10 @@ def main() -> int:
     cfg.ablations = cfg.ablations or args.ablations
     cfg.router_tuning = cfg.router_tuning or args.rt
     cfg.tasks = cfg.tasks or args.tasks
-    cfg.task_limit = args.task_limit or cfg.task_limit
+    if args.task_limit is not None:
+        if args.task_limit < 1:
+            p.error("--task-limit must be at least 1")
+        cfg.task_limit = args.task_limit
     try:
         run_demo(cfg)
     except FlexmoeError as e:

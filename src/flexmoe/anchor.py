@@ -253,9 +253,14 @@ def _load_gguf(gguf: Path):
     raw.pop("quantization_config", None)
     fam = family_of(raw.get("model_type"))
     cls = fam.dense_classes[fam.dense_types.index(raw["model_type"])]
-    config = cls.config_class.from_dict(raw)
-    check_dense(config)
-    model = cls(config).float()
+    try:
+        config = cls.config_class.from_dict(raw)
+        check_dense(config)
+        model = cls(config).float()
+    except FlexmoeError:
+        raise
+    except Exception as e:
+        raise FlexmoeError(f"{gguf}: unusable model configuration ({type(e).__name__})") from None
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:

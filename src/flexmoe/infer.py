@@ -47,7 +47,9 @@ def _from_pretrained(cls, path: Path, what: str):
     """cls.from_pretrained, refusing a checkpoint that lacks weights the model needs (HF would
     initialise them randomly and run a partly random model)."""
     try:
-        model, info = cls.from_pretrained(path, dtype=torch.float32, output_loading_info=True)
+        model, info = cls.from_pretrained(
+            path, dtype=torch.float32, output_loading_info=True, use_safetensors=True
+        )
     except FlexmoeError:
         raise
     except Exception as e:

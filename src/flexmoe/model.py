@@ -368,7 +368,11 @@ def install_routers(model: PreTrainedModel) -> PreTrainedModel:
     """Swap the MoE class's stock routers for FlexmoeRouter in place, keeping their weights."""
     from flexmoe.arch import family_of
 
-    renorm = family_of(model.config.model_type).renormalize
+    # the class's own rule: Mixtral always renormalises (no flag); FlexOlmo and Qwen3-MoE follow
+    # their config's norm_topk_prob (a stock checkpoint may set it)
+    renorm = bool(
+        getattr(model.config, "norm_topk_prob", family_of(model.config.model_type).renormalize)
+    )
     for layer in model.model.layers:
         old = layer.mlp.gate
         if isinstance(old, FlexmoeRouter):

@@ -601,7 +601,7 @@ def tasks_stage(cfg: DemoConfig, paths: dict[str, Path], merged: Path) -> dict:
             "tasks: the uniform model soup as a model directory",
         )
         runs["model soup (uniform)"] = (soup_dir, {})
-    evaluated = spec_hash(_eval_spec(cfg))  # redone when any model stage changes
+    evaluated = spec_hash(_eval_spec(cfg)["stages"])  # redone when any model stage changes
     results = {}
     for i, (label, (model, kw)) in enumerate(runs.items()):
         out = root / f"{i:02d}.json"
@@ -676,5 +676,6 @@ def _eval_spec(cfg: DemoConfig) -> dict:
     }
     from flexmoe.infer import PRESELECT_CONTEXT
 
-    settings = {k: str(v) for k, v in vars(cfg).items() if k != "out"}
+    after = ("out", "tasks", "task_limit")  # the tasks stage runs after the evaluation
+    settings = {k: str(v) for k, v in vars(cfg).items() if k not in after}
     return {"stages": stages, "settings": settings, "context": PRESELECT_CONTEXT, "v": 2}

@@ -285,7 +285,7 @@ def source_eval(cfg, tokens, tok, tb, anchor, merged, dense, souped) -> dict:
     pre = default_preselect(merged)
     before = (lambda s: preselect_hook(merged, tok, s, pre)) if pre else None
     run("FlexOlmo merged", fn_of(merged), before)
-    for d in {n.split(".")[0] for n in streams}:
+    for d in sorted({n.split(".")[0] for n in streams}):
         if d in merged.flexmoe_experts:
             run(f"2-expert: public+{d}", fn_of(merged), mask=expert_mask(merged, include=[d]))
         if d in dense:
