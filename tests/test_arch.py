@@ -60,7 +60,7 @@ def dense_model(kind: str, seed: int = 0):
     cfg = tiny_config(kind)
     fam = family_of(cfg.model_type)
     torch.manual_seed(seed)
-    model = fam.dense_classes[fam.dense_types.index(cfg.model_type)](cfg).float().eval()
+    model = fam.dense_class(cfg.model_type)(cfg).float().eval()
     with torch.no_grad():  # norms away from 1 so a dropped norm weight would show
         for n, p in model.named_parameters():
             if "norm" in n:

@@ -223,9 +223,7 @@ def _load_hf_dir(hf_dir: Path):
             f"{hf_dir}: config has no rope_theta; transformers would silently use its class "
             f"default (OLMo-2 uses {ROPE_THETA:g}). Add it to config.json explicitly."
         )
-    model = _from_pretrained(
-        fam.dense_classes[fam.dense_types.index(raw["model_type"])], hf_dir, "dense model"
-    )
+    model = _from_pretrained(fam.dense_class(raw["model_type"]), hf_dir, "dense model")
     check_dense(model.config)
     return model.float(), {"imported_from": str(hf_dir.resolve())}
 
@@ -252,7 +250,7 @@ def _load_gguf(gguf: Path):
     raw = loaded.config.to_dict()
     raw.pop("quantization_config", None)
     fam = family_of(raw.get("model_type"))
-    cls = fam.dense_classes[fam.dense_types.index(raw["model_type"])]
+    cls = fam.dense_class(raw["model_type"])
     try:
         config = cls.config_class.from_dict(raw)
         check_dense(config)

@@ -81,6 +81,9 @@ class Family:
     unsupported: Callable[[PretrainedConfig], str | None] = lambda c: None
     keys: KeyMap = field(default_factory=KeyMap)
 
+    def dense_class(self, model_type: str) -> type:
+        return self.dense_classes[self.dense_types.index(model_type)]
+
 
 def _shared(dense: PretrainedConfig) -> dict:
     out = {k: getattr(dense, k) for k in SHARED if hasattr(dense, k)}

@@ -261,6 +261,8 @@ def source_eval(cfg, tokens, tok, tb, anchor, merged, dense, souped) -> dict:
     """Held-out BPB per source of a domain (e.g. math: generated worked problems vs manuals), so
     a headline number is not carried by templated text alone: anchor, the owner's 2-expert model,
     the dense expert, the merged model (its stored preselection) and the uniform soup."""
+    from contextlib import nullcontext
+
     from flexmoe.data.shards import TokenStream
     from flexmoe.infer import default_preselect, expert_mask, preselect_hook
     from flexmoe.model import routing
@@ -274,7 +276,7 @@ def source_eval(cfg, tokens, tok, tb, anchor, merged, dense, souped) -> dict:
     def run(label, fn, before=None, mask=None):
         row = {}
         for name, s in streams.items():
-            with routing(merged, mask=mask) if mask is not None else _null():
+            with routing(merged, mask=mask) if mask is not None else nullcontext():
                 row[name] = _one(fn, s, tb, cfg, before(s) if before else None)
         out[label] = row
 
@@ -301,12 +303,6 @@ def _one(fn, stream, tb, cfg, before) -> float:
     return evaluate_bpb(
         fn, stream, tb, cfg.seq_len, max_tokens=cfg.eval_tokens, before_batch=before
     )["bpb"]
-
-
-def _null():
-    from contextlib import nullcontext
-
-    return nullcontext()
 
 
 def _gen(g) -> dict:
