@@ -637,6 +637,14 @@ def merge_cmd(
     )
 
 
+StateOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="The served model's state dir: its revocations apply (default: MODEL.serve/)."
+    ),
+]
+
+
 @app.command("generate")
 def generate_cmd(
     model: Annotated[Path, typer.Option(help="A merged model directory.")],
@@ -672,6 +680,7 @@ def generate_cmd(
     dtype: Annotated[
         str | None, typer.Option(help="Weights dtype: float32 | bfloat16 (default: as stored).")
     ] = None,
+    state: StateOption = None,
 ) -> None:
     """Generate text with chosen experts (KV cache); optionally attribute it to experts."""
     from flexmoe.data.tokenizer import load_tokenizer
@@ -682,7 +691,7 @@ def generate_cmd(
         raise FlexmoeError(f"--use must be one of {', '.join(USES)}")
     from flexmoe.model import place
 
-    m = place(load_model(model), device, dtype)
+    m = place(load_model(model, state), device, dtype)
     if getattr(m, "flexmoe_router_tuned", False):
         console.print("note: router-tuned model", style="yellow")
     tok = load_tokenizer(model)
@@ -947,10 +956,7 @@ def serve_cmd(
     keys: Annotated[
         Path | None, typer.Option(help="Keys file (TOML): tenants, key hashes, admin key hash.")
     ] = None,
-    state: Annotated[
-        Path | None,
-        typer.Option(help="Where revocations and the ledger live (default: MODEL.serve/)."),
-    ] = None,
+    state: StateOption = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N.")] = "auto",
     max_batch: Annotated[int, typer.Option(help="Requests decoded together.")] = 16,
     queue_size: Annotated[int, typer.Option(help="Waiting requests before 503.")] = 64,
@@ -959,15 +965,32 @@ def serve_cmd(
     timeout: Annotated[float, typer.Option(help="Seconds before a request gets 504.")] = 120.0,
 ) -> None:
     """Serve a merged model over an OpenAI-compatible API with per-request experts."""
+    import math
+    import socket
+
     import uvicorn
 
     from flexmoe.serve import Limits, Server, create_app
 
-    for what, v in (("--max-batch", max_batch), ("--queue-size", queue_size)):
+    for what, v in (
+        ("--max-batch", max_batch),
+        ("--queue-size", queue_size),
+        ("--max-tokens", max_tokens),
+        ("--max-prompt-tokens", max_prompt_tokens),
+    ):
         if v < 1:
             raise FlexmoeError(f"{what} must be ≥ 1")
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise FlexmoeError("--timeout must be a positive number of seconds")
     if not 0 < port < 65536:
         raise FlexmoeError("--port must be between 1 and 65535")
+    try:  # the bind address, before the model loads
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+    except (OSError, UnicodeError) as e:
+        raise FlexmoeError(f"--host {host!r} --port {port}: cannot bind ({e})") from None
     limits = Limits(
         max_prompt_tokens=max_prompt_tokens,
         max_tokens=max_tokens,
@@ -980,6 +1003,10 @@ def serve_cmd(
         console.print(f"note: listening on {host}: reachable from other machines", style="yellow")
     if server.keys.open:
         console.print("note: no --keys: every request is the anonymous tenant", style="yellow")
+    else:
+        console.print(
+            f"{len(server.keys.tenants)} tenant(s) from {keys}: every request needs a key"
+        )
     uvicorn.run(create_app(server), host=host, port=port, log_level="warning")
 
 

@@ -77,31 +77,34 @@ def load_dense(path: Path):
     return _from_pretrained(AutoModelForCausalLM, path, f"dense {kind} model").eval()
 
 
-def load_model(path: Path):
+def load_model(path: Path, state: Path | None = None):
     """A merged model (load_merged) or a dense anchor/expert (load_dense), by its config."""
-    return load_merged(path) if model_type(path) in MOE_TYPES else load_dense(path)
+    return load_merged(path, state) if model_type(path) in MOE_TYPES else load_dense(path)
 
 
 def is_merged(model) -> bool:
     return getattr(model.config, "model_type", None) in MOE_TYPES
 
 
-def load_merged(path: Path) -> PreTrainedModel:
+def load_merged(path: Path, state: Path | None = None) -> PreTrainedModel:
     """A merged (or stock MoE of a supported family) directory → the stock MoE class with flexmoe
     routers, biases and names.
 
     Without flexmoe extras (a stock checkpoint) the bias is 0 and experts are named
-    expert_0, expert_1, …. Experts whose consent has expired are withheld from the start (the
-    active mask) and by every later expert choice (`expert_mask`), on every path that runs it.
+    expert_0, expert_1, …. Experts whose consent has expired or was revoked (revocations.py:
+    `state`, default MODEL.serve/) are withheld from the start (the active mask) and by every
+    later expert choice (`expert_mask`), on every path that runs it.
     """
     from safetensors.torch import load_file
 
+    from flexmoe import revocations
     from flexmoe.fsutil import regular_file
 
     path = Path(path)
     kind = model_type(path)
     if kind not in MOE_TYPES:
         raise FlexmoeError(f"{path} is a dense {kind} model, not a merged model")
+    revoked = revocations.read_revoked(revocations.state_dir(path, state))
     meta = read_merged_meta(path) or {}
     model = _from_pretrained(AutoModelForCausalLM, path, f"{kind} model")
     install_routers(model)
@@ -130,7 +133,10 @@ def load_merged(path: Path) -> PreTrainedModel:
     model.flexmoe_manifests = {
         k: Manifest.model_validate(v) for k, v in (meta.get("manifests") or {}).items()
     }
-    model.flexmoe_withheld = dict(consent_exclusions(model, None))
+    model.flexmoe_withheld = {
+        **{n: revocations.reason(t) for n, t in revoked.items() if n in names},
+        **dict(consent_exclusions(model, None)),
+    }
     if model.flexmoe_withheld:
         set_active_experts(model, torch.tensor([x not in model.flexmoe_withheld for x in names]))
     return model.eval()
@@ -246,7 +252,7 @@ def expert_mask(
     public = PUBLIC if PUBLIC in names else ("expert_0" if names[0] == "expert_0" else None)
     keep = (set(include) | {public} - {None}) if include else set(names)
     keep -= set(exclude or [])
-    keep -= set(getattr(model, "flexmoe_withheld", {}))  # consent expired: never, on any path
+    keep -= set(getattr(model, "flexmoe_withheld", {}))  # lapsed/revoked: never, on any path
     if public is not None and public not in keep and not allow_no_public:
         raise FlexmoeError(
             f"excluding the public expert '{public}' is refused (pass --allow-no-public)"
@@ -263,10 +269,11 @@ def consent_exclusions(model, use: str | None) -> list[tuple[str, str]]:
     if not is_merged(model):
         return []
     manifests: dict[str, Manifest] = getattr(model, "flexmoe_manifests", {})
+    withheld: dict[str, str] = getattr(model, "flexmoe_withheld", {})  # incl. revocations
     out = []
     for name in expert_names(model):
         m = manifests.get(name)
-        reason = m.consent.permits(use) if m is not None else None
+        reason = withheld.get(name) or (m.consent.permits(use) if m is not None else None)
         if reason is not None:
             out.append((name, reason))
     return out

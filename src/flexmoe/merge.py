@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
+from flexmoe import revocations
 from flexmoe.errors import FlexmoeError
 from flexmoe.fsutil import atomic_dir, copy_bounded, guard_output, read_json, write_json
 from flexmoe.model import routers, routing, upcycle
@@ -191,6 +192,11 @@ def merge(
         from flexmoe.signing import load_trusted_keys
 
         trusted = load_trusted_keys(Path(trusted_keys))
+    # experts revoked on the model this output replaces or the base it extends stay out
+    revoked: dict[str, str] = {}
+    for served in (base, out):
+        if served is not None:
+            revoked |= revocations.read_revoked(revocations.state_dir(served))
     anchor_model, record, extras = load_anchor(Path(anchor_dir))
     dirs = _package_list(base, record, remove) + sources
     if len(dirs) > MAX_EXPERTS:
@@ -227,6 +233,8 @@ def merge(
         kept: list[tuple[Path, Manifest, dict[str, torch.Tensor]]] = []
         for c, (m, t) in zip(copies, verified, strict=True):
             reason = m.consent.permits(use) if m.name in chosen else "excluded by name"
+            if m.name in revoked:
+                reason = revocations.reason(revoked[m.name])
             if reason is None:
                 kept.append((c, m, t))
             else:

@@ -22,7 +22,6 @@ import hashlib
 import hmac
 import json
 import queue
-import re
 import threading
 import time
 import tomllib
@@ -48,7 +47,13 @@ class Limits:
     queue_size: int = 64
     max_batch: int = 16
     batch_window_s: float = 0.005
-    timeout_s: float = 120.0
+    timeout_s: float = 120.0  # the whole request: queueing, prefill and every token
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Largest request body: a prompt within the limit (≤ 16 characters per token, each at
+        most 8 bytes of escaped JSON) plus room for the other fields."""
+        return 128 * self.max_prompt_tokens + (64 << 10)
 
 
 @dataclass(frozen=True)
@@ -65,46 +70,90 @@ def key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+HEX64 = r"^[0-9a-f]{64}$"
+
+
+class TenantEntry(BaseModel):
+    """One `[[tenants]]` table of the keys file."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
+    key_sha256: str = Field(pattern=HEX64)
+    experts: list[str] = Field(["*"], max_length=256)
+    uses: list[Literal["research", "commercial"]] = Field(["research", "commercial"], min_length=1)
+
+
+class KeysFile(BaseModel):
+    """The keys file: at least one tenant; anything unknown is refused (a typo such as
+    `[[tenant]]` must never leave the server open)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    admin_key_sha256: str | None = Field(None, pattern=HEX64)
+    tenants: list[TenantEntry] = Field(min_length=1, max_length=10_000)
+
+
 class Keys:
     """The keys file (TOML): `admin_key_sha256 = "…"` and `[[tenants]]` tables with `name`,
     `key_sha256`, `experts` (names or ["*"]) and `uses`. Without a file every request is the
-    anonymous tenant and the admin routes are closed."""
+    anonymous tenant and the admin routes are closed. A file is validated strictly at startup:
+    unknown tables or fields, no tenant, a malformed hash, a repeated name or key are refusals,
+    so a keys file the server accepts always requires a key for every request."""
 
     def __init__(self, path: Path | None):
+        self.path = path
         self.admin: str | None = None
         self.tenants: list[tuple[str, Tenant]] = []
         if path is None:
             return
+        from pydantic import ValidationError
+
         from flexmoe.fsutil import regular_file
 
         try:
             raw = tomllib.loads(regular_file(path, "keys file", 1 << 20).read_text())
-            self.admin = raw.get("admin_key_sha256")
-            hexes = [self.admin] if self.admin is not None else []
-            hexes += [t.get("key_sha256") for t in raw.get("tenants", [])]
-            for h in hexes:
-                if not isinstance(h, str) or not re.fullmatch(r"[0-9a-f]{64}", h):
-                    raise FlexmoeError(f"keys file {path}: a key hash is not 64 hex characters")
-            for t in raw.get("tenants", []):
-                experts = t.get("experts", ["*"])
-                if not isinstance(experts, list) or not all(isinstance(e, str) for e in experts):
-                    raise FlexmoeError(f"keys file {path}: 'experts' must be a list of names")
-                self.tenants.append(
-                    (
-                        str(t["key_sha256"]),
-                        Tenant(
-                            str(t["name"]),
-                            None if "*" in experts else frozenset(map(str, experts)),
-                            frozenset(t.get("uses", ["research", "commercial"])),
-                        ),
-                    )
-                )
-        except (tomllib.TOMLDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            parsed = KeysFile.model_validate(raw)
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise FlexmoeError(f"keys file {path}: {type(e).__name__}: {e}") from None
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(x) for x in err["loc"]) or "file"
+            msg = "missing: the file must define at least one [[tenants]] table"
+            if not (err["type"] == "missing" and loc == "tenants"):
+                msg = err["msg"]
+            raise FlexmoeError(f"keys file {path}: {loc}: {msg}") from None
+        for what, values in (
+            ("tenant name", [t.name for t in parsed.tenants]),
+            ("key hash", [t.key_sha256 for t in parsed.tenants] + [parsed.admin_key_sha256]),
+        ):
+            given = [v for v in values if v is not None]
+            if len(set(given)) != len(given):
+                raise FlexmoeError(f"keys file {path}: a {what} is repeated")
+        for t in parsed.tenants:
+            self.tenants.append(
+                (
+                    t.key_sha256,
+                    Tenant(
+                        t.name,
+                        None if "*" in t.experts else frozenset(t.experts),
+                        frozenset(t.uses),
+                    ),
+                )
+            )
+        self.admin = parsed.admin_key_sha256
 
     @property
     def open(self) -> bool:
         return not self.tenants
+
+    def check_experts(self, names: list[str]) -> None:
+        """Refuse a tenant that names an expert the model does not have (a typo)."""
+        for _, t in self.tenants:
+            unknown = sorted((t.experts or set()) - set(names))
+            if unknown:
+                raise FlexmoeError(
+                    f"keys file {self.path}: tenant {t.name!r} names unknown expert(s) "
+                    f"{', '.join(map(repr, unknown))[:200]} (the model has {', '.join(names)})"
+                )
 
     def tenant(self, key: str | None) -> Tenant | None:
         if self.open:
@@ -136,7 +185,8 @@ class Job:
     stop: list[str]
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
-    cancelled: bool = False
+    deadline: float = float("inf")  # time.monotonic() after which the request is abandoned
+    cancelled: bool = False  # the client went away or timed out: its row stops at the next step
     tokens: list[int] = field(default_factory=list)
     top_expert: list[int] = field(default_factory=list)
     weights: torch.Tensor | None = None  # (E,) summed routing weight of generated tokens
@@ -147,14 +197,18 @@ class Job:
 
 class Engine:
     """A thread that takes waiting jobs (up to max_batch, after a short window) and decodes them
-    as one batch: left-padded prefill, then one forward per step with the KV cache."""
+    as one batch: left-padded prefill, then one forward per step with the KV cache. Each forward
+    holds `step_lock`: a revocation (set_active_experts under the same lock) takes effect for
+    every running row at the next step, never in the middle of one."""
 
     def __init__(self, model, tokenizer, limits: Limits):
         self.model, self.tok, self.limits = model, tokenizer, limits
+        self.step_lock = threading.RLock()
         self.jobs: queue.Queue[Job] = queue.Queue(maxsize=limits.queue_size)
         self.thread = threading.Thread(target=self._run, name="flexmoe-engine", daemon=True)
         self.stopping = False
         self.batches = 0
+        self.abandoned = 0  # rows stopped early: client gone or time up
 
     def start(self) -> None:
         self.thread.start()
@@ -182,12 +236,13 @@ class Engine:
                     batch.append(self.jobs.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
-            batch = [j for j in batch if not j.cancelled]
+            now = time.monotonic()
+            batch = [j for j in batch if not j.cancelled and j.deadline > now]
             if not batch:
                 continue
             try:
                 self.batches += 1
-                decode(self.model, self.tok, batch)
+                self.abandoned += decode(self.model, self.tok, batch, self.step_lock)
             except Exception as e:  # a bug must not kill the engine: fail these jobs only
                 for j in batch:
                     j.emit("error", f"{type(e).__name__}: {e}")
@@ -205,12 +260,16 @@ def _pick(logits: torch.Tensor, job: Job, gen: torch.Generator | None) -> int:
 
 
 @torch.no_grad()
-def decode(model, tok, jobs: list[Job]) -> None:
+def decode(model, tok, jobs: list[Job], lock: threading.RLock | None = None) -> int:
     """Greedy rows decode exactly as `generate` would alone; sampled rows use their own
-    generator (seeded per request). Emits ("token", text) per new text piece and ("done", info)."""
+    generator (seeded per request). Emits ("token", text) per new text piece and ("done", info).
+    Rows of cancelled or expired requests stop at the next step; a row whose experts were all
+    revoked meanwhile ends with finish_reason "revoked". Returns the number of rows abandoned."""
+    from contextlib import nullcontext
+
     from transformers import DynamicCache
 
-    from flexmoe.model import routing
+    from flexmoe.model import routers, routing
 
     device = next(model.parameters()).device
     b, length = len(jobs), max(len(j.ids) for j in jobs)
@@ -231,6 +290,7 @@ def decode(model, tok, jobs: list[Job]) -> None:
             g.manual_seed(j.seed if j.seed is not None else int(torch.randint(0, 2**62, ())))
         gens.append(g)
     done = [False] * b
+    abandoned = 0
     finish = ["length"] * b
     texts = [""] * b
     sent = [0] * b
@@ -240,74 +300,83 @@ def decode(model, tok, jobs: list[Job]) -> None:
         j.weights = torch.zeros(n_exp, dtype=torch.float64)
     eos = tok.eos_token_id
     max_new = max(j.max_new for j in jobs)
-    with routing(model, rows=rows, record=merged) if merged else _null() as records:
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        logits = model(
-            ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True
-        ).logits[:, -1]
-        for _ in range(max_new):
-            if merged:  # routing weight of the position that produces this step's token
-                per_layer = []
-                for recs in records:
-                    index, value = recs[-1]
-                    index, value = (
-                        index.view(b, -1, index.shape[-1]),
-                        value.view(b, -1, value.shape[-1]),
-                    )
-                    w = torch.zeros(b, n_exp, dtype=torch.float64, device=index.device)
-                    w.scatter_add_(1, index[:, -1], value[:, -1].double())
-                    per_layer.append(w)
-                step_w = torch.stack(per_layer).sum(0).cpu()
-            nxt = torch.full((b,), pad, dtype=torch.long)
-            for i, j in enumerate(jobs):
-                if done[i]:
-                    continue
-                t = _pick(logits[i], j, gens[i])
-                nxt[i] = t
-                if t == eos:
-                    done[i], finish[i] = True, "stop"
-                else:
-                    j.tokens.append(t)
-                    if merged:
-                        j.weights += step_w[i]
-                        j.top_expert.append(int(step_w[i].argmax()))
-                    text = tok.decode(j.tokens, skip_special_tokens=True)
-                    cut = min((text.find(s) for s in j.stop if s in text), default=-1)
-                    if cut >= 0:
-                        text, done[i], finish[i] = text[:cut], True, "stop"
-                    texts[i] = text
-                    if len(j.tokens) >= j.max_new:
-                        done[i] = True
-                hold = 0 if done[i] else max((len(s) - 1 for s in j.stop), default=0)
-                upto = max(sent[i], len(texts[i]) - hold)
-                if upto > sent[i] and not texts[i].endswith("\ufffd"):
-                    j.emit("token", texts[i][sent[i] : upto])
-                    sent[i] = upto
-                if j.cancelled:
+    lock = lock or nullcontext()
+
+    def forward(x, **kw):
+        """One step under the lock, with each row's mask as it stands now (revocations in)."""
+        with lock:
+            if not merged:
+                return model(x, **kw).logits[:, -1], []
+            active = routers(model)[0].active.cpu()
+            now = rows & active
+            for i in range(b):
+                if not now[i].any():  # every expert this row may use was revoked
+                    if not done[i]:
+                        done[i], finish[i] = True, "revoked"
+                    now[i] = active
+            with routing(model, rows=now, record=True) as records:
+                return model(x, **kw).logits[:, -1], records
+
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    logits, records = forward(
+        ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True
+    )
+    for _ in range(max_new):
+        if merged:  # routing weight of the position that produces this step's token
+            per_layer = []
+            for recs in records:
+                index, value = recs[-1]
+                index, value = (
+                    index.view(b, -1, index.shape[-1]),
+                    value.view(b, -1, value.shape[-1]),
+                )
+                w = torch.zeros(b, n_exp, dtype=torch.float64, device=index.device)
+                w.scatter_add_(1, index[:, -1], value[:, -1].double())
+                per_layer.append(w)
+            step_w = torch.stack(per_layer).sum(0).cpu()
+        nxt = torch.full((b,), pad, dtype=torch.long)
+        for i, j in enumerate(jobs):
+            if done[i]:
+                continue
+            t = _pick(logits[i], j, gens[i])
+            nxt[i] = t
+            if t == eos:
+                done[i], finish[i] = True, "stop"
+            else:
+                j.tokens.append(t)
+                if merged:
+                    j.weights += step_w[i]
+                    j.top_expert.append(int(step_w[i].argmax()))
+                text = tok.decode(j.tokens, skip_special_tokens=True)
+                cut = min((text.find(s) for s in j.stop if s in text), default=-1)
+                if cut >= 0:
+                    text, done[i], finish[i] = text[:cut], True, "stop"
+                texts[i] = text
+                if len(j.tokens) >= j.max_new:
                     done[i] = True
-            if all(done):
-                break
-            attn = torch.cat([attn, torch.ones((b, 1), dtype=attn.dtype, device=device)], 1)
-            pos = attn.sum(-1, keepdim=True) - 1
-            logits = model(
-                nxt[:, None].to(device),
-                attention_mask=attn,
-                position_ids=pos,
-                past_key_values=cache,
-                use_cache=True,
-            ).logits[:, -1]
+            hold = 0 if done[i] else max((len(s) - 1 for s in j.stop), default=0)
+            upto = max(sent[i], len(texts[i]) - hold)
+            if upto > sent[i] and not texts[i].endswith("\ufffd"):
+                j.emit("token", texts[i][sent[i] : upto])
+                sent[i] = upto
+            if not done[i] and (j.cancelled or time.monotonic() > j.deadline):
+                done[i], abandoned = True, abandoned + 1
+        if all(done):
+            break
+        attn = torch.cat([attn, torch.ones((b, 1), dtype=attn.dtype, device=device)], 1)
+        pos = attn.sum(-1, keepdim=True) - 1
+        logits, records = forward(
+            nxt[:, None].to(device),
+            attention_mask=attn,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+        )
     for i, j in enumerate(jobs):
         if sent[i] < len(texts[i]):
             j.emit("token", texts[i][sent[i] :])
         j.emit("done", {"text": texts[i], "finish_reason": finish[i]})
-
-
-class _null:
-    def __enter__(self):
-        return []
-
-    def __exit__(self, *exc):
-        return False
+    return abandoned
 
 
 # ---------------------------------------------------------------- the request schema
@@ -360,20 +429,22 @@ class Server:
         limits: Limits | None = None,
         device: str = "cpu",
     ):
+        from flexmoe import revocations
         from flexmoe.data.tokenizer import load_tokenizer
         from flexmoe.infer import is_merged, load_model
         from flexmoe.model import place
 
         self.model_dir = Path(model_dir)
-        self.model = place(load_model(self.model_dir), device).eval()
+        self.keys = Keys(keys)  # refused before the model loads
+        self.state_dir = revocations.state_dir(self.model_dir, state_dir)
+        self.revoked: dict[str, str] = revocations.read_revoked(self.state_dir)
+        self.model = place(load_model(self.model_dir, self.state_dir), device).eval()
         self.tok = load_tokenizer(self.model_dir)
         self.merged = is_merged(self.model)
+        if self.merged:
+            self.keys.check_experts(self.experts())
         self.limits = limits or Limits()
-        self.keys = Keys(keys)
-        real = self.model_dir.resolve()
-        self.state_dir = Path(state_dir or real.with_name(real.name + ".serve"))
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.revoked: dict[str, str] = self._load_revoked()
         self.ledger = self.state_dir / "ledger.jsonl"
         self.ledger_lock = threading.Lock()
         self.engine = Engine(self.model, self.tok, self.limits)
@@ -381,20 +452,17 @@ class Server:
         self._metrics()
 
     # -- state
-    def _load_revoked(self) -> dict[str, str]:
-        from flexmoe.fsutil import read_json
-
-        p = self.state_dir / "revoked.json"
-        if not p.exists():
-            return {}
-        raw = read_json(p, "revocations")
-        return {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
-
     def revoke(self, name: str) -> None:
-        from flexmoe.fsutil import write_json
+        """Persist the revocation, then take the expert out of every row at the next step."""
+        from flexmoe import revocations
+        from flexmoe.model import set_active_experts
 
-        self.revoked[name] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        write_json(self.state_dir / "revoked.json", self.revoked)
+        with self.engine.step_lock:
+            self.revoked = revocations.revoke(self.state_dir, self.revoked, name)
+            withheld = getattr(self.model, "flexmoe_withheld", {})
+            withheld[name] = revocations.reason(self.revoked[name])
+            self.model.flexmoe_withheld = withheld
+            set_active_experts(self.model, [n not in withheld for n in self.experts()])
 
     def _metrics(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -433,7 +501,9 @@ class Server:
         from flexmoe.merge import PUBLIC
 
         if name in self.revoked:
-            return f"consent revoked on {self.revoked[name]}"
+            from flexmoe.revocations import reason
+
+            return reason(self.revoked[name])
         m = getattr(self.model, "flexmoe_manifests", {}).get(name)
         if m is not None:
             reason = m.consent.permits(use)
@@ -477,7 +547,7 @@ class Server:
         return mask, pre, excluded
 
     # -- one request
-    async def run(self, req: CompletionRequest, prompt: str, tenant: Tenant, started: float):
+    async def run(self, req: CompletionRequest, prompt: str, tenant: Tenant, deadline: float):
         from flexmoe.infer import preselect_mask
 
         if req.max_tokens > self.limits.max_tokens:
@@ -513,6 +583,7 @@ class Server:
             stop,
             loop,
             asyncio.Queue(),
+            deadline,
         )
         if not self.engine.submit(job):
             raise ApiError(503, "the request queue is full: retry later", "server_busy")
@@ -524,7 +595,16 @@ class Server:
         return job, meta, len(ids)
 
     def finish(self, job: Job, meta: dict, tenant: Tenant, prompt_tokens: int, req) -> dict:
+        from flexmoe.revocations import reason
+
         names = self.experts()
+        gone = [n for n in meta["active"] if n in self.revoked]  # revoked while it ran: it
+        if gone:  # was used up to that step only, and the attribution credits only that
+            meta["active"] = [n for n in meta["active"] if n not in gone]
+            meta["excluded"] += [
+                {"name": n, "reason": reason(self.revoked[n]) + " (during this request)"}
+                for n in gone
+            ]
         if job.weights is not None and job.weights.sum() > 0:
             share = (job.weights / job.weights.sum()).tolist()
             meta["attribution"] = dict(zip(names, share, strict=True))
@@ -578,7 +658,7 @@ def create_app(server: Server):
     app = FastAPI(title="flexmoe", lifespan=lifespan, docs_url=None, redoc_url=None)
 
     def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-        return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+        return JSONResponse(error_body(message, kind), status_code=status)
 
     def route(request: Request) -> str:  # the route template: request paths are unbounded
         r = request.scope.get("route")
@@ -597,8 +677,7 @@ def create_app(server: Server):
         return error(400, f"{loc or 'body'}: {err.get('msg', 'invalid request')}")
 
     def bearer(request: Request) -> str | None:
-        auth = request.headers.get("authorization", "")
-        return auth[7:].strip() if auth.lower().startswith("bearer ") else None
+        return _bearer(request.headers.get("authorization", ""))
 
     def tenant_of(request: Request) -> Tenant:
         t = server.keys.tenant(bearer(request))
@@ -663,8 +742,9 @@ def create_app(server: Server):
 
     async def serve(request: Request, req: CompletionRequest, prompt: str, chat: bool):
         started = time.perf_counter()
+        deadline = request.scope.get("flexmoe.deadline", time.monotonic()) + server.limits.timeout_s
         tenant = tenant_of(request)
-        job, meta, n_prompt = await server.run(req, prompt, tenant, started)
+        job, meta, n_prompt = await server.run(req, prompt, tenant, deadline)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
@@ -676,12 +756,26 @@ def create_app(server: Server):
                 return {"index": 0, key: body, "finish_reason": finish}
             return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
 
+        watch = {"next": time.monotonic() + 0.25}  # when to look for a disconnect next
+
         async def next_event():
-            try:
-                return await asyncio.wait_for(job.events.get(), server.limits.timeout_s)
-            except TimeoutError:
-                job.cancelled = True
-                return ("error", "timeout")
+            """The engine's next event; ("error", …) once the whole request's time is up or
+            a non-streaming client went away (its row is cancelled at the next step)."""
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    job.cancelled = True
+                    return ("error", "timeout")
+                # a streaming response watches for the disconnect itself (and cancels)
+                if not req.stream and now >= watch["next"]:
+                    watch["next"] = now + 0.25
+                    if await request.is_disconnected():
+                        job.cancelled = True
+                        return ("error", "disconnected")
+                try:
+                    return await asyncio.wait_for(job.events.get(), min(deadline - now, 0.25))
+                except TimeoutError:
+                    pass
 
         if req.stream:
 
@@ -723,7 +817,9 @@ def create_app(server: Server):
                         server.m_latency.observe(time.perf_counter() - started)
                         return
                     else:
-                        yield f"data: {json.dumps({'error': {'message': payload}})}\n\n"
+                        kind = "timeout" if payload == "timeout" else "server_error"
+                        body = error_body(f"generation failed: {payload}", kind)
+                        yield f"data: {json.dumps(body)}\n\n"
                         return
 
             return StreamingResponse(events(), media_type="text/event-stream")
@@ -732,7 +828,7 @@ def create_app(server: Server):
             if kind == "done":
                 break
             if kind == "error":
-                status = 504 if payload == "timeout" else 500
+                status = {"timeout": 504, "disconnected": 499}.get(payload, 500)
                 raise ApiError(status, f"generation failed: {payload}", "server_error")
         info = server.finish(job, meta, tenant, n_prompt, req)
         server.m_requests.labels(route(request), "200").inc()
@@ -757,7 +853,82 @@ def create_app(server: Server):
         tenant_of(request)
         return await serve(request, req, _chat_prompt(server, req), chat=True)
 
-    return app
+    return _Guard(app, server)
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None):
+    """OpenAI's error shape, so the official clients show all of it."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _bearer(header: str) -> str | None:
+    return header[7:].strip() if header[:7].lower() == "bearer " else None
+
+
+class _Guard:
+    """ASGI wrapper run before FastAPI touches a request: the API key is checked from the
+    headers and the body is size-limited BEFORE it is read or parsed, so an unauthenticated or
+    oversized body costs the server nothing. It also stamps the request's start (its deadline)."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        scope["flexmoe.deadline"] = time.monotonic()
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        key = _bearer(headers.get(b"authorization", b"").decode("latin-1"))
+        path = scope.get("path", "")
+        keys = self.server.keys
+        if path.startswith("/admin/") and not keys.is_admin(key):
+            return await self._reply(send, 403, "the admin key is required", "permission_error")
+        if path.startswith("/v1/") and keys.tenant(key) is None:
+            return await self._reply(
+                send, 401, "missing or unknown API key", "authentication_error"
+            )
+        limit = self.server.limits.max_body_bytes
+        too_big = f"request body is over the limit of {limit:,} bytes"
+        try:
+            declared = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            return await self._reply(send, 400, "bad Content-Length header")
+        if declared > limit:
+            return await self._reply(send, 413, too_big)
+        body, more = bytearray(), True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return None
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+            if len(body) > limit:
+                return await self._reply(send, 413, too_big)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _reply(self, send, status: int, message: str, kind="invalid_request_error"):
+        self.server.m_requests.labels("guard", str(status)).inc()
+        data = json.dumps(error_body(message, kind)).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(data)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": data})
 
 
 def _usage(prompt: int, completion: int) -> dict:
