@@ -28,7 +28,9 @@ def timeit(fn, repeat: int) -> float:
 
 
 def main() -> None:
-    from flexmoe.model import new_anchor, olmo2_config, routers, routing, upcycle
+    from flexmoe.model.dense import new_anchor, olmo2_config
+    from flexmoe.model.moe import upcycle
+    from flexmoe.model.router import routers, routing
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="demo")

@@ -12,8 +12,11 @@ import time
 
 import torch
 
-from flexmoe.infer import expert_mask
-from flexmoe.model import new_anchor, olmo2_config, routing, upcycle
+from flexmoe.model.dense import new_anchor, olmo2_config
+from flexmoe.model.moe import upcycle
+from flexmoe.model.router import routing
+from flexmoe.selection import expert_mask
+from flexmoe.store.merged import experts_of
 
 
 def main() -> None:
@@ -24,7 +27,7 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = olmo2_config("demo", vocab_size=8192, eos_token_id=0, pad_token_id=1)  # H256, 4 layers
     model = upcycle(new_anchor(cfg, seed=0), args.experts, min(args.experts, 4)).eval()
-    model.flexmoe_experts = ["public"] + [f"e{i}" for i in range(1, args.experts)]
+    experts_of(model).names = ["public"] + [f"e{i}" for i in range(1, args.experts)]
     masks = [torch.ones(args.experts, dtype=torch.bool), expert_mask(model, exclude=["e1", "e3"])]
     times, named = [], []
     for i in range(args.calls):

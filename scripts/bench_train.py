@@ -40,7 +40,7 @@ def fake_shards(root: Path, vocab: int, n_tokens: int) -> Path:
 
 
 def bench(model, stream, cfg, steps: int, warmup: int, masks=None, device="cpu") -> float:
-    from flexmoe.train import get_batch
+    from flexmoe.train.loop import get_batch
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)
@@ -71,9 +71,9 @@ def bench(model, stream, cfg, steps: int, warmup: int, masks=None, device="cpu")
 
 def main() -> None:
     from flexmoe.data.shards import TokenStream
-    from flexmoe.expert import build_two_expert, freeze_for_expert
-    from flexmoe.model import PRESETS, new_anchor, olmo2_config
-    from flexmoe.train import TrainConfig
+    from flexmoe.lifecycle.expert import build_two_expert, freeze_for_expert
+    from flexmoe.model.dense import PRESETS, new_anchor, olmo2_config
+    from flexmoe.train.loop import TrainConfig
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="demo")

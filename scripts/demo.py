@@ -20,8 +20,8 @@ def main() -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
+    from flexmoe.demo.pipeline import DemoConfig, run_demo
     from flexmoe.errors import FlexmoeError
-    from flexmoe.pipeline import DemoConfig, run_demo
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     kind = p.add_mutually_exclusive_group()

@@ -30,14 +30,14 @@ import torch
 def main() -> int:
     from transformers.utils import logging as hf_logging
 
-    from flexmoe.anchor import load_anchor
-    from flexmoe.bpb import evaluate_bpb
     from flexmoe.data.shards import TokenStream
     from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
-    from flexmoe.expert import expert_train_config, train_expert
-    from flexmoe.infer import load_merged
-    from flexmoe.merge import merge
-    from flexmoe.train import train
+    from flexmoe.inference.bpb import evaluate_bpb
+    from flexmoe.lifecycle.expert import expert_train_config, train_expert
+    from flexmoe.lifecycle.merge import merge
+    from flexmoe.store.anchor_dir import load_anchor
+    from flexmoe.store.merged import load_merged
+    from flexmoe.train.loop import train
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--run", type=Path, default=Path("runs/demo"))

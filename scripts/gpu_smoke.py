@@ -28,17 +28,27 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
 
-    from flexmoe.anchor import load_anchor, train_anchor
     from flexmoe.data.corpus import DEFAULT_ROOT, iter_docs
     from flexmoe.data.shards import TokenStream, tokenize_to_shards
     from flexmoe.data.tokenizer import load_tokenizer, train_tokenizer
-    from flexmoe.eval import bpb_table
-    from flexmoe.expert import build_two_expert, freeze_for_expert, project_bias, train_expert
-    from flexmoe.infer import expert_mask, generate, load_merged
-    from flexmoe.merge import build_merged, merge
-    from flexmoe.model import experts_impl_for, merge_owner_params, place, resolve_device, routing
-    from flexmoe.package import verify_package
-    from flexmoe.train import TrainConfig, train
+    from flexmoe.evaluation.heldout import bpb_table
+    from flexmoe.inference.generate import generate
+    from flexmoe.lifecycle.anchor import train_anchor
+    from flexmoe.lifecycle.expert import (
+        build_two_expert,
+        freeze_for_expert,
+        project_bias,
+        train_expert,
+    )
+    from flexmoe.lifecycle.merge import build_merged, merge
+    from flexmoe.model.device import experts_impl_for, place, resolve_device
+    from flexmoe.model.freezing import merge_owner_params
+    from flexmoe.model.router import routing
+    from flexmoe.selection import expert_mask
+    from flexmoe.store.anchor_dir import load_anchor
+    from flexmoe.store.merged import load_merged
+    from flexmoe.store.package import verify_package
+    from flexmoe.train.loop import TrainConfig, train
 
     dev = resolve_device(args.device)
     t0 = time.perf_counter()

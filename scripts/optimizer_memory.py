@@ -17,9 +17,10 @@ import torch
 
 
 def count(preset: str, owner_params: bool) -> dict[str, int]:
-    from flexmoe.arch import moe_config
-    from flexmoe.expert import freeze_for_expert
-    from flexmoe.model import install_routers, olmo2_config
+    from flexmoe.lifecycle.expert import freeze_for_expert
+    from flexmoe.model.arch import moe_config
+    from flexmoe.model.dense import olmo2_config
+    from flexmoe.model.router import install_routers
 
     cfg = moe_config(olmo2_config(preset, 100_352, 0, 1), num_experts=2, top_k=2)
     with torch.device("meta"):

@@ -19,6 +19,8 @@ import json
 import time
 from pathlib import Path
 
+from flexmoe.store.merged import experts_of
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -29,13 +31,15 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=32768)
     args = ap.parse_args()
 
-    from flexmoe.audit import Audited, audit, split_documents, train_control
-    from flexmoe.bpb import evaluate_bpb
     from flexmoe.data.shards import TokenStream
     from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
-    from flexmoe.expert import train_expert
-    from flexmoe.infer import expert_mask, load_model, preselect_hook
-    from flexmoe.merge import merge
+    from flexmoe.evaluation.audit import Audited, audit, split_documents, train_control
+    from flexmoe.inference.bpb import evaluate_bpb
+    from flexmoe.inference.preselect import preselect_hook
+    from flexmoe.lifecycle.expert import train_expert
+    from flexmoe.lifecycle.merge import merge
+    from flexmoe.selection import expert_mask
+    from flexmoe.store.merged import load_model
 
     run, d = args.run, args.domain
     out = run / "privacy"
@@ -90,7 +94,7 @@ def main() -> None:
     results = {}
     for label, a in rows.items():
         r = audit([a], tok, members, non, ref, n_docs=args.docs, seq_len=128)[a.label]
-        pre = getattr(a.model, "flexmoe_preselect", None)
+        pre = experts_of(a.model).preselect
         with a.ctx():
             r["bpb"] = evaluate_bpb(
                 lambda ids, m=a.model: m(ids).logits,

@@ -23,10 +23,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def main() -> int:
     import torch
 
-    from flexmoe.expert import calibrate_package, make_recipe, train_expert
-    from flexmoe.merge import merge
-    from flexmoe.pipeline import DemoConfig
-    from flexmoe.report import selectivity_summary
+    from flexmoe.demo.pipeline import DemoConfig
+    from flexmoe.evaluation.report import selectivity_summary
+    from flexmoe.lifecycle.expert import calibrate_package, make_recipe, train_expert
+    from flexmoe.lifecycle.merge import merge
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--run", type=Path, default=Path("runs/demo"))
@@ -52,7 +52,7 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     if args.context:
-        import flexmoe.infer
+        import flexmoe.inference.generate
 
         flexmoe.infer.PRESELECT_CONTEXT = args.context
     cfg = DemoConfig(out=args.run)

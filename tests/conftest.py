@@ -67,7 +67,7 @@ def shards(work, tok_dir) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def anchor_dir(work, tok_dir, shards) -> Path:
-    from flexmoe.anchor import train_anchor
+    from flexmoe.lifecycle.anchor import train_anchor
 
     out = work / "anchor"
     train_anchor(
@@ -106,8 +106,8 @@ def random_package(
     `embedding` (384,) is stored as its domain embedding."""
     import torch
 
-    from flexmoe.anchor import load_anchor
-    from flexmoe.package import tensor_sha256, write_package
+    from flexmoe.store.anchor_dir import load_anchor
+    from flexmoe.store.package import tensor_sha256, write_package
 
     model, record, extras = load_anchor(anchor_dir)
     cfg = model.config

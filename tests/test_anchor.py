@@ -9,11 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM, Olmo2Config, Olmo2ForCausalLM
 
 from conftest import run_cli
-from flexmoe.anchor import RECORD, load_anchor
-from flexmoe.bpb import unigram_bpb
 from flexmoe.data.shards import TokenStream
 from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
-from flexmoe.model import ROPE_THETA
+from flexmoe.inference.bpb import unigram_bpb
+from flexmoe.model.dense import ROPE_THETA
+from flexmoe.store.anchor_dir import RECORD, load_anchor
 
 
 def test_trained_anchor_is_stock_loadable_and_recorded(anchor_dir, shards):

@@ -18,10 +18,12 @@ from transformers import (
     Qwen3Config,
 )
 
-from flexmoe.arch import FAMILIES, check_dense, family_of
 from flexmoe.errors import FlexmoeError
-from flexmoe.merge import stock_state_dict
-from flexmoe.model import olmo2_config, routers, routing, upcycle
+from flexmoe.model.arch import FAMILIES, check_dense, family_of
+from flexmoe.model.dense import olmo2_config
+from flexmoe.model.moe import upcycle
+from flexmoe.model.router import routers, routing
+from flexmoe.store.merged import stock_state_dict
 
 V = 320
 

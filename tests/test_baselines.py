@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flexmoe.anchor import load_anchor
-from flexmoe.baselines import BTMEnsemble, soup
 from flexmoe.data.shards import TokenStream
+from flexmoe.lifecycle.baselines import BTMEnsemble, soup
+from flexmoe.store.anchor_dir import load_anchor
+from flexmoe.store.merged import experts_of
 
 
 def test_soup_of_identical_models_is_the_model(anchor_dir):
@@ -84,8 +85,8 @@ def test_demo_smoke_end_to_end(tmp_path):
 
 
 def test_demo_evaluation_is_redone_when_a_stage_or_setting_changes(tmp_path):
-    from flexmoe.fsutil import write_json
-    from flexmoe.pipeline import DemoConfig, _eval_spec
+    from flexmoe.demo.pipeline import DemoConfig, _eval_spec
+    from flexmoe.store.fsutil import write_json
 
     cfg = DemoConfig(out=tmp_path)
     (tmp_path / "experts").mkdir()
@@ -103,10 +104,10 @@ def test_demo_evaluation_is_redone_when_a_stage_or_setting_changes(tmp_path):
 
 def test_unrestricted_moe_and_no_coordination_package(work, anchor_dir, shards):
     """The two ablation builders produce a loadable merged model and a verifiable package."""
-    from flexmoe.baselines import package_from_dense, train_unrestricted
-    from flexmoe.expert import train_expert
-    from flexmoe.infer import load_merged
-    from flexmoe.package import verify_package
+    from flexmoe.lifecycle.baselines import package_from_dense, train_unrestricted
+    from flexmoe.lifecycle.expert import train_expert
+    from flexmoe.store.merged import load_merged
+    from flexmoe.store.package import verify_package
 
     out = work / "unrestricted"
     train_unrestricted(
@@ -120,7 +121,7 @@ def test_unrestricted_moe_and_no_coordination_package(work, anchor_dir, shards):
         warmup=1,
     )
     m = load_merged(out)
-    assert m.flexmoe_experts == ["public", "code"] and m.config.num_experts == 2
+    assert experts_of(m).names == ["public", "code"] and m.config.num_experts == 2
     anchor, rec, extras = load_anchor(anchor_dir)
     changed = [
         k

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from flexmoe.data.corpus import DEFAULT_ROOT, DOMAINS, SPLITS, iter_docs, split_path
-from flexmoe.data.flexmix import (
+from flexmix.build import (  # tools/flexmix: the corpus build tool (pytest pythonpath)
     NEAR_DUP_JACCARD,
     ShingleHasher,
     find_near_duplicates,

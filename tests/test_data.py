@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from conftest import run_cli, sample_texts, write_jsonl
-from flexmoe.bpb import bits_per_byte, evaluate_bpb
 from flexmoe.data.shards import TokenStream, tokenize_to_shards
 from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
+from flexmoe.inference.bpb import bits_per_byte, evaluate_bpb
 
 TRICKY = "Grüße, 世界! naïve café — emoji 🧪🚀\ttabs\n\nnew lines \u200b zero-width"
 

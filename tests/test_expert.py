@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import run_cli
-from flexmoe.anchor import load_anchor
-from flexmoe.expert import build_two_expert, freeze_for_expert, train_expert
-from flexmoe.model import routers
-from flexmoe.package import MANIFEST, WEIGHTS, read_manifest, verify_package
+from flexmoe.lifecycle.expert import build_two_expert, freeze_for_expert, train_expert
+from flexmoe.model.router import routers
+from flexmoe.store.anchor_dir import load_anchor
+from flexmoe.store.package import MANIFEST, WEIGHTS, read_manifest, verify_package
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_untrained_two_expert_equals_anchor(anchor_dir):
 def test_frozen_tensors_bit_identical_after_training(work, anchor_dir, shards):
     """Train in-process, with weight decay, and compare every frozen tensor (and frozen slice)
     to the anchor. The optimizer holds only the owner's rows (owner-only parameters)."""
-    from flexmoe.train import TrainConfig, train
+    from flexmoe.train.loop import TrainConfig, train
 
     anchor, _, extras = load_anchor(anchor_dir)
     ref = {k: v.clone() for k, v in anchor.state_dict().items()}
@@ -65,8 +65,8 @@ def test_frozen_tensors_bit_identical_after_training(work, anchor_dir, shards):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     masks = freeze_for_expert(model)
     from flexmoe.data.shards import TokenStream
-    from flexmoe.expert import project_bias
-    from flexmoe.model import merge_owner_params
+    from flexmoe.lifecycle.expert import project_bias
+    from flexmoe.model.freezing import merge_owner_params
 
     trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
     owner_ffn = 3 * anchor.config.intermediate_size * H
@@ -99,7 +99,7 @@ def test_frozen_tensors_bit_identical_after_training(work, anchor_dir, shards):
 
 def test_bias_constraint_holds_even_when_pushed_up(anchor_dir):
     """The forward clamps b ≤ 0, and the post-step projection keeps stored values ≤ 0."""
-    from flexmoe.expert import project_bias
+    from flexmoe.lifecycle.expert import project_bias
 
     anchor, _, extras = load_anchor(anchor_dir)
     L, H = anchor.config.num_hidden_layers, anchor.config.hidden_size
@@ -144,7 +144,7 @@ def _tamper(src, dst, problem, other_anchor_fp=None):
         manifest["tensors"]["layers.0.router"]["shape"] = [3]
         save_file(tensors, wpath)
     elif problem == "nan":
-        from flexmoe.package import tensor_sha256
+        from flexmoe.store.package import tensor_sha256
 
         tensors["layers.1.up_proj"][0, 0] = float("nan")
         manifest["tensors"]["layers.1.up_proj"]["sha256"] = tensor_sha256(
@@ -159,7 +159,7 @@ def _tamper(src, dst, problem, other_anchor_fp=None):
         with open(wpath, "wb") as f:
             pickle.dump({k: v.numpy() for k, v in tensors.items()}, f)
     elif problem == "positive-bias":
-        from flexmoe.package import tensor_sha256
+        from flexmoe.store.package import tensor_sha256
 
         tensors["layers.0.bias"] = torch.tensor(0.5)
         manifest["tensors"]["layers.0.bias"]["sha256"] = tensor_sha256(tensors["layers.0.bias"])
@@ -231,8 +231,8 @@ def test_no_bias_ablation_keeps_bias_zero(anchor_dir):
 def test_eval_bpb_optout_of_only_expert_equals_anchor(work, expert_pkg, anchor_dir, shards, capsys):
     """Merged = public + code. Excluding code must score exactly like the anchor; keeping it
     must help on code."""
-    from flexmoe.eval import bpb_table
-    from flexmoe.merge import merge
+    from flexmoe.evaluation.heldout import bpb_table
+    from flexmoe.lifecycle.merge import merge
 
     merged = work / "merged-code"
     merge(anchor_dir, [expert_pkg], merged, log=None)

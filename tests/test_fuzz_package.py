@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import random_package, run_cli
-from flexmoe.package import MANIFEST, WEIGHTS
+from flexmoe.store.package import MANIFEST, WEIGHTS
 
 EXAMPLES = 240
 

@@ -14,13 +14,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import random_package
-from flexmoe.anchor import load_anchor, write_anchor
 from flexmoe.data.tokenizer import load_tokenizer, train_tokenizer
 from flexmoe.errors import FlexmoeError
-from flexmoe.infer import expert_mask, generate, load_merged
-from flexmoe.merge import BIAS, build_merged, merge
-from flexmoe.model import new_anchor, olmo2_config, routers, routing
-from flexmoe.package import WEIGHTS, verify_package
+from flexmoe.inference.generate import generate
+from flexmoe.lifecycle.merge import build_merged, merge
+from flexmoe.model.dense import new_anchor, olmo2_config
+from flexmoe.model.router import routers, routing
+from flexmoe.selection import expert_mask
+from flexmoe.store.anchor_dir import load_anchor, write_anchor
+from flexmoe.store.merged import BIAS, experts_of, load_merged
+from flexmoe.store.package import WEIGHTS, verify_package
 
 NAMES = ["code", "math", "news", "law"]
 TEXT = " ".join(
@@ -84,7 +87,7 @@ def logits(model, x: torch.Tensor) -> torch.Tensor:
 
 def test_merged_layout(env, full) -> None:
     assert env["res"].experts == ["public", *NAMES]
-    assert full.flexmoe_experts == ["public", *NAMES]
+    assert experts_of(full).names == ["public", *NAMES]
     assert full.config.model_type == "flex_olmo"
     assert full.config.num_experts == 5 and full.config.num_experts_per_tok == 4
     assert full.config.norm_topk_prob is False
@@ -196,7 +199,7 @@ def test_stock_transformers_loads_merged(env, full) -> None:
     plain = env["root"] / "plain"  # a stock FlexOlmo dir: bias 0, generic names
     stock.save_pretrained(plain)
     m = load_merged(plain)
-    assert m.flexmoe_experts == [f"expert_{i}" for i in range(5)]
+    assert experts_of(m).names == [f"expert_{i}" for i in range(5)]
     assert all((r.bias == 0).all() for r in routers(m))
     assert (logits(m, x) - ours).abs().max() <= 1e-5
 
@@ -270,7 +273,7 @@ def test_consent_policy_excludes_with_reason(env) -> None:
     assert r.experts == ["public", "code", "res"]
     # consent is checked again at inference: an expert that has expired by now is masked
     m = load_merged(root / "consent")
-    m.flexmoe_manifests["res"].consent.expires = dt.date(2000, 1, 1)
+    experts_of(m).manifests["res"].consent.expires = dt.date(2000, 1, 1)
     g = generate(m, env["tok"], "The", 3, attribution=True)
     assert g.attribution["res"] == 0.0 and g.excluded[0][0] == "res"
 
@@ -292,7 +295,7 @@ def test_attribution(env, full) -> None:
     assert len(g.per_layer) == full.config.num_hidden_layers
     for row in g.per_layer:
         assert abs(sum(row.values()) - 1) < 1e-9 and row["math"] == 0.0
-    from flexmoe.model import current_mask
+    from flexmoe.model.router import current_mask
 
     assert current_mask(full).all()  # the request's mask does not leak into the next
     s1 = generate(full, env["tok"], "The", 6, temperature=1.0, top_p=0.9, seed=3)
@@ -342,7 +345,7 @@ def test_cli_merge_and_generate(env) -> None:
 
 
 def test_routing_is_restored_on_exception(full) -> None:
-    from flexmoe.model import current_mask
+    from flexmoe.model.router import current_mask
 
     with pytest.raises(RuntimeError), routing(full, mask=expert_mask(full, include=["code"])):
         assert current_mask(full).sum() == 2
@@ -384,6 +387,12 @@ def test_two_threads_with_different_masks_match_each_alone(full) -> None:
 
 def test_a_model_merged_without_public_has_no_stand_in_public(env) -> None:
     model = load_merged(env["full"])
-    model.flexmoe_experts = ["code", "math", "news", "law", "extra"]  # as if merged without public
+    experts_of(model).names = [
+        "code",
+        "math",
+        "news",
+        "law",
+        "extra",
+    ]  # as if merged without public
     mask = expert_mask(model, include=["math"])
     assert mask.tolist() == [False, True, False, False, False]

@@ -15,8 +15,9 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from conftest import run_cli, sample_texts, write_jsonl
-from flexmoe.anchor import load_anchor
 from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
+from flexmoe.store.anchor_dir import load_anchor
+from flexmoe.store.merged import experts_of
 
 
 def tiny_llama(vocab: int, seed: int = 0) -> LlamaForCausalLM:
@@ -169,9 +170,10 @@ def test_import_refuses_bad_input(work, public_raw, capsys):
 def test_lifecycle_on_a_pretrained_llama(work, llama_dir, public_raw, capsys):
     """import → tokenize with the model's tokenizer → expert (flexmoe recipe) → merge (Mixtral)
     → exact opt-out, attribution, eval bpb, stock load."""
-    from flexmoe.arch import family_of
-    from flexmoe.infer import expert_mask, load_merged
-    from flexmoe.model import routing
+    from flexmoe.model.arch import family_of
+    from flexmoe.model.router import routing
+    from flexmoe.selection import expert_mask
+    from flexmoe.store.merged import load_merged
 
     anchor = work / "anchor-llama"
     code, _, err = run_cli(
@@ -275,7 +277,7 @@ def test_lifecycle_on_a_pretrained_llama(work, llama_dir, public_raw, capsys):
     )  # fmt: skip
     assert code == 0, err
     rt = load_merged(tuned)
-    assert type(rt) is family_of("llama").moe_class and rt.flexmoe_router_tuned
+    assert type(rt) is family_of("llama").moe_class and experts_of(rt).router_tuned
 
 
 def test_bpb_counts_bytes_for_byte_level_and_sentencepiece_vocabs(tok_dir, tmp_path):

@@ -9,17 +9,18 @@ import pytest
 import torch
 
 from conftest import random_package, run_cli
-from flexmoe.anchor import load_anchor
-from flexmoe.audit import Audited, audit, split_documents, train_control
 from flexmoe.data.shards import TokenStream
 from flexmoe.data.tokenizer import load_tokenizer
-from flexmoe.infer import expert_mask, load_merged, load_model
-from flexmoe.package import MANIFEST
+from flexmoe.evaluation.audit import Audited, audit, split_documents, train_control
+from flexmoe.selection import expert_mask
+from flexmoe.store.anchor_dir import load_anchor
+from flexmoe.store.merged import load_merged, load_model
+from flexmoe.store.package import MANIFEST
 
 
 def test_dp_module_computes_the_flexolmo_block(anchor_dir):
-    from flexmoe.dp import to_dp_model
-    from flexmoe.expert import build_two_expert
+    from flexmoe.lifecycle.dp import to_dp_model
+    from flexmoe.lifecycle.expert import build_two_expert
 
     anchor, _, extras = load_anchor(anchor_dir)
     L, H = anchor.config.num_hidden_layers, anchor.config.hidden_size
@@ -43,7 +44,7 @@ def test_dp_module_computes_the_flexolmo_block(anchor_dir):
 
 @pytest.fixture(scope="module")
 def dp_pkg(work, anchor_dir, shards):
-    from flexmoe.expert import train_expert
+    from flexmoe.lifecycle.expert import train_expert
 
     out = work / "dp-pkg"
     train_expert(
@@ -120,7 +121,7 @@ def test_mia_is_chance_for_a_model_that_never_saw_the_data(anchor_dir, shards):
 
 
 def test_excluding_the_expert_gives_the_anchors_audit_exactly(work, anchor_dir, shards, control):
-    from flexmoe.merge import merge
+    from flexmoe.lifecycle.merge import merge
 
     _, members = control
     pkg = random_package(work / "audit-pkg", anchor_dir, "owner", 11)

@@ -11,14 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import random_package, run_cli, sample_texts
-from flexmoe.anchor import write_anchor
 from flexmoe.data.shards import tokenize_to_shards
 from flexmoe.data.tokenizer import load_tokenizer, train_tokenizer
 from flexmoe.errors import FlexmoeError
-from flexmoe.infer import load_merged
-from flexmoe.merge import BIAS, merge, read_merged_meta
-from flexmoe.model import new_anchor, olmo2_config, routers
-from flexmoe.router_tune import (
+from flexmoe.lifecycle.merge import merge
+from flexmoe.lifecycle.router_tune import (
     load_proxies,
     optout_comparison,
     read_owner_texts,
@@ -26,6 +23,10 @@ from flexmoe.router_tune import (
     select_proxies,
     write_proxies,
 )
+from flexmoe.model.dense import new_anchor, olmo2_config
+from flexmoe.model.router import routers
+from flexmoe.store.anchor_dir import write_anchor
+from flexmoe.store.merged import BIAS, experts_of, load_merged, read_merged_meta
 
 NAMES = ["code", "math"]
 
@@ -111,7 +112,7 @@ def test_router_tune_changes_only_routers(env, tuned, capsys) -> None:
     assert all((v <= 0).all() for v in bias.values())
     # marked router-tuned; top_k = number of experts
     n = after.config.num_experts
-    assert after.flexmoe_router_tuned and not before.flexmoe_router_tuned
+    assert experts_of(after).router_tuned and not experts_of(before).router_tuned
     assert after.config.num_experts_per_tok == n and all(r.top_k == n for r in routers(after))
     meta = read_merged_meta(tuned)
     rt = meta["router_tuned"]

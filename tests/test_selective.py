@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from flexmoe.anchor import load_anchor
 from flexmoe.data.shards import TokenStream
-from flexmoe.expert import (
+from flexmoe.lifecycle.expert import (
     OWNER,
     PublicNegatives,
     build_two_expert,
@@ -18,9 +17,12 @@ from flexmoe.expert import (
     project_bias,
     train_expert,
 )
-from flexmoe.model import capture_router_logits, merge_owner_params, parametrize_bias, routers
-from flexmoe.package import read_manifest
-from flexmoe.train import TrainConfig, train
+from flexmoe.model.freezing import merge_owner_params, parametrize_bias
+from flexmoe.model.router import capture_router_logits, routers
+from flexmoe.store.anchor_dir import load_anchor
+from flexmoe.store.merged import experts_of
+from flexmoe.store.package import read_manifest
+from flexmoe.train.loop import TrainConfig, train
 
 
 def _two_expert(anchor_dir, softplus: bool = True, init: float = -1.0):
@@ -169,9 +171,9 @@ def test_flexmoe_recipe_without_public_data_is_one_line_error(work, anchor_dir, 
 
 def test_inference_variants_restore_the_model(work, anchor_dir):
     from conftest import random_package
-    from flexmoe.infer import load_merged
-    from flexmoe.merge import merge
-    from flexmoe.report import inference_variant
+    from flexmoe.evaluation.report import inference_variant
+    from flexmoe.lifecycle.merge import merge
+    from flexmoe.store.merged import load_merged
 
     pkgs = [random_package(work / f"iv-{n}", anchor_dir, n, i) for i, n in enumerate("ab")]
     merge(anchor_dir, pkgs, work / "iv-merged", top_k=2, log=None)  # renorm needs k < E
@@ -190,9 +192,11 @@ def test_preselection_keeps_the_closest_experts_and_stays_exact(work, anchor_dir
     prompt; the result is exactly the model with only those experts included."""
     from conftest import random_package, sample_texts
     from flexmoe.data.tokenizer import load_tokenizer
-    from flexmoe.infer import generate, load_merged, preselect_mask
-    from flexmoe.merge import merge
-    from flexmoe.router_init import embed_documents
+    from flexmoe.inference.generate import generate
+    from flexmoe.inference.preselect import preselect_mask
+    from flexmoe.lifecycle.merge import merge
+    from flexmoe.lifecycle.router_init import embed_documents
+    from flexmoe.store.merged import load_merged
 
     pkgs = [
         random_package(
@@ -206,11 +210,11 @@ def test_preselection_keeps_the_closest_experts_and_stays_exact(work, anchor_dir
     ]
     merge(anchor_dir, pkgs, work / "ps-merged", log=None)
     model = load_merged(work / "ps-merged")
-    assert sorted(model.flexmoe_domain_embeddings) == ["code", "news", "social"]
+    assert sorted(experts_of(model).domain_embeddings) == ["code", "news", "social"]
     code = "import os\ndef main(argv):\n    for path in argv:\n        print(os.stat(path))\n"
     news = "Mr. Speaker, Members of the Congress, my fellow Americans: the state of our Union"
     mask = preselect_mask(model, [code, news, ""], 1)
-    names = model.flexmoe_experts
+    names = experts_of(model).names
     assert [n for n, k in zip(names, mask[0], strict=True) if k] == ["public", "code"]
     assert [n for n, k in zip(names, mask[1], strict=True) if k] == ["public", "news"]
     assert mask[2].all()
@@ -222,7 +226,7 @@ def test_preselection_keeps_the_closest_experts_and_stays_exact(work, anchor_dir
 
 
 def test_gate_calibration_separates_owner_from_public_and_touches_only_the_gate(anchor_dir, shards):
-    from flexmoe.expert import calibrate_gate
+    from flexmoe.lifecycle.expert import calibrate_gate
 
     _, model = _two_expert(anchor_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -244,9 +248,9 @@ def test_preselection_keeps_opt_out_exact(work, anchor_dir, shards, capsys):
     """Excluding an expert under preselection is the model merged without it: preselection
     chooses among the experts that are still allowed."""
     from conftest import random_package, sample_texts
-    from flexmoe.eval import bpb_table
-    from flexmoe.merge import merge
-    from flexmoe.router_init import embed_documents
+    from flexmoe.evaluation.heldout import bpb_table
+    from flexmoe.lifecycle.merge import merge
+    from flexmoe.lifecycle.router_init import embed_documents
 
     pkgs = {
         d: random_package(
@@ -277,7 +281,8 @@ def test_merge_stores_preselection_only_when_every_package_can_be_scored(work, a
 
     from conftest import random_package
     from flexmoe.errors import FlexmoeError
-    from flexmoe.merge import MERGED, merge
+    from flexmoe.lifecycle.merge import merge
+    from flexmoe.store.merged import MERGED
 
     plain = random_package(work / "pp-plain", anchor_dir, "plain", 7)
     merge(anchor_dir, [plain], work / "pp-merged", log=None)
@@ -291,7 +296,7 @@ def test_merge_stores_preselection_only_when_every_package_can_be_scored(work, a
 
 def test_expert_calibrate_cli_writes_a_verified_package(work, anchor_dir, shards, capsys):
     from conftest import random_package
-    from flexmoe.package import verify_package
+    from flexmoe.store.package import verify_package
 
     pkg = random_package(work / "cal-in", anchor_dir, "code", 3, embedding=torch.randn(384))
     args = ["expert", "calibrate", pkg, "--anchor", anchor_dir, "--data", shards["code/train"]]

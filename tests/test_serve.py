@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from conftest import random_package, run_cli
-from flexmoe.merge import merge
-from flexmoe.serve import Limits, Server, create_app, key_hash, summarize_ledger
+from flexmoe.lifecycle.merge import merge
+from flexmoe.serving.server import Limits, Server, create_app, key_hash, summarize_ledger
 
 KEYS = {"alpha": "sk-alpha-123", "beta": "sk-beta-456", "admin": "sk-admin-789"}
 NAMES = ["a", "b", "c"]
@@ -85,7 +85,7 @@ def client(env, who: str = "alpha"):
 
 def alone(env, prompt: str, max_tokens: int, include=None, exclude=None):
     """The same request with the library's `generate` (what the CLI runs)."""
-    from flexmoe.infer import generate
+    from flexmoe.inference.generate import generate
 
     s = env["server"]
     return generate(s.model, s.tok, prompt, max_tokens, include=include, exclude=exclude)

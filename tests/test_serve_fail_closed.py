@@ -18,10 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import random_package, run_cli
-from flexmoe import revocations
 from flexmoe.errors import FlexmoeError
-from flexmoe.merge import merge
-from flexmoe.serve import Keys, Limits, Server, key_hash
+from flexmoe.lifecycle.merge import merge
+from flexmoe.serving.server import Keys, Limits, Server, key_hash
+from flexmoe.store import revocations
+from flexmoe.store.merged import experts_of
 from test_serve import KEYS, NAMES, Running, free_port, raw
 
 pytestmark = pytest.mark.security
@@ -195,11 +196,11 @@ def test_revocation_reaches_the_cli_generate_eval_and_merge(merged, anchor_dir, 
     code, _, err = run_cli([*args, "--state", root / "keys.toml"], capsys)
     assert code == 2 and "not a directory" in err
     # eval (library path of `flexmoe eval bpb`): the revoked expert is withheld
-    from flexmoe.eval import load_for_eval
-    from flexmoe.infer import expert_mask
+    from flexmoe.evaluation.heldout import load_for_eval
+    from flexmoe.selection import expert_mask
 
     m, _ = load_for_eval(model)
-    assert "c" in m.flexmoe_withheld
+    assert "c" in experts_of(m).withheld
     assert not expert_mask(m, include=["c"])[NAMES.index("c") + 1]
     # re-merging into the same output leaves the revoked expert out (as expired consent)
     notes = []
@@ -236,7 +237,7 @@ def test_revocation_reaches_a_running_request(keyed):
     step on; the expert is credited only for what it helped generate before."""
     from openai import OpenAI
 
-    from flexmoe.model import set_active_experts
+    from flexmoe.model.router import set_active_experts
 
     server = keyed["server"]
     body = dict(
@@ -272,7 +273,7 @@ def test_revocation_reaches_a_running_request(keyed):
         server.engine.step_lock = inner
         with inner:
             server.revoked.pop("a", None)
-            server.model.flexmoe_withheld.pop("a", None)
+            experts_of(server.model).withheld.pop("a", None)
             set_active_experts(server.model, [True] * (len(NAMES) + 1))
         (server.state_dir / revocations.REVOKED).unlink(missing_ok=True)
 

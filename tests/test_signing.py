@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from conftest import random_package
 from flexmoe.errors import FlexmoeError
-from flexmoe.signing import (
+from flexmoe.store.signing import (
     MANIFEST,
     SIGNATURE,
     check_trusted,

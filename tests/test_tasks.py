@@ -16,7 +16,7 @@ TASK_DIR = Path(__file__).resolve().parents[1] / "data" / "olmes-tasks"
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     from flexmoe.data.tokenizer import train_tokenizer
-    from flexmoe.model import new_anchor, olmo2_config
+    from flexmoe.model.dense import new_anchor, olmo2_config
 
     out = tmp_path_factory.mktemp("tasks") / "tiny"
     train_tokenizer(sample_texts("public", "train", 20, max_chars=400), out, vocab_size=300)
@@ -29,7 +29,7 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 def test_committed_task_files_complete():
-    from flexmoe.tasks import TASKS
+    from flexmoe.evaluation.tasks import TASKS
 
     for name in TASKS:
         assert (TASK_DIR / f"{name}.yaml").is_file()
@@ -38,7 +38,7 @@ def test_committed_task_files_complete():
 
 
 def test_run_tasks_metrics(tiny_model):
-    from flexmoe.tasks import run_tasks
+    from flexmoe.evaluation.tasks import run_tasks
 
     res = run_tasks(
         tiny_model, ["arc_easy", "winogrande", "humaneval_bpb"], TASK_DIR, limit=5, batch_size=4
@@ -76,7 +76,7 @@ def test_cli_tasks_bad_input(tiny_model, capsys, args, msg):
 
 def test_include_needs_merged_model(tiny_model):
     from flexmoe.errors import FlexmoeError
-    from flexmoe.tasks import run_tasks
+    from flexmoe.evaluation.tasks import run_tasks
 
     with pytest.raises(FlexmoeError, match="merged"):
         run_tasks(tiny_model, ["sciq"], TASK_DIR, limit=1, include=["code"])

@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flexmoe.anchor import load_anchor, train_anchor
-from flexmoe.train import TrainConfig, lr_at
+from flexmoe.lifecycle.anchor import train_anchor
+from flexmoe.store.anchor_dir import load_anchor
+from flexmoe.train.loop import TrainConfig, lr_at
 
 
 def test_lr_schedule_warmup_then_cosine():

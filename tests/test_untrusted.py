@@ -21,10 +21,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import random_package, run_cli
-from flexmoe.anchor import RECORD, ROUTER, load_anchor
 from flexmoe.errors import FlexmoeError
-from flexmoe.merge import MERGED, merge, probe
-from flexmoe.package import MANIFEST, WEIGHTS, tensor_sha256
+from flexmoe.lifecycle.merge import merge, probe
+from flexmoe.store.anchor_dir import RECORD, ROUTER, load_anchor
+from flexmoe.store.merged import MERGED, experts_of
+from flexmoe.store.package import MANIFEST, WEIGHTS, tensor_sha256
 
 TODAY = dt.date.today()
 
@@ -242,14 +243,14 @@ def test_finite_but_absurd_weight_is_rejected(env, capsys):
 
 
 def test_probe_refuses_a_merged_model_with_non_finite_logits(env):
-    from flexmoe.infer import load_merged
+    from flexmoe.store.merged import load_merged
 
     model = load_merged(env["merged"])
-    probe(model, model.flexmoe_experts)  # a sound model passes
+    probe(model, experts_of(model).names)  # a sound model passes
     with torch.no_grad():
         model.model.layers[0].mlp.experts.down_proj[2].fill_(3e38)
     with pytest.raises(FlexmoeError, match="non-finite logits with expert"):
-        probe(model, model.flexmoe_experts)
+        probe(model, experts_of(model).names)
 
 
 # ---------------------------------------------------------------- 5. untrusted text in the terminal
@@ -362,7 +363,7 @@ def test_usage_errors_are_one_line(capsys):
 
 # ---------------------------------------------------------------- 7. resume
 def test_resume_after_the_final_checkpoint_writes_the_package(env, shards, capsys):
-    from flexmoe.expert import train_expert
+    from flexmoe.lifecycle.expert import train_expert
 
     out = env["root"] / "resumed"
     kw = dict(recipe="paper", steps=4, batch_size=2, seq_len=32, router_docs=4)
@@ -378,7 +379,7 @@ def test_resume_after_the_final_checkpoint_writes_the_package(env, shards, capsy
 
 
 def test_metrics_log_has_each_step_once_after_resume(env, shards):
-    from flexmoe.expert import train_expert
+    from flexmoe.lifecycle.expert import train_expert
 
     out = env["root"] / "logged"
     kw = dict(recipe="paper", steps=6, batch_size=2, seq_len=32, router_docs=4, ckpt_every=2)
@@ -393,7 +394,7 @@ def test_metrics_log_has_each_step_once_after_resume(env, shards):
 
 # ---------------------------------------------------------------- 8. consent on every path
 def test_expired_consent_is_enforced_by_eval_too(env, shards, capsys):
-    from flexmoe.eval import bpb_table
+    from flexmoe.evaluation.heldout import bpb_table
 
     lapsed = env["root"] / "lapsed"
     shutil.copytree(env["merged"], lapsed)
@@ -441,7 +442,7 @@ def test_atomic_dir_survives_kill_at_any_moment(tmp_path):
         gen = (dest / "complete").read_text()
         assert all((dest / f"part{i}").read_text() == gen for i in range(20))
     leftovers = [x.name for x in tmp_path.iterdir() if x.name.startswith(".out.")]
-    from flexmoe.fsutil import clean_leftovers
+    from flexmoe.store.fsutil import clean_leftovers
 
     clean_leftovers(dest)
     assert not [x for x in tmp_path.iterdir() if x.name.startswith(".out.")], leftovers
@@ -461,7 +462,7 @@ def test_base_metadata_names_are_not_paths(env, capsys):
 
 
 def test_merge_stores_exactly_the_copy_it_verified(env, monkeypatch):
-    import flexmoe.merge as merge_mod
+    import flexmoe.lifecycle.merge as merge_mod
 
     src = copy_pkg(env, "swapped")
     real = merge_mod.verify_package

