@@ -35,6 +35,7 @@ demo-full: $(STAMP) $(SMOLLM2)
 	$(BIN)/python scripts/demo.py --full
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)
@@ -49,12 +50,13 @@ test-browser: $(STAMP)
 	$(BIN)/python -m pytest -q -m browser
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests scripts
-	$(BIN)/ruff format --check src tests scripts
+	$(BIN)/ruff check src tests scripts tools
+	$(BIN)/ruff format --check src tests scripts tools
+	$(BIN)/lint-imports
 
 format: $(STAMP)
-	$(BIN)/ruff format src tests scripts
-	$(BIN)/ruff check --fix src tests scripts
+	$(BIN)/ruff format src tests scripts tools
+	$(BIN)/ruff check --fix src tests scripts tools
 
 clean-runs:
 	rm -rf runs/

@@ -33,7 +33,7 @@ def main() -> None:
     import uvicorn
     from openai import OpenAI
 
-    from flexmoe.serving.server import Limits, Server, create_app
+    from flexmoe.serving import Limits, Server, create_app
 
     state = Path(tempfile.mkdtemp(prefix="flexmoe-bench-serve-"))
     server = Server(args.model, state_dir=state, limits=Limits(max_batch=32, queue_size=256))

@@ -1,4 +1,4 @@
-"""`make demo`: the whole FlexOlmo lifecycle on FlexMix-mini (see flexmoe.pipeline).
+"""`make demo`: the whole FlexOlmo lifecycle on FlexMix-mini (see flexmoe.demo.pipeline).
 
 python scripts/demo.py            # SmolLM2-135M anchor, 4 experts, ≤ 40 min on 2 cores → runs/demo/
 python scripts/demo.py --scratch  # OLMo-2 anchor trained from scratch, ~10 min → runs/demo-scratch/
@@ -20,7 +20,8 @@ def main() -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from flexmoe.demo.pipeline import DemoConfig, run_demo
+    from flexmoe.demo.config import DemoConfig
+    from flexmoe.demo.pipeline import run_demo
     from flexmoe.errors import FlexmoeError
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)

@@ -23,8 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def main() -> int:
     import torch
 
-    from flexmoe.demo.pipeline import DemoConfig
-    from flexmoe.evaluation.report import selectivity_summary
+    from flexmoe.demo.config import DemoConfig
+    from flexmoe.evaluation.demo_eval import selectivity_summary
     from flexmoe.lifecycle.expert import calibrate_package, make_recipe, train_expert
     from flexmoe.lifecycle.merge import merge
 
@@ -51,11 +51,9 @@ def main() -> int:
     p.add_argument("--domains", nargs="*")
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    if args.context:
-        import flexmoe.inference.generate
-
-        flexmoe.infer.PRESELECT_CONTEXT = args.context
     cfg = DemoConfig(out=args.run)
+    if args.context:
+        cfg.preselect_context = args.context
     if args.steps:
         cfg.expert_steps = args.steps
     domains = args.domains or cfg.domains
@@ -106,7 +104,7 @@ def main() -> int:
     t_train = time.perf_counter() - t0
     merge(anchor, pkgs, args.out / "merged", log=None)
     cfg.domains = domains
-    summary = selectivity_summary(cfg, anchor, args.out / "merged", tokens)
+    summary = selectivity_summary(cfg.eval_settings(), anchor, args.out / "merged", tokens)
     res_path = args.run / "report" / "results.json"
     if res_path.is_file():
         main = json.loads(res_path.read_text())["main"]

@@ -1,4 +1,4 @@
-"""The architecture table (flexmoe.arch): every row on tiny random weights.
+"""The architecture table (flexmoe.model.arch): every row on tiny random weights.
 
 For each dense family: the 1- and 2-expert upcycles compute the dense model's logits, a merged
 model saved as a stock checkpoint loads in stock AutoModelForCausalLM as the row's MoE class and

@@ -85,7 +85,8 @@ def test_demo_smoke_end_to_end(tmp_path):
 
 
 def test_demo_evaluation_is_redone_when_a_stage_or_setting_changes(tmp_path):
-    from flexmoe.demo.pipeline import DemoConfig, _eval_spec
+    from flexmoe.demo.config import DemoConfig
+    from flexmoe.demo.pipeline import _eval_spec
     from flexmoe.store.fsutil import write_json
 
     cfg = DemoConfig(out=tmp_path)

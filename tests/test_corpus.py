@@ -10,8 +10,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
-from flexmoe.data.corpus import DEFAULT_ROOT, DOMAINS, SPLITS, iter_docs, split_path
 from flexmix.build import (  # tools/flexmix: the corpus build tool (pytest pythonpath)
     NEAR_DUP_JACCARD,
     ShingleHasher,
@@ -19,6 +17,8 @@ from flexmix.build import (  # tools/flexmix: the corpus build tool (pytest pyth
     jaccard,
     normalize_text,
 )
+
+from flexmoe.data.corpus import DEFAULT_ROOT, DOMAINS, SPLITS, iter_docs, split_path
 
 ROOT = DEFAULT_ROOT
 

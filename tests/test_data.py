@@ -41,9 +41,9 @@ def test_tokenizer_trained_on_public_only():
     """The shared tokenizer's training command reads only the public train split."""
     import inspect
 
-    from flexmoe import cli
+    from flexmoe.cli.data import data_train_tokenizer
 
-    src = inspect.getsource(cli.data_train_tokenizer)
+    src = inspect.getsource(data_train_tokenizer)
     assert "PUBLIC" in src and '"train"' in src
 
 

@@ -12,21 +12,22 @@ from safetensors.torch import load_file
 
 from conftest import random_package, run_cli, sample_texts
 from flexmoe.data.shards import tokenize_to_shards
-from flexmoe.data.tokenizer import load_tokenizer, train_tokenizer
+from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths, train_tokenizer
 from flexmoe.errors import FlexmoeError
+from flexmoe.inference.bpb import bpb_by_domain, domain_streams
 from flexmoe.lifecycle.merge import merge
 from flexmoe.lifecycle.router_tune import (
     load_proxies,
-    optout_comparison,
     read_owner_texts,
     router_tune,
     select_proxies,
     write_proxies,
 )
 from flexmoe.model.dense import new_anchor, olmo2_config
-from flexmoe.model.router import routers
+from flexmoe.model.router import routers, routing
+from flexmoe.selection import expert_mask, expert_names
 from flexmoe.store.anchor_dir import write_anchor
-from flexmoe.store.merged import BIAS, experts_of, load_merged, read_merged_meta
+from flexmoe.store.merged import BIAS, PUBLIC, experts_of, load_merged, read_merged_meta
 
 NAMES = ["code", "math"]
 
@@ -161,3 +162,37 @@ def test_optout_comparison(env, tuned) -> None:
         assert all(set(r) == {"public", "code"} for r in rows.values())
         assert all(v > 0 and v == v for r in rows.values() for v in r.values())
     assert res["untuned"]["none"] != res["tuned"]["none"]
+
+
+def optout_comparison(
+    untuned_dir: Path,
+    tuned_dir: Path,
+    token_root: Path,
+    split: str = "heldout",
+    max_tokens: int = 65536,
+    seq_len: int = 256,
+    batch_size: int = 8,
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Per-domain BPB with each non-public expert excluded in turn, for both models.
+
+    Returns {"untuned"|"tuned": {"none"|expert: {domain: bpb}}}. Only the un-tuned numbers are
+    equal to merging without that expert; the tuned ones show what RT does to the opt-out.
+    """
+
+    streams = domain_streams(token_root, split)
+    tb = token_byte_lengths(load_tokenizer(untuned_dir))
+    models = {"untuned": load_merged(untuned_dir), "tuned": load_merged(tuned_dir)}
+    names = expert_names(models["untuned"])
+    if expert_names(models["tuned"]) != names:
+        raise FlexmoeError("the tuned and un-tuned models have different experts")
+    result: dict[str, dict[str, dict[str, float]]] = {}
+    for label, model in models.items():
+        rows = {}
+        for excluded in [None, *(n for n in names if n != PUBLIC)]:
+            mask = expert_mask(model, exclude=[excluded] if excluded else None)
+            with routing(model, mask=mask):
+                rows[excluded or "none"] = bpb_by_domain(
+                    model, tb, streams, seq_len, max_tokens, batch_size
+                )
+        result[label] = rows
+    return result

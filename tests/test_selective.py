@@ -171,7 +171,7 @@ def test_flexmoe_recipe_without_public_data_is_one_line_error(work, anchor_dir, 
 
 def test_inference_variants_restore_the_model(work, anchor_dir):
     from conftest import random_package
-    from flexmoe.evaluation.report import inference_variant
+    from flexmoe.evaluation.demo_eval import inference_variant
     from flexmoe.lifecycle.merge import merge
     from flexmoe.store.merged import load_merged
 

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import random_package, run_cli
 from flexmoe.lifecycle.merge import merge
-from flexmoe.serving.server import Limits, Server, create_app, key_hash, summarize_ledger
+from flexmoe.serving import Limits, Server, create_app, key_hash, summarize_ledger
 
 KEYS = {"alpha": "sk-alpha-123", "beta": "sk-beta-456", "admin": "sk-admin-789"}
 NAMES = ["a", "b", "c"]

@@ -20,7 +20,7 @@ import pytest
 from conftest import random_package, run_cli
 from flexmoe.errors import FlexmoeError
 from flexmoe.lifecycle.merge import merge
-from flexmoe.serving.server import Keys, Limits, Server, key_hash
+from flexmoe.serving import Keys, Limits, Server, key_hash
 from flexmoe.store import revocations
 from flexmoe.store.merged import experts_of
 from test_serve import KEYS, NAMES, Running, free_port, raw

@@ -415,7 +415,7 @@ WRITER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from flexmoe.fsutil import atomic_dir
+    from flexmoe.store.fsutil import atomic_dir
     dest = Path(sys.argv[1])
     gen = 0
     while True:

@@ -470,7 +470,6 @@ def html_to_text(raw: str) -> str:
 # ----------------------------------------------------------------------------- near duplicates
 
 _WORD_RE = re.compile(r"\w+")
-_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
 _MULS = np.array(
     [
         0x9E3779B97F4A7C15,

@@ -1,1 +1,1 @@
-"""Data: the embedded FlexMix-mini corpus, the shared tokenizer, and token shards."""
+"""Layer 3, data: the FlexMix-mini reader, the tokenizer and token shards."""

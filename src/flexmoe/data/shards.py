@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.errors import FlexmoeError
 from flexmoe.store.fsutil import atomic_dir, guard_output, read_json, sha256_file, write_json
 
@@ -162,7 +163,6 @@ def tokenize_to_shards(
     overwrite: bool = False,
 ) -> TokenizeStats:
     """Tokenize inputs into `out_dir`: shard_XXXXX.bin memmaps + index.json. Atomic."""
-    from flexmoe.data.tokenizer import load_tokenizer
 
     found = discover_inputs(inputs)
     tok = load_tokenizer(tokenizer_dir)

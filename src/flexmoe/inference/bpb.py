@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from flexmoe.data.corpus import DOMAINS
 from flexmoe.data.shards import INDEX, TokenStream
 from flexmoe.errors import FlexmoeError
+from flexmoe.inference.preselect import preselect_hook
 
 
 def bits_per_byte(nll_nats: float, n_bytes: int) -> float:
@@ -118,7 +119,6 @@ def bpb_by_domain(
     tokenizer=None,
 ) -> dict[str, float]:
     """preselect=M: each window keeps public + the M experts closest to the text before it."""
-    from flexmoe.inference.preselect import preselect_hook
 
     model.eval()
     device = next(model.parameters()).device

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from flexmoe.errors import FlexmoeError
+from flexmoe.model.embedding import embed_texts
 from flexmoe.model.router import current_mask, routing
 from flexmoe.selection import expert_names
 from flexmoe.store.merged import experts_of
@@ -15,12 +16,12 @@ from flexmoe.store.merged import experts_of
 PRESELECT_CONTEXT = 256  # tokens before a scored window that preselection reads (64 measured worse)
 
 
-def preselect_hook(model, tokenizer, stream, m: int):
+def preselect_hook(model, tokenizer, stream, m: int, context: int = PRESELECT_CONTEXT):
     """A before_batch hook for evaluate_bpb: each window keeps public + the m experts closest to
-    the text of the PRESELECT_CONTEXT tokens BEFORE it (the scored window is never read)."""
+    the text of the `context` tokens BEFORE it (the scored window is never read)."""
 
     def choose(starts: list[int]):
-        n = PRESELECT_CONTEXT
+        n = context
         texts = [
             tokenizer.decode(stream.window(max(x - n, 0), min(x, n)).tolist()) if x else ""
             for x in starts
@@ -43,7 +44,6 @@ def preselect_mask(
     the allowed (not opted-out) experts only keeps opt-out exact: excluding an expert gives the
     same choice as never merging it. `allowed` defaults to the routers' active mask. Experts
     without a stored embedding cannot be scored and stay; an empty text keeps every expert."""
-    from flexmoe.model.embedding import embed_texts
 
     if m < 1:
         raise FlexmoeError("--preselect must be ≥ 1")

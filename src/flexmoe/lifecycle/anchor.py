@@ -1,7 +1,7 @@
 """The public anchor: a dense model every expert is trained against, then frozen.
 
 An anchor directory is a stock `save_pretrained` checkpoint of a supported dense family
-(flexmoe.arch: OLMo-2, Llama/SmolLM/Mistral, Qwen3; loadable by AutoModelForCausalLM) plus the
+(flexmoe.model.arch: OLMo-2, Llama/SmolLM/Mistral, Qwen3; loadable by AutoModelForCausalLM) plus the
 model's own tokenizer and `flexmoe_anchor.json`: the training or import record and the anchor
 fingerprint that experts and merges use to prove which anchor they were built on. `train_anchor`
 pretrains an OLMo-2 from scratch; `import_anchor` takes a pretrained local HF directory or a GGUF
@@ -15,13 +15,21 @@ from pathlib import Path
 
 import torch
 
-from flexmoe.data.shards import TokenStream
+from flexmoe.data.shards import INDEX, TokenStream, tokenize_to_shards
 from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
 from flexmoe.errors import FlexmoeError
+from flexmoe.lifecycle.router_init import (
+    domain_rows,
+    hidden_rows,
+    projection,
+    random_rows,
+    sample_documents,
+)
 from flexmoe.model.arch import check_dense, family_of
 from flexmoe.model.dense import PRESETS, ROPE_THETA, new_anchor, olmo2_config
-from flexmoe.model.device import place
+from flexmoe.model.device import to_storage
 from flexmoe.store.anchor_dir import RECORD, write_anchor
+from flexmoe.store.checkpoint import _from_pretrained
 from flexmoe.store.fsutil import (
     guard_output,
     read_json,
@@ -44,14 +52,6 @@ def router_extras(
     """The projection and the public router rows for each init method, computed once per anchor
     so every owner (and the merge) uses bit-identical public rows."""
     import numpy as np
-
-    from flexmoe.lifecycle.router_init import (
-        domain_rows,
-        hidden_rows,
-        projection,
-        random_rows,
-        sample_documents,
-    )
 
     cfg = model.config
     proj = projection(cfg.hidden_size)
@@ -143,7 +143,7 @@ def train_anchor(
     model = unshard_for_save(model, lambda: new_anchor(model_cfg, cfg.seed))
     if result.get("stopped") or model is None:
         return result
-    place(model, "cpu", "float32")
+    to_storage(model)
     model.eval()
     extras = router_extras(model, tok, train_stream, seed=cfg.seed, docs=router_docs)
     record = {
@@ -174,7 +174,6 @@ def _check_finite(model, src: Path) -> None:
 
 def _load_hf_dir(hf_dir: Path):
     """A local HF dense checkpoint (safetensors only) of a supported family, as float32."""
-    from flexmoe.store.checkpoint import _from_pretrained
 
     cfg_path = hf_dir / "config.json"
     if not cfg_path.is_file():
@@ -267,7 +266,6 @@ def gguf_tensor_types(gguf: Path) -> dict[str, int]:
 def _public_stream(public: Path, tok, tmp_root: Path) -> TokenStream:
     """Token shards made with the model's tokenizer, or raw text (.jsonl/.txt/.parquet/HF
     dataset) that is tokenized with it into a scratch directory."""
-    from flexmoe.data.shards import INDEX, tokenize_to_shards
 
     public = Path(public)
     if (public / INDEX).is_file():

@@ -18,9 +18,19 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from flexmoe.data.shards import TokenStream
+from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
 from flexmoe.errors import FlexmoeError
 from flexmoe.inference.bpb import evaluate_bpb
+from flexmoe.lifecycle.expert import expert_train_config, owner_router_rows, project_bias
+from flexmoe.lifecycle.merge import default_top_k
 from flexmoe.model.arch import family_of
+from flexmoe.model.moe import upcycle
+from flexmoe.model.router import routers
+from flexmoe.store.anchor_dir import load_anchor
+from flexmoe.store.merged import save_merged
+from flexmoe.store.package import tensor_sha256, write_package
+from flexmoe.store.records import library_versions
+from flexmoe.train.loop import train
 
 
 @torch.no_grad()
@@ -94,11 +104,6 @@ def package_from_dense(anchor_dir, dense_dir, data, out, name: str, router_docs:
     them) packaged like an expert, with the domain-informed router row and b = 0."""
     from pathlib import Path
 
-    from flexmoe.data.tokenizer import load_tokenizer
-    from flexmoe.lifecycle.expert import owner_router_rows
-    from flexmoe.store.anchor_dir import load_anchor
-    from flexmoe.store.package import tensor_sha256, write_package
-
     anchor, record, extras = load_anchor(anchor_dir)
     dense, drec, _ = load_anchor(dense_dir)
     tok = load_tokenizer(anchor_dir)
@@ -149,16 +154,6 @@ def train_unrestricted(
     trained on ALL data jointly, every parameter free. The real setting forbids it (data would
     have to be pooled); it is the upper-bound reference. `data` maps expert name → shard dir."""
     from pathlib import Path
-
-    from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
-    from flexmoe.lifecycle.expert import expert_train_config, owner_router_rows, project_bias
-    from flexmoe.lifecycle.merge import default_top_k
-    from flexmoe.model.moe import upcycle
-    from flexmoe.model.router import routers
-    from flexmoe.store.anchor_dir import load_anchor
-    from flexmoe.store.merged import save_merged
-    from flexmoe.store.records import library_versions
-    from flexmoe.train.loop import train
 
     anchor, record, extras = load_anchor(anchor_dir)
     tok = load_tokenizer(anchor_dir)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flexmoe.errors import FlexmoeError
+from flexmoe.model.device import resolve_device
 
 
 class OwnerGateMLP(nn.Module):
@@ -127,9 +128,10 @@ def train_dp(
     seed: int,
     pad: int,
     log=None,
+    device: str = "auto",
 ) -> dict:
-    """DP-SGD (Opacus, Poisson sampling over documents) on the owner's Linears; returns the
-    privacy record for the manifest."""
+    """DP-SGD (Opacus, Poisson sampling over documents) on the owner's Linears, on `device`
+    (model.device); returns the privacy record for the manifest. The model is left on CPU."""
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -144,6 +146,8 @@ def train_dp(
         raise FlexmoeError("--dp-delta must be in (0, 1)")
     torch.manual_seed(seed)
     to_dp_model(model)
+    dev = resolve_device(device)
+    model.to(dev)  # no experts implementation to choose: the MoE blocks are OwnerGateMLPs now
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -168,6 +172,7 @@ def train_dp(
     steps, loss_sum, seen = 0, 0.0, 0
     for epoch in range(epochs):
         for x, m in loader:
+            x, m = x.to(dev), m.to(dev)
             logits = model(x[:, :-1]).logits
             if len(x) == 0:  # Poisson sampling drew no document: a noise-only step, as analysed
                 opt.zero_grad(set_to_none=True)
@@ -194,6 +199,7 @@ def train_dp(
         if log:
             log(f"DP epoch {epoch + 1}/{epochs}: ε so far {engine.get_epsilon(delta):.2f}")
     spent = engine.get_epsilon(delta)
+    model.cpu()
     return {
         "epsilon": spent,
         "target_epsilon": epsilon,

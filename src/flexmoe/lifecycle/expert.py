@@ -34,6 +34,7 @@ from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
 from flexmoe.errors import FlexmoeError
 from flexmoe.inference.bpb import evaluate_bpb
 from flexmoe.lifecycle.anchor import open_streams
+from flexmoe.lifecycle.dp import package_tensors, train_dp
 from flexmoe.lifecycle.gate import (
     OWNER,
     PublicNegatives,
@@ -42,6 +43,7 @@ from flexmoe.lifecycle.gate import (
     gate_loss,
     make_recipe,
 )
+from flexmoe.lifecycle.merge import build_merged
 from flexmoe.lifecycle.router_init import (
     METHODS,
     embed_documents,
@@ -51,13 +53,21 @@ from flexmoe.lifecycle.router_init import (
     sample_documents,
 )
 from flexmoe.model.arch import family_of
-from flexmoe.model.device import place
-from flexmoe.model.freezing import merge_owner_params, parametrize_bias
+from flexmoe.model.device import to_storage
+from flexmoe.model.freezing import merge_owner_params, owner_only, parametrize_bias
 from flexmoe.model.moe import upcycle
 from flexmoe.model.router import routers
 from flexmoe.store.anchor_dir import load_anchor, write_anchor
 from flexmoe.store.fsutil import guard_output, sha256_file
-from flexmoe.store.package import MAX_TEXT, USES, tensor_sha256, validate_name, write_package
+from flexmoe.store.package import (
+    MAX_TEXT,
+    USES,
+    dp_record,
+    tensor_sha256,
+    validate_name,
+    verify_package,
+    write_package,
+)
 from flexmoe.store.records import library_versions
 from flexmoe.train.loop import TrainConfig, make_train_config, train, unshard_for_save
 
@@ -136,7 +146,6 @@ def freeze_for_expert(
     shared: the public entry of the bias, and the bias itself when train_bias=False (the "no
     bias" ablation). owner_params=False is the old layout (every slice masked), kept for
     scripts/optimizer_memory.py's comparison."""
-    from flexmoe.model.freezing import owner_only
 
     if owner_params:
         owner_only(model, [OWNER])
@@ -254,39 +263,10 @@ def train_expert(
     anchor_bpb = heldout_bpb(anchor) if heldout is not None else None
     work = Path(out).with_name(Path(out).name + ".train")
     if dense:
-        model = anchor
-        model.requires_grad_(True)
-        result = train(
-            model,
-            stream,
-            cfg,
-            work,
-            eval_streams=evals,
-            token_bytes=tb,
-            resume=resume,
-            restart=restart,
-            progress_label=f"dense expert {name}",
-        )
-        model = unshard_for_save(model, lambda: load_anchor(anchor_dir)[0])
-        if result.get("stopped") or model is None:
-            return result
-        place(model, "cpu", "float32")
-        rec = {
-            "kind": "dense-expert",
-            "name": name,
-            "domain": domain or name,
-            "anchor_fingerprint": record["fingerprint"],
-            "source": "trained",
-            "training": {
-                **result,
-                "config": cfg.model_dump(),
-                "seed": cfg.seed,
-                "anchor_heldout_bpb": anchor_bpb,
-            },
-            "libraries": library_versions(),
-        }
-        return write_anchor(model, tok, extras, Path(out), rec)
-
+        return _train_dense(
+            anchor_dir, anchor, tok, extras, record, stream, cfg, work, evals, tb, out,
+            name, domain, resume, restart, anchor_bpb,
+        )  # fmt: skip
     if dp is None:
         # the owner's mean document embedding: router init, and request-level preselection later
         embedding = embed_documents(sample_documents(stream, tok, router_docs, cfg.seed))
@@ -310,30 +290,7 @@ def train_expert(
     model = build()
     dp_record = None
     if dp is not None:  # DP-SGD (dp.py): the paper's recipe under a privacy accountant
-        from flexmoe.lifecycle.dp import package_tensors, train_dp
-
-        t0 = time.perf_counter()
-        dp_record = train_dp(
-            model,
-            stream,
-            epsilon=dp["epsilon"],
-            delta=dp.get("delta"),
-            max_grad_norm=dp.get("max_grad_norm", 1.0),
-            epochs=dp.get("epochs", 1),
-            batch_size=cfg.batch_size,
-            seq_len=cfg.seq_len,
-            lr=cfg.lr,
-            seed=cfg.seed,
-            pad=tok.pad_token_id if tok.pad_token_id is not None else 0,
-        )
-        model.eval()
-        tensors = package_tensors(model, embedding)
-        result = {
-            "tokens": dp_record["steps"] * dp_record["expected_batch_size"] * cfg.seq_len,
-            "step": dp_record["steps"],
-            "loss": dp_record["mean_train_loss"],
-            "seconds": time.perf_counter() - t0,
-        }
+        result, dp_record, tensors = _train_dp(model, stream, dp, cfg, tok, embedding)
         if heldout is not None:
             with torch.no_grad():
                 result["eval/heldout/bpb"] = heldout_bpb(model)
@@ -467,7 +424,7 @@ def _train_owner(
     model = unshard_for_save(model, rebuild)
     if result.get("stopped") or model is None:
         return result, None, model
-    place(model, "cpu", "float32")  # post-processing and the package: CPU, float32
+    to_storage(model)  # post-processing and the package: CPU, float32
     merge_owner_params(model)
     calibration = None
     if rec.calibrate:
@@ -490,14 +447,11 @@ def calibrate_package(
 ) -> dict:
     """`flexmoe expert calibrate`: fit an existing package's gate (calibrate_gate) on the owner's
     data and public data, without retraining its FFN; writes a new package."""
-    from flexmoe.lifecycle.merge import build_merged
-    from flexmoe.store.package import verify_package
 
     guard_output(out, "expert package", [anchor_dir, package, data, public], overwrite)
     rec = recipe or make_recipe("flexmoe", calibrate=True)
     anchor, record, extras = load_anchor(anchor_dir)
     m, tensors = verify_package(package, record, extras, anchor)
-    from flexmoe.store.package import dp_record
 
     if dp_record(m) is not None:
         raise FlexmoeError(
@@ -513,3 +467,71 @@ def calibrate_package(
     manifest["created_with"] = library_versions()
     new = extract_package_tensors(model, tensors.get("domain_embedding"))
     return write_package(Path(out), new, manifest).model_dump(mode="json")
+
+
+def _train_dense(
+    anchor_dir, anchor, tok, extras, record, stream, cfg, work, evals, tb, out,
+    name, domain, resume, restart, anchor_bpb,
+) -> dict:  # fmt: skip
+    """The dense baseline: every weight of the anchor trained on the owner's data (the paper's
+    upper reference), written as a dense model directory."""
+    model = anchor
+    model.requires_grad_(True)
+    result = train(
+        model,
+        stream,
+        cfg,
+        work,
+        eval_streams=evals,
+        token_bytes=tb,
+        resume=resume,
+        restart=restart,
+        progress_label=f"dense expert {name}",
+    )
+    model = unshard_for_save(model, lambda: load_anchor(anchor_dir)[0])
+    if result.get("stopped") or model is None:
+        return result
+    to_storage(model)
+    rec = {
+        "kind": "dense-expert",
+        "name": name,
+        "domain": domain or name,
+        "anchor_fingerprint": record["fingerprint"],
+        "source": "trained",
+        "training": {
+            **result,
+            "config": cfg.model_dump(),
+            "seed": cfg.seed,
+            "anchor_heldout_bpb": anchor_bpb,
+        },
+        "libraries": library_versions(),
+    }
+    return write_anchor(model, tok, extras, Path(out), rec)
+
+
+def _train_dp(model, stream, dp: dict, cfg, tok, embedding) -> tuple[dict, dict, dict]:
+    """The paper's recipe under DP-SGD (dp.py). Returns (result, privacy record, tensors)."""
+    t0 = time.perf_counter()
+    dp_record = train_dp(
+        model,
+        stream,
+        epsilon=dp["epsilon"],
+        delta=dp.get("delta"),
+        max_grad_norm=dp.get("max_grad_norm", 1.0),
+        epochs=dp.get("epochs", 1),
+        batch_size=cfg.batch_size,
+        seq_len=cfg.seq_len,
+        lr=cfg.lr,
+        seed=cfg.seed,
+        pad=tok.pad_token_id if tok.pad_token_id is not None else 0,
+        device=cfg.device,
+    )
+    model.eval()
+    tensors = package_tensors(model, embedding)
+    result = {
+        "tokens": dp_record["steps"] * dp_record["expected_batch_size"] * cfg.seq_len,
+        "step": dp_record["steps"],
+        "loss": dp_record["mean_train_loss"],
+        "seconds": time.perf_counter() - t0,
+    }
+    return result, dp_record, tensors

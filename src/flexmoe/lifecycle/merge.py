@@ -1,5 +1,5 @@
-"""Merging: one mixture-of-experts (the anchor family's stock MoE class, flexmoe.arch) from the
-public anchor plus N independently trained expert packages.
+"""Merging: one mixture-of-experts (the anchor family's stock MoE class, flexmoe.model.arch) from
+the public anchor plus N independently trained expert packages.
 
 Expert 0 is the public expert (the anchor's FFN, router row `public.<router_init>`); experts
 1..N are the packages' FFNs in order. Router rows are concatenated public first, so opting an
@@ -10,8 +10,8 @@ A merged directory is
   tokenizer: stock `AutoModelForCausalLM.from_pretrained` loads it;
 - `flexmoe_bias.safetensors`: the per-layer router bias vectors `layers.{i}.bias` (E,), ≤ 0.
   Stock transformers' MoE routers have no bias, so the stock-loadable export simply omits it:
-  a stock loader runs the model with b = 0 (scripts measure what that costs); `infer.load_merged`
-  restores it;
+  a stock loader runs the model with b = 0 (scripts measure what that costs);
+  `store.merged.load_merged` restores it;
 - `flexmoe_merged.json`: expert names in order, anchor fingerprint, every manifest, top-k,
   router init and what was excluded and why;
 - `experts/<name>/`: a verbatim copy of each package, so a merged model can be re-verified and
@@ -34,11 +34,13 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
+from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.errors import FlexmoeError
 from flexmoe.model.moe import upcycle
 from flexmoe.model.router import routers, routing
 from flexmoe.selection import choose
 from flexmoe.store import revocations
+from flexmoe.store.anchor_dir import load_anchor
 from flexmoe.store.fsutil import atomic_dir, copy_bounded, guard_output
 from flexmoe.store.merged import (
     EXPERTS_DIR,
@@ -62,7 +64,8 @@ from flexmoe.store.package import (
     expected_shapes,
     verify_package,
 )
-from flexmoe.store.signing import SIGNATURE
+from flexmoe.store.records import library_versions
+from flexmoe.store.signing import SIGNATURE, check_trusted, load_trusted_keys, read_signature
 
 MAX_DEFAULT_TOP_K = 4  # the paper: quality rises with k up to ~4, then plateaus
 
@@ -155,23 +158,18 @@ def merge(
 
     With `base`, the base's stored experts (minus `remove`) keep their order and the new packages
     (`package_dirs` + `add`) are appended: the result equals merging that list from scratch.
-    `preselect`: the stored default of request-level preselection (infer.preselect_mask): -1 =
+    `preselect`: the stored default of request-level preselection (inference.preselect): -1 =
     DEFAULT_PRESELECT when every kept package has a domain embedding, else token routing alone;
     0/None = token routing alone; M ≥ 1 = keep public + M experts per request.
     `trusted_keys`: admit only packages signed by one of these keys (signing.py).
     `max_epsilon`: admit only packages trained with DP-SGD at ε ≤ max_epsilon (dp.py).
     """
-    from flexmoe.data.tokenizer import load_tokenizer
-    from flexmoe.store.anchor_dir import load_anchor
-    from flexmoe.store.records import library_versions
 
     log = log or (lambda _msg: None)
     sources = [Path(p) for p in (*package_dirs, *add)]
     out = guard_output(out, "merged model", [anchor_dir, base, *sources], overwrite)
     trusted = None
     if trusted_keys is not None:
-        from flexmoe.store.signing import load_trusted_keys
-
         trusted = load_trusted_keys(Path(trusted_keys))
     # experts revoked on the model this output replaces or the base it extends stay out
     revoked: dict[str, str] = {}
@@ -270,7 +268,6 @@ def merge(
 
 
 def _signer(pkg: Path, trusted: dict[str, str] | None):
-    from flexmoe.store.signing import check_trusted, read_signature
 
     return check_trusted(pkg, trusted) if trusted is not None else read_signature(pkg)
 

@@ -15,7 +15,7 @@ UN-TUNED merged model only. RT changes every router row, and with proxies chosen
 classifier, so in a tuned model the remaining experts' rows were fitted with the removed expert
 present and its owner's proxies in the data. Masking still never reads the removed expert's
 weights, but the result is no longer what a merge without that expert would give.
-`optout_comparison` measures the difference.
+tests/test_router_tune.py measures the difference.
 """
 
 from __future__ import annotations
@@ -28,9 +28,25 @@ from pathlib import Path
 
 import numpy as np
 
+from flexmoe.data.corpus import CLOSED_DOMAINS, DEFAULT_ROOT, iter_docs, split_path
+from flexmoe.data.shards import (
+    TokenStream,
+    discover_inputs,
+    iter_jsonl,
+    iter_texts,
+    tokenize_to_shards,
+)
+from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.errors import FlexmoeError
+from flexmoe.lifecycle.expert import project_bias
+from flexmoe.model.dense import fingerprint
+from flexmoe.model.device import to_storage
 from flexmoe.model.embedding import embed_texts
-from flexmoe.store.fsutil import sha256_file, write_json
+from flexmoe.model.router import routers
+from flexmoe.store.fsutil import guard_output, sha256_file, write_json
+from flexmoe.store.merged import EXPERTS_DIR, load_merged, read_merged_meta, save_merged
+from flexmoe.store.records import library_versions
+from flexmoe.train.loop import make_train_config, train
 
 PROXY_FORMAT = "flexmoe-proxies"
 
@@ -75,7 +91,6 @@ def select_proxies(
 
 def read_public(path: Path) -> list[tuple[str, str]]:
     """(id, text) of a FlexMix-style jsonl(.gz/.xz) with `id` and `text` fields; ids unique."""
-    from flexmoe.data.shards import iter_jsonl
 
     path = Path(path)
     if not path.is_file():
@@ -105,8 +120,6 @@ def read_owner_texts(
 ) -> tuple[str, list[str]]:
     """(owner label, texts): `data` is a jsonl/txt/parquet path or directory, or a FlexMix-mini
     domain name (its train split). At most max_docs documents, chosen by seed."""
-    from flexmoe.data.corpus import CLOSED_DOMAINS, DEFAULT_ROOT, iter_docs, split_path
-    from flexmoe.data.shards import discover_inputs, iter_texts
 
     p = Path(data)
     if p.exists():
@@ -167,7 +180,6 @@ def load_proxies(path: Path) -> dict:
 # ---------------------------------------------------------------- merger side: tuning
 def router_tune_config(**overrides):
     """Defaults at demo scale (AI2: lr 2e-3, warmup 100, 5B tokens). Weight decay 0."""
-    from flexmoe.train.loop import make_train_config
 
     base = dict(steps=100, batch_size=16, seq_len=256, lr=2e-3, warmup=10, weight_decay=0.0)
     base.update({k: v for k, v in overrides.items() if v is not None})
@@ -189,7 +201,6 @@ def freeze_for_router_tuning(model) -> list[str]:
 
 def set_top_k(model, k: int) -> None:
     """Config and every router: the HF router reads top_k once, at construction."""
-    from flexmoe.model.router import routers
 
     model.config.num_experts_per_tok = k
     for r in routers(model):
@@ -209,16 +220,8 @@ def router_tune(
     **overrides,
 ) -> dict:
     """Tune the routers of a merged model on proxies ∪ a public sample; write a merged dir."""
-    from flexmoe.store.fsutil import guard_output
 
     guard_output(out, "merged model", [model_dir, *proxies, public, tokenizer_from], overwrite)
-    from flexmoe.data.shards import TokenStream, tokenize_to_shards
-    from flexmoe.data.tokenizer import load_tokenizer
-    from flexmoe.lifecycle.expert import project_bias
-    from flexmoe.model.dense import fingerprint
-    from flexmoe.store.merged import EXPERTS_DIR, load_merged, read_merged_meta, save_merged
-    from flexmoe.store.records import library_versions
-    from flexmoe.train.loop import train
 
     model_dir, out = Path(model_dir), Path(out)
     meta = read_merged_meta(model_dir)
@@ -283,9 +286,8 @@ def router_tune(
         )
     if result.get("stopped"):
         return result
-    from flexmoe.model.device import place
 
-    place(model, "cpu", "float32")
+    to_storage(model)
     model.eval()
     model.requires_grad_(False)
     ids_hash = hashlib.sha256("\n".join(chosen).encode()).hexdigest()
@@ -316,43 +318,3 @@ def router_tune(
     ]
     save_merged(out, model, tok, new_meta, packages)
     return tuned
-
-
-# ---------------------------------------------------------------- measuring the opt-out
-def optout_comparison(
-    untuned_dir: Path,
-    tuned_dir: Path,
-    token_root: Path,
-    split: str = "heldout",
-    max_tokens: int = 65536,
-    seq_len: int = 256,
-    batch_size: int = 8,
-) -> dict[str, dict[str, dict[str, float]]]:
-    """Per-domain BPB with each non-public expert excluded in turn, for both models.
-
-    Returns {"untuned"|"tuned": {"none"|expert: {domain: bpb}}}. Only the un-tuned numbers are
-    equal to merging without that expert; the tuned ones show what RT does to the opt-out.
-    """
-    from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
-    from flexmoe.inference.bpb import bpb_by_domain, domain_streams
-    from flexmoe.model.router import routing
-    from flexmoe.selection import expert_mask, expert_names
-    from flexmoe.store.merged import PUBLIC, load_merged
-
-    streams = domain_streams(token_root, split)
-    tb = token_byte_lengths(load_tokenizer(untuned_dir))
-    models = {"untuned": load_merged(untuned_dir), "tuned": load_merged(tuned_dir)}
-    names = expert_names(models["untuned"])
-    if expert_names(models["tuned"]) != names:
-        raise FlexmoeError("the tuned and un-tuned models have different experts")
-    result: dict[str, dict[str, dict[str, float]]] = {}
-    for label, model in models.items():
-        rows = {}
-        for excluded in [None, *(n for n in names if n != PUBLIC)]:
-            mask = expert_mask(model, exclude=[excluded] if excluded else None)
-            with routing(model, mask=mask):
-                rows[excluded or "none"] = bpb_by_domain(
-                    model, tb, streams, seq_len, max_tokens, batch_size
-                )
-        result[label] = rows
-    return result

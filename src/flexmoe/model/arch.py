@@ -35,6 +35,7 @@ from transformers import (
 )
 
 from flexmoe.errors import FlexmoeError
+from flexmoe.model.device import EXPERTS_IMPL
 
 # config fields every row copies from the dense config when it has them
 SHARED = (
@@ -206,7 +207,6 @@ def check_dense(config: PretrainedConfig) -> Family:
 
 def moe_config(dense: PretrainedConfig, num_experts: int, top_k: int) -> PretrainedConfig:
     """The MoE sibling's config with the anchor's shapes, rope and attention options."""
-    from flexmoe.model.device import EXPERTS_IMPL
 
     cfg = check_dense(dense).moe_config(dense, num_experts, top_k)
     cfg._experts_implementation = EXPERTS_IMPL

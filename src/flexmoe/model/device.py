@@ -53,3 +53,9 @@ def place(model: nn.Module, device: str | torch.device | None = "auto", dtype: s
     if hasattr(model, "set_experts_implementation") and getattr(model.config, "num_experts", None):
         model.set_experts_implementation(experts_impl_for(dev))
     return model
+
+
+def to_storage(model: nn.Module) -> nn.Module:
+    """Where every written artefact comes from, whatever device trained it: CPU, float32 (expert
+    packages, anchors and merged models are stored in float32)."""
+    return place(model, "cpu", "float32")

@@ -7,14 +7,14 @@ import torch
 from transformers import PreTrainedModel
 
 from flexmoe.errors import FlexmoeError
+from flexmoe.model.arch import check_dense, moe_config
 from flexmoe.model.router import install_routers
 
 
 def upcycle(anchor: PreTrainedModel, num_experts: int, top_k: int) -> PreTrainedModel:
-    """The anchor's MoE sibling (flexmoe.arch) whose every expert is a copy of the anchor's FFN;
-    every other weight copied by name. Router rows start at zero: callers initialise them
+    """The anchor's MoE sibling (flexmoe.model.arch) whose every expert is a copy of the anchor's
+    FFN; every other weight copied by name. Router rows start at zero: callers initialise them
     (domain embedding, random, hidden)."""
-    from flexmoe.model.arch import check_dense, moe_config
 
     keys = check_dense(anchor.config).keys
     cfg = moe_config(anchor.config, num_experts, top_k)

@@ -1,4 +1,4 @@
-"""The model: a stock HF dense anchor and its stock MoE sibling (flexmoe.arch's table: OLMo-2 →
+"""The router: a stock HF dense anchor's stock MoE sibling (flexmoe.model.arch's table: OLMo-2 →
 FlexOlmo, Llama/Mistral → Mixtral, Qwen3 → Qwen3-MoE) plus what FlexOlmo-the-method adds.
 
 flexmoe does not re-implement the transformer. It adds, as a small diff over the MoE class:
@@ -30,6 +30,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from flexmoe.errors import FlexmoeError
+from flexmoe.model.arch import family_of
 from flexmoe.model.device import EXPERTS_IMPL
 
 
@@ -101,8 +102,9 @@ def current_mask(model: nn.Module) -> torch.Tensor:
 
 class FlexmoeRouter(nn.Module):
     """The MoE block's top-k router plus bias, masks and recording; a drop-in for the stock router
-    of every row of flexmoe.arch (same weight, same (logits, weights, indices) outputs). Softmax
-    spans the ACTIVE experts only; top-k weights are renormalised when the row's class does."""
+    of every row of flexmoe.model.arch (same weight, same (logits, weights, indices) outputs).
+    Softmax spans the ACTIVE experts only; top-k weights are renormalised when the row's class
+    does."""
 
     def __init__(self, config: PretrainedConfig, renormalize: bool):
         super().__init__()
@@ -176,7 +178,6 @@ class capture_router_logits:
 
 def install_routers(model: PreTrainedModel) -> PreTrainedModel:
     """Swap the MoE class's stock routers for FlexmoeRouter in place, keeping their weights."""
-    from flexmoe.model.arch import family_of
 
     # the class's own rule: Mixtral always renormalises (no flag); FlexOlmo and Qwen3-MoE follow
     # their config's norm_topk_prob (a stock checkpoint may set it)

@@ -11,6 +11,7 @@ from transformers import PreTrainedModel
 from flexmoe.errors import FlexmoeError
 from flexmoe.model.arch import check_dense, family_of
 from flexmoe.model.dense import fingerprint
+from flexmoe.store.checkpoint import load_dense
 from flexmoe.store.fsutil import (
     atomic_dir,
     read_json,
@@ -52,8 +53,6 @@ def write_anchor(model: PreTrainedModel, tokenizer, extras: dict, out: Path, rec
 def load_anchor(path: Path) -> tuple[PreTrainedModel, dict, dict[str, torch.Tensor]]:
     """Load an anchor directory (model, record, router extras) and check its fingerprint."""
     from safetensors.torch import load_file
-
-    from flexmoe.store.checkpoint import load_dense
 
     path = Path(path)
     rec_path = path / RECORD

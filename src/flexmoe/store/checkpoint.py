@@ -10,15 +10,15 @@ from transformers import AutoModelForCausalLM
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.model.arch import DENSE_TYPES, MOE_TYPES, supported
+from flexmoe.store.fsutil import read_json
 
 MAX_CONFIG_BYTES = 1 << 20
 
 
 def model_type(path: Path) -> str:
     """A MOE_TYPES entry for a merged model, a DENSE_TYPES entry for an anchor or dense expert
-    (flexmoe.arch's table); any other directory is a one-line error (it would otherwise load
+    (flexmoe.model.arch's table); any other directory is a one-line error (it would otherwise load
     partly random)."""
-    from flexmoe.store.fsutil import read_json
 
     path = Path(path)
     if not path.is_dir():

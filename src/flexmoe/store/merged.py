@@ -17,7 +17,7 @@ from flexmoe.model.arch import MOE_TYPES
 from flexmoe.model.router import install_routers, routers, set_active_experts
 from flexmoe.store import revocations
 from flexmoe.store.checkpoint import _from_pretrained, load_dense, model_type
-from flexmoe.store.fsutil import atomic_dir, read_json, write_json
+from flexmoe.store.fsutil import atomic_dir, read_json, regular_file, write_json
 from flexmoe.store.package import (
     MANIFEST,
     NAME_RE,
@@ -173,8 +173,6 @@ def load_merged(path: Path, state: Path | None = None) -> PreTrainedModel:
     """
     from safetensors.torch import load_file
 
-    from flexmoe.store.fsutil import regular_file
-
     path = Path(path)
     kind = model_type(path)
     if kind not in MOE_TYPES:
@@ -223,8 +221,6 @@ def load_merged(path: Path, state: Path | None = None) -> PreTrainedModel:
 def _domain_embeddings(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
     """Each stored package's `domain_embedding` (the owner's mean document embedding), if any."""
     from safetensors import safe_open
-
-    from flexmoe.store.package import WEIGHTS
 
     out = {}
     for n in names:

@@ -30,6 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from flexmoe.errors import FlexmoeError
+from flexmoe.model.arch import family_of
 from flexmoe.store.fsutil import atomic_dir, read_json, regular_file, write_json
 
 MANIFEST = "manifest.json"
@@ -340,7 +341,6 @@ def dp_record(m: Manifest) -> dict | None:
 
 def check_architecture(m: Manifest, config) -> None:
     """The package's shapes must be the anchor's."""
-    from flexmoe.model.arch import family_of
 
     a = m.architecture
     got = (a.model_type, a.hidden_size, a.intermediate_size, a.num_hidden_layers)

@@ -2,9 +2,9 @@
 
 A revocation (`POST /admin/experts/{name}/revoke`) is written to `revoked.json` in the model's
 state directory (default `MODEL.serve/`, beside the model). Every path that loads a merged model
-reads it (`infer.load_merged`: generate, eval, tasks, audit, router tuning, serve), and `merge`
-leaves out revoked experts of the output it replaces or the base it extends, so a revoked expert
-is never used again anywhere, not only by the server that received the revocation. A corrupt
+reads it (`store.merged.load_merged`: generate, eval, tasks, audit, router tuning, serve), and
+`merge` leaves out revoked experts of the output it replaces or the base it extends, so a revoked
+expert is never used again anywhere, not only by the server that received the revocation. A corrupt
 revocations file is a refusal, never an empty list: failing open would bring a revoked expert back.
 """
 

@@ -33,7 +33,7 @@ from flexmoe.errors import FlexmoeError
 from flexmoe.inference.bpb import evaluate_bpb
 from flexmoe.model.device import place, resolve_device
 from flexmoe.model.router import capture_router_logits
-from flexmoe.store.fsutil import write_json
+from flexmoe.store.fsutil import read_json, write_json
 
 
 class TrainConfig(BaseModel):
@@ -217,8 +217,6 @@ def save_checkpoint(
 def latest_checkpoint(out: Path) -> Path | None:
     import re
 
-    from flexmoe.store.fsutil import read_json
-
     ptr = out / CKPT_DIR / "latest.json"
     if not ptr.is_file():
         return None
@@ -232,7 +230,6 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def checkpoint_state(path: Path, cfg: TrainConfig) -> dict:
     """state.json of a checkpoint, refusing a resume whose settings differ from the run's."""
-    from flexmoe.store.fsutil import read_json
 
     state = read_json(path / "state.json", f"checkpoint state {path.name}")
     saved = state.get("config") if isinstance(state, dict) else None

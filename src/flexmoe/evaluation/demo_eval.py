@@ -1,0 +1,412 @@
+"""The measurements behind a demo run's report: main table, opt-out matrix, routing matrix,
+top-k curve, no-bias ablation, router-embedding similarity, a generation with attribution.
+
+Everything here is measured on held-out splits the models never trained on; nothing is tuned
+on them. The results are plain dicts (results.json); flexmoe.demo.render turns them into text
+and plots.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from flexmoe.data.corpus import PUBLIC
+from flexmoe.data.shards import TokenStream
+from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
+from flexmoe.inference.bpb import eval_windows, evaluate_bpb
+from flexmoe.inference.generate import generate
+from flexmoe.inference.preselect import PRESELECT_CONTEXT, default_preselect, preselect_hook
+from flexmoe.lifecycle.baselines import BTMEnsemble, likelihood_weights, soup
+from flexmoe.model.router import routers, routing
+from flexmoe.selection import expert_mask, expert_names
+from flexmoe.store.anchor_dir import load_anchor
+from flexmoe.store.merged import experts_of, load_merged
+
+console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What the evaluation reads from a run's settings (the demo builds it with
+    DemoConfig.eval_settings())."""
+
+    domains: tuple[str, ...]  # the closed domains; public is always evaluated too
+    seq_len: int  # tokens per evaluation window
+    eval_tokens: int  # held-out tokens per domain and model
+    baselines: bool  # dense experts, model soups and BTM are in the run
+    prompt: str  # the generation with attribution
+    lean_eval: bool = False  # fewer evaluation passes (see recipe_eval)
+    gen_exclude: str | None = None  # the expert excluded in the second generation
+    preselect_context: int = PRESELECT_CONTEXT  # tokens before a window that preselection reads
+
+
+def _bpb(model_fn, streams, tb, settings: EvalSettings, before=None, only=None) -> dict[str, float]:
+    """Per-domain BPB plus the mean and closed mean; before(stream) → a before_batch hook.
+    `only`: evaluate these domains, NaN for the rest (lean evaluation)."""
+    res = {
+        d: evaluate_bpb(
+            model_fn,
+            s,
+            tb,
+            settings.seq_len,
+            max_tokens=settings.eval_tokens,
+            before_batch=before(s) if before else None,
+        )["bpb"]
+        if only is None or d in only
+        else float("nan")
+        for d, s in streams.items()
+    }
+    closed = [v for d, v in res.items() if d != PUBLIC]
+    res["mean"] = sum(res[d] for d in streams) / len(streams)
+    res["closed mean"] = sum(closed) / max(len(closed), 1)
+    return res
+
+
+@torch.no_grad()
+def evaluate_all(
+    settings: EvalSettings,
+    paths: dict[str, Path],
+    recipes: dict[str, Path],
+    tokens: Path,
+    extra: dict[str, Path] | None = None,
+    tuned_dir: Path | None = None,
+) -> dict:
+    """`recipes`: recipe label → merged dir, the default recipe first (it is "FlexOlmo merged")."""
+    tok = load_tokenizer(paths["anchor"])
+    tb = token_byte_lengths(tok)
+    domains = [PUBLIC, *settings.domains]
+    streams = {d: TokenStream(tokens / d / "heldout") for d in domains}
+    anchor, _, _ = load_anchor(paths["anchor"])
+    default_label = next(iter(recipes))
+    merged = load_merged(recipes[default_label])
+    names = expert_names(merged)
+    rows: dict[str, dict[str, float]] = {}
+    console.print("[bold]▶ evaluating[/] (held-out bits per byte, lower is better)")
+
+    def logits(m):
+        return lambda ids: m(ids).logits
+
+    lean = settings.lean_eval
+    rows["anchor (public only)"] = _bpb(logits(anchor), streams, tb, settings)
+    dense, souped = {}, None
+    if settings.baselines:
+        dense = {d: load_anchor(paths[f"dense/{d}"])[0] for d in settings.domains}
+        for d, m in dense.items():  # lean: each on its own domain
+            rows[f"dense expert: {d}"] = _bpb(
+                logits(m), streams, tb, settings, only=[d] if lean else None
+            )
+        members = [anchor, *dense.values()]
+        souped = soup(members)
+        rows["model soup (uniform)"] = _bpb(logits(souped), streams, tb, settings)
+        if not lean:
+            calib = [TokenStream(tokens / d / "train") for d in domains]
+            w = likelihood_weights(
+                members, calib, tb, settings.seq_len, max_tokens=settings.eval_tokens // 4
+            )
+            rows["model soup (weighted)"] = _bpb(logits(soup(members, w)), streams, tb, settings)
+        rows["BTM (top-2 ensemble)"] = _bpb(BTMEnsemble(members, top_k=2), streams, tb, settings)
+    selectivity = {}
+    for label, path in recipes.items():
+        m = merged if label == default_label else load_merged(path)
+        sel = recipe_eval(m, rows["anchor (public only)"], streams, tb, settings, tok)
+        selectivity[label] = sel
+        if label == default_label:
+            for d, r in sel["two_expert"].items():
+                rows[f"2-expert: public+{d}"] = r
+            rows["FlexOlmo merged"] = sel["merged"]
+            if sel["preselect"]:
+                rows["FlexOlmo merged (token routing alone)"] = sel["variants"]["token"]
+        else:
+            rows[f"FlexOlmo merged ({label})"] = sel["merged"]
+
+    def optout_of(model) -> dict:  # in the model's default mode (its stored preselection)
+        pre = default_preselect(model)
+        before = (
+            (lambda s: preselect_hook(model, tok, s, pre, settings.preselect_context))
+            if pre
+            else None
+        )
+        res = {}
+        for d in settings.domains:
+            with routing(model, mask=expert_mask(model, exclude=[d])):
+                res[d] = _bpb(logits(model), streams, tb, settings, before)
+        return res
+
+    optout = optout_of(merged)
+    sources = source_eval(settings, tokens, tok, tb, anchor, merged, dense, souped)
+    for label, path in (extra or {}).items():
+        rows[f"ablation: {label}"] = _bpb(logits(load_merged(path)), streams, tb, settings)
+    optout_rt = None
+    if tuned_dir is not None:
+        tuned = load_merged(tuned_dir)
+        rows["FlexOlmo merged + router tuning"] = _bpb(logits(tuned), streams, tb, settings)
+        optout_rt = optout_of(tuned)
+
+    default_k = merged.config.num_experts_per_tok
+    topk = {}
+    for k in range(1, len(names) + 1) if extra else []:  # the top-k sweep is an ablation
+        for r in routers(merged):
+            r.top_k = k
+        topk[k] = _bpb(logits(merged), streams, tb, settings)
+    for r in routers(merged):
+        r.top_k = default_k
+
+    rows_emb = torch.stack([r.weight.detach() for r in routers(merged)])  # (L, E, H)
+    unit = torch.nn.functional.normalize(rows_emb, dim=-1)
+    cosine = (unit @ unit.transpose(1, 2)).mean(0).tolist()
+
+    gen_full = generate(merged, tok, settings.prompt, max_new_tokens=24, attribution=True)
+    # the expert the prompt is about (settings.gen_exclude, e.g. code for a Python prompt), else
+    # the expert with the most routing weight
+    top_expert = settings.gen_exclude
+    if top_expert not in names:
+        top_expert = max(
+            (n for n in gen_full.attribution if n != names[0]),
+            key=lambda n: gen_full.attribution[n],
+        )
+    gen_out = generate(
+        merged, tok, settings.prompt, max_new_tokens=24, attribution=True, exclude=[top_expert]
+    )
+    # the excluded expert's own effect: public + that expert only (its owner's view)
+    gen_only = generate(
+        merged, tok, settings.prompt, max_new_tokens=24, attribution=True, include=[top_expert]
+    )
+    return {
+        "domains": domains,
+        "experts": names,
+        "main": rows,
+        "optout": optout,
+        "optout_rt": optout_rt,
+        "no_bias": selectivity[default_label]["variants"]["stock"],
+        "sources": sources,
+        "renormalize": bool(routers(merged)[0].norm_topk_prob),
+        "architecture": merged.config.model_type,
+        "selectivity": selectivity,
+        "topk": {str(k): v for k, v in topk.items()},
+        "default_top_k": default_k,
+        "routing": selectivity[default_label]["routing"],
+        "router_cosine": cosine,
+        "generation": {
+            "prompt": settings.prompt,
+            "full": _gen(gen_full),
+            "excluded": top_expert,
+            "without": _gen(gen_out),
+            "only": _gen(gen_only),
+        },
+    }
+
+
+PRESELECT = (1, 2)  # experts kept per request by the preselection variants
+
+
+@torch.no_grad()
+def preselect_bpb(
+    merged, streams, tb, settings: EvalSettings, tokenizer, m: int
+) -> dict[str, float]:
+    """BPB with request-level preselection of m experts (inference.preselect.preselect_hook)."""
+    return _bpb(
+        lambda ids: merged(ids).logits,
+        streams,
+        tb,
+        settings,
+        lambda s: preselect_hook(merged, tokenizer, s, m, settings.preselect_context),
+    )
+
+
+@torch.no_grad()
+def recipe_eval(merged, anchor_row: dict, streams, tb, settings: EvalSettings, tokenizer) -> dict:
+    """What a recipe is judged by: BPB of the merged model as configured (with its stored
+    preselection, if any), of each owner's 2-expert model and of the inference variants;
+    retention; public Δ vs the anchor; routing."""
+    names = expert_names(merged)
+    doms = [d for d in streams if d != PUBLIC]
+
+    def fn(ids):
+        return merged(ids).logits
+
+    lean = settings.lean_eval  # lean: 2-expert models on public + own domain,
+    # the bias and top-k-rule variants only, the stored preselection only
+    two = {}
+    for d in doms:
+        with routing(merged, mask=expert_mask(merged, include=[d])):
+            two[d] = _bpb(fn, streams, tb, settings, only=[PUBLIC, d] if lean else None)
+    token_only = _bpb(fn, streams, tb, settings)
+    variants = {"token": token_only}
+    for v in ("stock", "renorm") if lean else inference_variant.VARIANTS:
+        with inference_variant(merged, v):
+            variants[v] = _bpb(fn, streams, tb, settings)
+    pre = default_preselect(merged)
+    if experts_of(merged).domain_embeddings:
+        for k in PRESELECT:
+            if k < len(doms) and (not lean or k == pre):
+                variants[f"preselect-{k}"] = preselect_bpb(
+                    merged, streams, tb, settings, tokenizer, k
+                )
+    m = variants[f"preselect-{pre}"] if pre else token_only
+    before = (
+        (lambda s: preselect_hook(merged, tokenizer, s, pre, settings.preselect_context))
+        if pre
+        else None
+    )
+    shares = routing_matrix(merged, streams, settings, before)
+    ret = retention(anchor_row, m, two)
+    return {
+        "preselect": pre,
+        "merged": m,
+        "two_expert": two,
+        "variants": variants,
+        "retention": ret,
+        "mean_retention": sum(ret.values()) / max(len(ret), 1),
+        "public_delta": m[PUBLIC] / anchor_row[PUBLIC] - 1,
+        "routing_diagonal": {PUBLIC: float(np.mean(shares[PUBLIC], axis=0)[0])}
+        | routing_diagonal(shares, names),
+        "routing": shares,
+    }
+
+
+SOURCES = "sources"  # tokens/sources/<domain>.<source>/heldout: one held-out stream per source
+
+
+@torch.no_grad()
+def source_eval(settings: EvalSettings, tokens, tok, tb, anchor, merged, dense, souped) -> dict:
+    """Held-out BPB per source of a domain (e.g. math: generated worked problems vs manuals), so
+    a headline number is not carried by templated text alone: anchor, the owner's 2-expert model,
+    the dense expert, the merged model (its stored preselection) and the uniform soup."""
+    root = Path(tokens) / SOURCES
+    if not root.is_dir():
+        return {}
+    streams = {p.name: TokenStream(p / "heldout") for p in sorted(root.iterdir()) if p.is_dir()}
+    out: dict[str, dict[str, float]] = {}
+
+    def run(label, fn, before=None, mask=None):
+        row = {}
+        for name, s in streams.items():
+            with routing(merged, mask=mask) if mask is not None else nullcontext():
+                row[name] = _one(fn, s, tb, settings, before(s) if before else None)
+        out[label] = row
+
+    def fn_of(m):
+        return lambda ids: m(ids).logits
+
+    run("anchor (public only)", fn_of(anchor))
+    pre = default_preselect(merged)
+    before = (
+        (lambda s: preselect_hook(merged, tok, s, pre, settings.preselect_context)) if pre else None
+    )
+    run("FlexOlmo merged", fn_of(merged), before)
+    for d in sorted({n.split(".")[0] for n in streams}):
+        if d in experts_of(merged).names:
+            run(f"2-expert: public+{d}", fn_of(merged), mask=expert_mask(merged, include=[d]))
+        if d in dense:
+            run(f"dense expert: {d}", fn_of(dense[d]))
+    if souped is not None:
+        run("model soup (uniform)", fn_of(souped))
+    return out
+
+
+def _one(fn, stream, tb, settings: EvalSettings, before) -> float:
+    return evaluate_bpb(
+        fn, stream, tb, settings.seq_len, max_tokens=settings.eval_tokens, before_batch=before
+    )["bpb"]
+
+
+def _gen(g) -> dict:
+    return {"text": g.text, "active": g.active, "attribution": g.attribution}
+
+
+@torch.no_grad()
+def routing_matrix(
+    model, streams, settings: EvalSettings, before=None
+) -> dict[str, list[list[float]]]:
+    """Per domain: (layers × experts) share of routing weight over that domain's held-out tokens;
+    before(stream) → a hook run with each batch's window starts (e.g. preselection)."""
+    n = model.config.num_experts
+    out = {}
+    for d, s in streams.items():
+        # at least 2,048 tokens per domain: a lean evaluation's quarter would be a few windows
+        starts = eval_windows(s, settings.seq_len, max(settings.eval_tokens // 4, 2048))
+        ids = torch.from_numpy(np.stack([s.window(x, settings.seq_len) for x in starts]))
+        hook = before(s) if before else None
+        with routing(model, record=True) as records:
+            for i in range(0, len(ids), 8):
+                with (hook(starts[i : i + 8]) if hook else None) or nullcontext():
+                    model(ids[i : i + 8])
+        mat = []
+        for recs in records:
+            tot = torch.zeros(n, dtype=torch.float64)
+            for idx, val in recs:
+                tot.index_add_(0, idx.reshape(-1).cpu(), val.reshape(-1).double().cpu())
+            mat.append((tot / tot.sum()).tolist())
+        out[d] = mat
+    return out
+
+
+def retention(anchor: dict, merged: dict, two_expert: dict[str, dict]) -> dict[str, float]:
+    """Per domain: (anchor − merged) / (anchor − owner's 2-expert model) held-out BPB — the share
+    of an expert's gain on its own domain that survives the merge."""
+    out = {}
+    for d, row in two_expert.items():
+        gain = anchor[d] - row[d]
+        out[d] = (anchor[d] - merged[d]) / gain if gain > 0 else float("nan")
+    return out
+
+
+def routing_diagonal(routing: dict, experts: list[str]) -> dict[str, float]:
+    """Share of routing weight (mean over layers) the text of each domain gives its own expert."""
+    return {
+        d: float(np.mean(m, axis=0)[experts.index(d)]) for d, m in routing.items() if d in experts
+    }
+
+
+class inference_variant:
+    """`with inference_variant(model, v):` run a merged model with one router change, restored on
+    exit: 'stock' (b = 0, what stock transformers computes), 'renorm' (the other top-k rule:
+    renormalised as Mixtral does ⇄ not, as FlexOlmo), 'equal-norm' (every router row rescaled to
+    the layer's mean row norm, i.e. cosine routing with one shared temperature per layer)."""
+
+    VARIANTS = ("stock", "renorm", "equal-norm")
+
+    def __init__(self, model, variant: str):
+        self.rs, self.variant = routers(model), variant
+
+    def __enter__(self):
+        self.saved = [(r.use_bias, r.norm_topk_prob, r.weight.detach().clone()) for r in self.rs]
+        for r in self.rs:
+            if self.variant == "stock":
+                r.use_bias = False
+            elif self.variant == "renorm":  # the other top-k rule than the architecture's
+                r.norm_topk_prob = not r.norm_topk_prob
+            elif self.variant == "equal-norm":
+                with torch.no_grad():
+                    n = r.weight.norm(dim=-1, keepdim=True)
+                    r.weight.mul_(n.mean() / n.clamp(min=1e-12))
+            else:
+                raise ValueError(self.variant)
+        return self
+
+    def __exit__(self, *exc):
+        for r, (b, nt, w) in zip(self.rs, self.saved, strict=True):
+            r.use_bias, r.norm_topk_prob = b, nt
+            with torch.no_grad():
+                r.weight.copy_(w)
+        return False
+
+
+@torch.no_grad()
+def selectivity_summary(
+    settings: EvalSettings, anchor_dir: Path, merged_dir: Path, tokens: Path
+) -> dict:
+    """recipe_eval of one merged directory against its anchor (scripts/sweep_recipe.py)."""
+    tok = load_tokenizer(anchor_dir)
+    tb = token_byte_lengths(tok)
+    streams = {d: TokenStream(tokens / d / "heldout") for d in [PUBLIC, *settings.domains]}
+    anchor = load_anchor(anchor_dir)[0]
+    a = _bpb(lambda ids: anchor(ids).logits, streams, tb, settings)
+    res = recipe_eval(load_merged(merged_dir), a, streams, tb, settings, tok)
+    return {"anchor": a, **res, "baselines": {}}

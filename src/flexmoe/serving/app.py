@@ -1,0 +1,315 @@
+"""The HTTP side of `flexmoe serve`: the FastAPI routes and the guard in front of them.
+
+The server never fails open. `_Guard` runs before FastAPI touches a request: the API key (or the
+admin key, for `/admin/`) is checked from the headers and the body is size-limited BEFORE it is
+read or parsed, so an unauthenticated or oversized request costs nothing; the routes check the
+tenant again. `/v1/completions` and `/v1/chat/completions` (streaming or not) answer with the
+generated text plus `flexmoe: {active, excluded, attribution}`; `POST
+/admin/experts/{name}/revoke` takes an expert out of all later requests and of the running ones
+at their next step. `--timeout` bounds the whole request (queueing, prefill and every token: 504),
+and a client that goes away has its batch row cancelled at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import generate_latest
+
+from flexmoe.serving.schema import ApiError, ChatRequest, CompletionRequest, error_body, usage
+from flexmoe.serving.server import Server
+from flexmoe.serving.tenants import Tenant
+from flexmoe.store.merged import PUBLIC, experts_of
+
+STATIC = Path(__file__).parent / "static"  # the browser page served at `/`
+
+
+def _chat_prompt(server: Server, req: ChatRequest) -> str:
+    if not getattr(server.tok, "chat_template", None):
+        raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions")
+    msgs = [m.model_dump() for m in req.messages]
+    return server.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+
+
+def create_app(server: Server):
+    """The FastAPI app (the engine thread starts and stops with it)."""
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        server.engine.start()
+        yield
+        server.engine.stop()
+
+    app = FastAPI(title="flexmoe", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+        return JSONResponse(error_body(message, kind), status_code=status)
+
+    def route(request: Request) -> str:  # the route template: request paths are unbounded
+        r = request.scope.get("route")
+        return getattr(r, "path", "other")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        server.m_requests.labels(route(request), str(e.status)).inc()
+        return error(e.status, e.message, e.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request: Request, e: RequestValidationError):
+        server.m_requests.labels(route(request), "400").inc()
+        err = e.errors()[0] if e.errors() else {}
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        return error(400, f"{loc or 'body'}: {err.get('msg', 'invalid request')}")
+
+    def bearer(request: Request) -> str | None:
+        return _bearer(request.headers.get("authorization", ""))
+
+    def tenant_of(request: Request) -> Tenant:
+        t = server.keys.tenant(bearer(request))
+        if t is None:
+            raise ApiError(401, "missing or unknown API key", "authentication_error")
+        return t
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "queue": server.engine.jobs.qsize()}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(generate_latest(server.registry).decode())
+
+    @app.get("/")
+    async def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        tenant_of(request)
+        return {
+            "object": "list",
+            "data": [{"id": server.name, "object": "model", "owned_by": "flexmoe"}],
+        }
+
+    @app.get("/v1/experts")
+    async def experts(request: Request, use: str | None = None):
+        tenant = tenant_of(request)
+        manifests = experts_of(server.model).manifests
+        out = []
+        for n in server.experts():
+            m = manifests.get(n)
+            reason = server.availability(n, tenant, use)
+            out.append(
+                {
+                    "name": n,
+                    "owner": m.owner if m else None,
+                    "licence": m.licence if m else None,
+                    "consent": json.loads(m.consent.model_dump_json()) if m else None,
+                    "active": reason is None,
+                    "reason": reason,
+                }
+            )
+        return {"object": "list", "data": out}
+
+    @app.post("/admin/experts/{name}/revoke")
+    async def revoke(name: str, request: Request):
+        if not server.keys.is_admin(bearer(request)):
+            raise ApiError(403, "the admin key is required", "permission_error")
+        if name not in server.experts():
+            raise ApiError(404, f"no expert '{name}'")
+        if name == PUBLIC:
+            raise ApiError(400, "the public expert cannot be revoked")
+        server.revoke(name)
+        return {"revoked": name, "at": server.revoked[name]}
+
+    async def serve(request: Request, req: CompletionRequest, prompt: str, chat: bool):
+        started = time.perf_counter()
+        deadline = request.scope.get("flexmoe.deadline", time.monotonic()) + server.limits.timeout_s
+        tenant = tenant_of(request)
+        job, meta, n_prompt = await server.run(req, prompt, tenant, deadline)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+
+        def choice(text: str | None, finish: str | None, delta: bool) -> dict:
+            if chat:
+                key = "delta" if delta else "message"
+                body = {"role": "assistant", "content": text} if text is not None else {}
+                return {"index": 0, key: body, "finish_reason": finish}
+            return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+
+        watch = {"next": time.monotonic() + 0.25}  # when to look for a disconnect next
+
+        async def next_event():
+            """The engine's next event; ("error", …) once the whole request's time is up or
+            a non-streaming client went away (its row is cancelled at the next step)."""
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    job.cancelled = True
+                    return ("error", "timeout")
+                # a streaming response watches for the disconnect itself (and cancels)
+                if not req.stream and now >= watch["next"]:
+                    watch["next"] = now + 0.25
+                    if await request.is_disconnected():
+                        job.cancelled = True
+                        return ("error", "disconnected")
+                try:
+                    return await asyncio.wait_for(job.events.get(), min(deadline - now, 0.25))
+                except TimeoutError:
+                    pass
+
+        if req.stream:
+
+            async def events():
+                try:
+                    async for chunk in _events():
+                        yield chunk
+                finally:  # a client that went away: free its batch row
+                    job.cancelled = True
+
+            async def _events():
+                while True:
+                    kind, payload = await next_event()
+                    if kind == "token":
+                        chunk = {
+                            "id": rid,
+                            "object": obj + ".chunk" if chat else obj,
+                            "created": created,
+                            "model": server.name,
+                            "choices": [choice(payload, None, True)],
+                        }
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                    elif kind == "done":
+                        info = server.finish(job, meta, tenant, n_prompt, req)
+                        chunk = {
+                            "id": rid,
+                            "object": obj + ".chunk" if chat else obj,
+                            "created": created,
+                            "model": server.name,
+                            "choices": [
+                                choice(None if chat else "", payload["finish_reason"], True)
+                            ],
+                            "usage": usage(n_prompt, len(job.tokens)),
+                            "flexmoe": info,
+                        }
+                        yield f"data: {json.dumps(chunk)}\n\n"
+                        yield "data: [DONE]\n\n"
+                        server.m_requests.labels(route(request), "200").inc()
+                        server.m_latency.observe(time.perf_counter() - started)
+                        return
+                    else:
+                        kind = "timeout" if payload == "timeout" else "server_error"
+                        body = error_body(f"generation failed: {payload}", kind)
+                        yield f"data: {json.dumps(body)}\n\n"
+                        return
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        while True:
+            kind, payload = await next_event()
+            if kind == "done":
+                break
+            if kind == "error":
+                status = {"timeout": 504, "disconnected": 499}.get(payload, 500)
+                raise ApiError(status, f"generation failed: {payload}", "server_error")
+        info = server.finish(job, meta, tenant, n_prompt, req)
+        server.m_requests.labels(route(request), "200").inc()
+        server.m_latency.observe(time.perf_counter() - started)
+        return {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": server.name,
+            "choices": [choice(payload["text"], payload["finish_reason"], False)],
+            "usage": usage(n_prompt, len(job.tokens)),
+            "flexmoe": info,
+        }
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        prompt = req.prompt if isinstance(req.prompt, str) else "".join(req.prompt[:1])
+        return await serve(request, req, prompt, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        tenant_of(request)
+        return await serve(request, req, _chat_prompt(server, req), chat=True)
+
+    return _Guard(app, server)
+
+
+def _bearer(header: str) -> str | None:
+    return header[7:].strip() if header[:7].lower() == "bearer " else None
+
+
+class _Guard:
+    """ASGI wrapper run before FastAPI touches a request: the API key is checked from the
+    headers and the body is size-limited BEFORE it is read or parsed, so an unauthenticated or
+    oversized body costs the server nothing. It also stamps the request's start (its deadline)."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        scope["flexmoe.deadline"] = time.monotonic()
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        key = _bearer(headers.get(b"authorization", b"").decode("latin-1"))
+        path = scope.get("path", "")
+        keys = self.server.keys
+        if path.startswith("/admin/") and not keys.is_admin(key):
+            return await self._reply(send, 403, "the admin key is required", "permission_error")
+        if path.startswith("/v1/") and keys.tenant(key) is None:
+            return await self._reply(
+                send, 401, "missing or unknown API key", "authentication_error"
+            )
+        limit = self.server.limits.max_body_bytes
+        too_big = f"request body is over the limit of {limit:,} bytes"
+        try:
+            declared = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            return await self._reply(send, 400, "bad Content-Length header")
+        if declared > limit:
+            return await self._reply(send, 413, too_big)
+        body, more = bytearray(), True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return None
+            body += msg.get("body", b"")
+            more = msg.get("more_body", False)
+            if len(body) > limit:
+                return await self._reply(send, 413, too_big)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _reply(self, send, status: int, message: str, kind="invalid_request_error"):
+        self.server.m_requests.labels("guard", str(status)).inc()
+        data = json.dumps(error_body(message, kind)).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(data)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": data})
