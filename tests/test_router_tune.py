@@ -133,7 +133,7 @@ def test_router_tune_cli(env, proxies, capsys) -> None:
     args += ["--public", env["pub_path"], "-o", out, "--steps", "1", "--batch-size", "2"]
     code, stdout, err = run_cli([*args, "--seq-len", "16", "--public-docs", "2"], capsys)
     assert code == 0, err
-    assert "router-tuned" in stdout and load_merged(out).flexmoe_router_tuned
+    assert "router-tuned" in stdout and experts_of(load_merged(out)).router_tuned
     assert len(read_merged_meta(out)["router_tuned"]["proxies"]) == 2
 
 

@@ -23,7 +23,7 @@ from flexmoe.inference.bpb import eval_windows, evaluate_bpb
 from flexmoe.inference.generate import generate
 from flexmoe.inference.preselect import PRESELECT_CONTEXT, default_preselect, preselect_hook
 from flexmoe.lifecycle.baselines import BTMEnsemble, likelihood_weights, soup
-from flexmoe.model.router import routers, routing
+from flexmoe.model.router import RoutingTrace, routers, routing
 from flexmoe.selection import expert_mask, expert_names
 from flexmoe.store.anchor_dir import load_anchor
 from flexmoe.store.merged import experts_of, load_merged
@@ -337,13 +337,7 @@ def routing_matrix(
             for i in range(0, len(ids), 8):
                 with (hook(starts[i : i + 8]) if hook else None) or nullcontext():
                     model(ids[i : i + 8])
-        mat = []
-        for recs in records:
-            tot = torch.zeros(n, dtype=torch.float64)
-            for idx, val in recs:
-                tot.index_add_(0, idx.reshape(-1).cpu(), val.reshape(-1).double().cpu())
-            mat.append((tot / tot.sum()).tolist())
-        out[d] = mat
+        out[d] = [(t / t.sum()).tolist() for t in RoutingTrace(records, n).layer_weights()]
     return out
 
 

@@ -15,7 +15,7 @@ import torch
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.inference.preselect import default_preselect, preselect_mask
-from flexmoe.model.router import routing
+from flexmoe.model.router import RoutingTrace, routing
 from flexmoe.selection import consent_exclusions, expert_mask, expert_names
 from flexmoe.store.merged import is_merged
 
@@ -29,13 +29,6 @@ class Generation:
     attribution: dict[str, float] | None = None
     per_layer: list[dict[str, float]] | None = None
     excluded: list[tuple[str, str]] = field(default_factory=list)
-
-
-def _shares(index: torch.Tensor, value: torch.Tensor, n: int) -> torch.Tensor:
-    """Total routing weight per expert; the sentinel index n ("no expert") is dropped."""
-    total = torch.zeros(n + 1, dtype=torch.float64)
-    total.index_add_(0, index.reshape(-1), value.reshape(-1).double())
-    return total[:n]
 
 
 @torch.no_grad()
@@ -118,17 +111,13 @@ def generate(
         excluded=excluded,
     )
     if record and new:
-        n = len(names)
-        layer_tot = []
-        for recs in records:  # one router (layer): a (rows, k) record per forward call
-            index = torch.cat([i for i, _ in recs])[-len(new) :].cpu()  # rows → new tokens
-            value = torch.cat([v for _, v in recs])[-len(new) :].cpu()
-            layer_tot.append(_shares(index, value, n))
-        total = torch.stack(layer_tot).sum(0)
+        trace = RoutingTrace(records, len(names))
         if attribution:
-            result.attribution = dict(zip(names, (total / total.sum()).tolist(), strict=True))
+            shares = trace.shares(last=len(new))
+            result.attribution = dict(zip(names, shares.tolist(), strict=True))
         if per_layer:
             result.per_layer = [
-                dict(zip(names, (t / t.sum()).tolist(), strict=True)) for t in layer_tot
+                dict(zip(names, (t / t.sum()).tolist(), strict=True))
+                for t in trace.layer_weights(last=len(new))
             ]
     return result

@@ -206,3 +206,47 @@ def set_active_experts(model: nn.Module, active: list[bool] | torch.Tensor) -> N
     active = torch.as_tensor(active, dtype=torch.bool)
     for r in routers(model):
         r.active.copy_(active.to(r.active.device))
+
+
+@dataclass
+class RoutingTrace:
+    """What `routing(record=True)` recorded: per layer, the (top_index, top_value) of every
+    forward call. Attribution anywhere (generate, serve, the report) is a share of these
+    weights; this type is the one place they are summed."""
+
+    records: list[list[tuple[torch.Tensor, torch.Tensor]]]
+    num_experts: int
+
+    def layer_weights(self, last: int | None = None) -> torch.Tensor:
+        """(layers, experts) float64 routing weight summed over every recorded token, or over
+        the `last` token rows only (the generated tokens); the sentinel "no expert" is dropped."""
+        n, out = self.num_experts, []
+        for recs in self.records:
+            total = torch.zeros(n + 1, dtype=torch.float64)
+            if last is None:
+                for index, value in recs:
+                    total.index_add_(0, index.reshape(-1).cpu(), value.reshape(-1).double().cpu())
+            else:  # rows → tokens
+                index = torch.cat([i for i, _ in recs])[-last:].cpu()
+                value = torch.cat([v for _, v in recs])[-last:].cpu()
+                total.index_add_(0, index.reshape(-1), value.reshape(-1).double())
+            out.append(total[:n])
+        return torch.stack(out)
+
+    def shares(self, last: int | None = None) -> torch.Tensor:
+        """(experts,) each expert's share of all layers' routing weight (sums to 1)."""
+        total = self.layer_weights(last).sum(0)
+        return total / total.sum()
+
+    def step_weights(self, batch: int) -> torch.Tensor:
+        """(batch, experts) float64: the weight each expert carried, summed over layers, at the
+        last position of each row of the latest forward (the position that produced a token)."""
+        per_layer = []
+        for recs in self.records:
+            index, value = recs[-1]
+            index = index.view(batch, -1, index.shape[-1])
+            value = value.view(batch, -1, value.shape[-1])
+            w = torch.zeros(batch, self.num_experts, dtype=torch.float64, device=index.device)
+            w.scatter_add_(1, index[:, -1], value[:, -1].double())
+            per_layer.append(w)
+        return torch.stack(per_layer).sum(0).cpu()

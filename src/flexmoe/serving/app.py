@@ -162,9 +162,12 @@ def create_app(server: Server):
                         job.cancelled = True
                         return ("error", "disconnected")
                 try:
-                    return await asyncio.wait_for(job.events.get(), min(deadline - now, 0.25))
+                    event = await asyncio.wait_for(job.events.get(), min(deadline - now, 0.25))
                 except TimeoutError:
-                    pass
+                    continue
+                if event[0] == "done" and event[1]["finish_reason"] == "timeout":
+                    return ("error", "timeout")  # the engine saw the deadline first
+                return event
 
         if req.stream:
 

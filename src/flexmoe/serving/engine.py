@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from flexmoe.model.router import routers, routing
+from flexmoe.model.router import RoutingTrace, routers, routing
 
 
 @dataclass
@@ -187,17 +187,7 @@ def decode(model, tok, jobs: list[Job], lock: threading.RLock | None = None) -> 
     )
     for _ in range(max_new):
         if merged:  # routing weight of the position that produces this step's token
-            per_layer = []
-            for recs in records:
-                index, value = recs[-1]
-                index, value = (
-                    index.view(b, -1, index.shape[-1]),
-                    value.view(b, -1, value.shape[-1]),
-                )
-                w = torch.zeros(b, n_exp, dtype=torch.float64, device=index.device)
-                w.scatter_add_(1, index[:, -1], value[:, -1].double())
-                per_layer.append(w)
-            step_w = torch.stack(per_layer).sum(0).cpu()
+            step_w = RoutingTrace(records, n_exp).step_weights(b)
         nxt = torch.full((b,), pad, dtype=torch.long)
         for i, j in enumerate(jobs):
             if done[i]:
@@ -225,6 +215,7 @@ def decode(model, tok, jobs: list[Job], lock: threading.RLock | None = None) -> 
                 sent[i] = upto
             if not done[i] and (j.cancelled or time.monotonic() > j.deadline):
                 done[i], abandoned = True, abandoned + 1
+                finish[i] = finish[i] if j.cancelled else "timeout"  # the handler answers 504
         if all(done):
             break
         attn = torch.cat([attn, torch.ones((b, 1), dtype=attn.dtype, device=device)], 1)
