@@ -59,7 +59,7 @@ def main() -> None:
         prompt, sub = req
         t0 = time.perf_counter()
         r = client.completions.create(
-            model="m",
+            model=server.name,
             prompt=prompt,
             max_tokens=args.max_tokens,
             temperature=0,

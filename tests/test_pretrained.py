@@ -313,3 +313,42 @@ def test_bpb_counts_bytes_for_byte_level_and_sentencepiece_vocabs(tok_dir, tmp_p
         ids = fast(t, add_special_tokens=False)["input_ids"]
         assert fast.unk_token_id not in ids
         assert int(tb[ids].sum()) == len(t.encode()), (t, fast.convert_ids_to_tokens(ids))
+
+
+def test_import_drops_remote_code_and_keeps_user_files(work, llama_dir, public_raw, capsys):
+    """A config pointing at foreign code (auto_map, trust_remote_code) is imported without it;
+    rerunning the import never deletes a file the user put inside the previous output."""
+    import shutil
+
+    src = work / "hf-llama-remote"
+    shutil.copytree(llama_dir, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg |= {"auto_map": {"AutoModelForCausalLM": "evil.Model"}, "trust_remote_code": True}
+    (src / "config.json").write_text(json.dumps(cfg))
+    tcfg = json.loads((src / "tokenizer_config.json").read_text())
+    (src / "tokenizer_config.json").write_text(
+        json.dumps(tcfg | {"auto_map": {"AutoTokenizer": ["evil.Tok", None]}})
+    )
+    out = work / "anchor-remote"
+    args = ["anchor", "import", src, "-o", out, "--public", public_raw, "--router-docs", "2"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "auto_map" in err and "trust_remote_code" in err  # the one-line note
+    written = json.loads((out / "config.json").read_text())
+    assert "auto_map" not in written and "trust_remote_code" not in written
+    assert "auto_map" not in json.loads((out / "tokenizer_config.json").read_text())
+    _, rec, _ = load_anchor(out)
+    assert {"auto_map", "trust_remote_code"} <= set(rec["config_keys_dropped"])
+
+    (out / "NOTES.md").write_text("mine")
+    before = sorted(p.name for p in out.iterdir())
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and "NOTES.md" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in out.iterdir()) == before
+    (out / "NOTES.md").unlink()
+    code, _, err = run_cli(args, capsys)  # a previous output with only flexmoe's files: replaced
+    assert code == 0, err
+    (out / "sub").mkdir()
+    (out / "sub" / "x.txt").write_text("mine")
+    code, _, err = run_cli([*args, "--overwrite"], capsys)  # asked for: replaced
+    assert code == 0 and not (out / "sub").exists(), err

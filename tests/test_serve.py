@@ -108,7 +108,7 @@ def test_completion_with_extra_body_experts(env):
 
 
 def test_streaming_matches_and_ends_with_attribution(env):
-    kw = dict(model="m", prompt="def f(x):", max_tokens=10, temperature=0)
+    kw = dict(model="merged", prompt="def f(x):", max_tokens=10, temperature=0)
     whole = client(env).completions.create(**kw, extra_body={"experts": {"exclude": ["b"]}})
     chunks = list(
         client(env).completions.create(
@@ -126,7 +126,7 @@ def test_chat_needs_a_template(env):
 
     with pytest.raises(openai.BadRequestError, match="no chat template"):
         client(env).chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+            model="merged", messages=[{"role": "user", "content": "hi"}], max_tokens=4
         )
 
 
@@ -149,7 +149,10 @@ def test_chat_with_a_template(env, work):
 
         c = OpenAI(base_url=running.url + "/v1", api_key=KEYS["alpha"], max_retries=0)
         r = c.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0
+            model="merged-chat",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=6,
+            temperature=0,
         )
         ref = alone({"server": server}, "user: hi\nassistant:", 6)
         assert r.choices[0].message.content == ref.text
@@ -203,7 +206,9 @@ def test_errors_are_json_with_status(env, body, key, status, expect):
 
 
 def test_tenant_sees_only_its_experts(env):
-    r = client(env, "beta").completions.create(model="m", prompt="The", max_tokens=4, temperature=0)
+    r = client(env, "beta").completions.create(
+        model="merged", prompt="The", max_tokens=4, temperature=0
+    )
     fm = r.model_extra["flexmoe"]
     assert fm["active"] == ["public", "a"]
     assert {e["name"] for e in fm["excluded"]} == {"b", "c"}
@@ -267,7 +272,7 @@ def test_exact_under_load(env):
     def one(req):
         prompt, n, sub = req
         r = client(env).completions.create(
-            model="m",
+            model="merged",
             prompt=prompt,
             max_tokens=n,
             temperature=0,
@@ -285,7 +290,7 @@ def test_exact_under_load(env):
 
 
 def test_metrics_and_ledger(env, capsys):
-    client(env).completions.create(model="m", prompt="The", max_tokens=3, temperature=0)
+    client(env).completions.create(model="merged", prompt="The", max_tokens=3, temperature=0)
     text = raw(env, "/metrics", method="GET").text
     assert "flexmoe_requests_total" in text and "flexmoe_expert_routed_tokens_total" in text
     ledger = env["root"] / "state" / "ledger.jsonl"

@@ -241,7 +241,7 @@ def test_revocation_reaches_a_running_request(keyed):
 
     server = keyed["server"]
     body = dict(
-        model="m",
+        model="merged",
         prompt="The cat",
         max_tokens=24,
         temperature=0,
@@ -316,7 +316,7 @@ def test_timeout_bounds_the_whole_request(merged):
             c = OpenAI(base_url=running.url + "/v1", api_key=KEYS["alpha"], max_retries=0)
             try:
                 for _ in c.completions.create(
-                    model="m", prompt="x", max_tokens=3000, temperature=0, stream=True
+                    model="merged", prompt="x", max_tokens=3000, temperature=0, stream=True
                 ):
                     pass
             except APIError as err:

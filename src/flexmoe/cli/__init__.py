@@ -64,14 +64,17 @@ def _error(message: str, code: int) -> None:
 def main() -> None:
     import os
 
-    from transformers.utils import logging as hf_logging
+    # before transformers is imported (it reads this once): no progress bars in CLI output
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # already imported (in-process callers): tell it directly
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()
     try:  # typer ≥ 0.2x vendors click
         import typer._click.exceptions as click_errors
     except ImportError:  # pragma: no cover
         import click.exceptions as click_errors
 
-    hf_logging.disable_progress_bar()
     try:
         code = app(standalone_mode=False)
         sys.exit(code if isinstance(code, int) else 0)
@@ -90,6 +93,9 @@ def main() -> None:
         sys.exit(130)
     except (SystemExit, typer.Exit):
         raise
+    except OSError as e:  # the machine said no (permissions, a full disk, a path's kind)
+        where = f"{e.filename}: " if e.filename else ""
+        _error(f"{where}{e.strerror or e}", 2)
     except Exception as e:  # a bug, not bad input: one line, the traceback on request
         if os.environ.get("FLEXMOE_DEBUG") == "1":
             raise
@@ -99,10 +105,11 @@ def main() -> None:
             1,
         )
     finally:
-        import torch.distributed as dist
+        if "torch.distributed" in sys.modules:  # a refusal never imports torch
+            import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 # ---- the verbs (imported last: their modules use app, console, out and clean from here) ----
@@ -121,3 +128,16 @@ app.add_typer(expert.expert_app, name="expert")
 app.add_typer(evaluate.eval_app, name="eval")
 app.add_typer(expert.keys_app, name="keys")
 app.add_typer(serve.ledger_app, name="ledger")
+
+
+def _validate_all(t: typer.Typer) -> None:
+    """Every verb's options are checked before it runs (options.validated), in one place."""
+    from flexmoe.cli.options import validated
+
+    for c in t.registered_commands:
+        c.callback = validated(c.callback)
+    for g in t.registered_groups:
+        _validate_all(g.typer_instance)
+
+
+_validate_all(app)

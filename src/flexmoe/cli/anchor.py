@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from flexmoe.cli import out
+from flexmoe.cli import console, out
 from flexmoe.cli.options import (
     Bf16Option,
     CkptEveryOption,
@@ -141,4 +141,10 @@ def anchor_import(
         overwrite=overwrite,
         gguf=gguf,
     )
+    if rec.get("config_keys_dropped"):
+        console.print(
+            "note: left out of the anchor's config (flexmoe never loads remote code): "
+            + ", ".join(rec["config_keys_dropped"]),
+            style="yellow",
+        )
     out.print(f"anchor ({rec['architecture']}) → {out_dir}  fingerprint {rec['fingerprint'][:16]}…")

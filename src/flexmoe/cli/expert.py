@@ -191,8 +191,6 @@ def expert_calibrate(
     """Fit an existing package's gate to decline public text (no FFN retraining)."""
     from flexmoe.lifecycle.expert import calibrate_package, make_recipe
 
-    if seq_len < 2:
-        raise FlexmoeError("--seq-len must be ≥ 2")
     rec = make_recipe(
         "flexmoe", calibrate=True, calibrate_public_weight=public_weight, calibrate_windows=windows
     )
@@ -261,7 +259,9 @@ def expert_proxy(
         select_proxies,
         write_proxies,
     )
+    from flexmoe.store.fsutil import writable_file
 
+    writable_file(out_path, "--out")
     label, texts = read_owner_texts(data, corpus, max_owner_docs, seed)
     docs = read_public(public)
     ids = select_proxies(texts, docs, k, seed)

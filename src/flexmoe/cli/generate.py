@@ -21,8 +21,10 @@ from flexmoe.cli.options import (
     StateOption,
     UseOption,
     check_use,
+    model_positions,
     split_names,
 )
+from flexmoe.errors import FlexmoeError
 
 
 def generate_cmd(
@@ -53,10 +55,17 @@ def generate_cmd(
     check_use(use)
     from flexmoe.model.device import place
 
+    tok = load_tokenizer(model)
+    positions = model_positions(model)
+    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    if positions is not None and n_prompt + max_new_tokens > positions:
+        raise FlexmoeError(
+            f"the prompt ({n_prompt:,} tokens) plus --max-new-tokens {max_new_tokens} exceeds "
+            f"the {positions:,} positions of {model}"
+        )
     m = place(load_model(model, state), device, dtype)
     if experts_of(m).router_tuned:
         console.print("note: router-tuned model", style="yellow")
-    tok = load_tokenizer(model)
     g = generate(
         m,
         tok,

@@ -56,7 +56,7 @@ def load_tokenizer(path: str | Path):
     if not (path / "tokenizer.json").is_file():
         raise FlexmoeError(f"no tokenizer at {path} (tokenizer.json missing)")
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as e:
         raise FlexmoeError(f"{path}: cannot load the tokenizer ({type(e).__name__})") from None
 

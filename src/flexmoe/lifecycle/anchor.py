@@ -25,7 +25,7 @@ from flexmoe.lifecycle.router_init import (
     random_rows,
     sample_documents,
 )
-from flexmoe.model.arch import check_dense, family_of
+from flexmoe.model.arch import check_dense, family_of, strip_unknown_config
 from flexmoe.model.dense import PRESETS, ROPE_THETA, new_anchor, olmo2_config
 from flexmoe.model.device import to_storage
 from flexmoe.store.anchor_dir import RECORD, write_anchor
@@ -205,9 +205,11 @@ def _load_gguf(gguf: Path):
     types = gguf_tensor_types(gguf)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False
         )
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tok = AutoTokenizer.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, trust_remote_code=False
+        )
     except FlexmoeError:
         raise
     except Exception as e:
@@ -307,6 +309,10 @@ def import_anchor(
     _check_finite(model, src)
     if tokenizer_dir is not None or tok is None:
         tok = load_tokenizer(Path(tokenizer_dir) if tokenizer_dir else src)
+    dropped = strip_unknown_config(model.config)  # never copy a pointer to foreign code
+    if tok.init_kwargs.pop("auto_map", None) is not None or getattr(tok, "_auto_map", None):
+        tok._auto_map = None
+        dropped.append("tokenizer auto_map")
     if len(tok) > model.config.vocab_size:
         raise FlexmoeError(
             f"tokenizer has {len(tok)} tokens > model vocab {model.config.vocab_size}"
@@ -321,6 +327,7 @@ def import_anchor(
         "source": "imported",
         **source,
         "rope_parameters": dict(getattr(model.config, "rope_parameters", None) or {}),
+        "config_keys_dropped": dropped,
         "libraries": library_versions(),
     }
     return write_anchor(model, tok, extras, Path(out), record)

@@ -58,7 +58,7 @@ from flexmoe.model.freezing import merge_owner_params, owner_only, parametrize_b
 from flexmoe.model.moe import upcycle
 from flexmoe.model.router import routers
 from flexmoe.store.anchor_dir import load_anchor, write_anchor
-from flexmoe.store.fsutil import guard_output, sha256_file
+from flexmoe.store.fsutil import FILES_RECORD, guard_output, sha256_file
 from flexmoe.store.package import (
     MAX_TEXT,
     USES,
@@ -77,7 +77,8 @@ def shards_sha256(path: Path) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    for f in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+    files = (p for p in Path(path).rglob("*") if p.is_file() and p.name != FILES_RECORD)
+    for f in sorted(files):
         h.update(str(f.relative_to(path)).encode())
         h.update(sha256_file(f).encode())
     return h.hexdigest()

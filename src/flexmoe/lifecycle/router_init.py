@@ -88,6 +88,8 @@ def hidden_rows(model, windows: torch.Tensor) -> torch.Tensor:
 
 def sample_documents(stream, tokenizer, n: int, seed: int, max_tokens: int = 512) -> list[str]:
     """Decode n documents (EOS-separated) from a token stream, chosen by seed."""
+    if not 1 <= n <= 100_000:
+        raise FlexmoeError(f"the number of documents to embed must be 1 to 100,000, got {n}")
     eos = tokenizer.eos_token_id
     docs: list[str] = []
     for arr in stream.arrays:

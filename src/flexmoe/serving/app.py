@@ -8,6 +8,13 @@ generated text plus `flexmoe: {active, excluded, attribution}`; `POST
 /admin/experts/{name}/revoke` takes an expert out of all later requests and of the running ones
 at their next step. `--timeout` bounds the whole request (queueing, prefill and every token: 504),
 and a client that goes away has its batch row cancelled at the next step.
+
+Requests are validated strictly (see `schema`): a body that is not a JSON object, a field of the
+wrong type, an unknown or unimplemented parameter, text that is not valid Unicode is a 400 whose
+`param` names the field; a `model` other than the one served is a 404 (`model_not_found`), as
+OpenAI answers; a completion body sent as anything but JSON is a 415. Every error, the guard's
+401/403/413 and Starlette's 404/405 included, has OpenAI's shape `{"error": {"message", "type",
+"param", "code"}}`; an unexpected exception is a 500 saying only "internal server error".
 """
 
 from __future__ import annotations
@@ -23,8 +30,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import generate_latest
+from starlette.exceptions import HTTPException
 
-from flexmoe.serving.schema import ApiError, ChatRequest, CompletionRequest, error_body, usage
+from flexmoe.serving.schema import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    error_body,
+    field_names,
+    usage,
+)
 from flexmoe.serving.server import Server
 from flexmoe.serving.tenants import Tenant
 from flexmoe.store.merged import PUBLIC, experts_of
@@ -32,11 +47,68 @@ from flexmoe.store.merged import PUBLIC, experts_of
 STATIC = Path(__file__).parent / "static"  # the browser page served at `/`
 
 
+JSON_ROUTES = ("/v1/completions", "/v1/chat/completions")  # their bodies must be JSON
+FIELDS = field_names()
+
+
 def _chat_prompt(server: Server, req: ChatRequest) -> str:
     if not getattr(server.tok, "chat_template", None):
         raise ApiError(400, "this model's tokenizer has no chat template: use /v1/completions")
-    msgs = [m.model_dump() for m in req.messages]
-    return server.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    msgs = [{"role": m.role, "content": m.text} for m in req.messages]
+    try:
+        return server.tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # the template refuses these messages (jinja's `raise_exception`)
+        if not type(e).__module__.startswith("jinja2"):
+            raise
+        raise ApiError(
+            400, f"the chat template refused the messages: {e}", param="messages"
+        ) from None
+
+
+def _validation_error(errors: list[dict]) -> tuple[str, str | None, str]:
+    """(message, param, code) for pydantic's errors on a request body, in OpenAI's words.
+
+    The first error is reported; of the errors on the same field, the deepest (an element of a
+    list rather than the list). Locations drop "body" and pydantic's union tags ("str",
+    "list[str]"), so `param` is the field as the client wrote it (`messages.0.role`)."""
+    if not errors:
+        return "invalid request", None, "invalid_value"
+
+    def where(err: dict) -> list:
+        loc = [x for x in err.get("loc", ()) if x != "body"]
+        last = loc[-1:] if err.get("type") == "extra_forbidden" else []
+        keep = [x for x in loc[: len(loc) - len(last)] if isinstance(x, int) or x in FIELDS]
+        return keep + last
+
+    first = where(errors[0])
+    same = [e for e in errors if where(e)[:1] == first[:1]]
+    err = max(same, key=lambda e: len(where(e)))
+    loc, kind = where(err), err.get("type", "")
+    param = ".".join(map(str, loc)) or (err.get("ctx") or {}).get("param")
+    param = None if param is None else str(param)
+    msgs = [e.get("msg", "invalid") for e in same if where(e) == loc]
+    msg = " or ".join(dict.fromkeys(m[:1].lower() + m[1:] for m in msgs))
+    if kind == "json_invalid":
+        error = (err.get("ctx") or {}).get("error", "")
+        return f"the request body is not valid JSON: {error}", None, "invalid_json"
+    if kind == "extra_forbidden":
+        return f"Unknown parameter: '{param}'.", param, "unknown_parameter"
+    if kind == "unsupported_parameter":
+        return err.get("msg", ""), param, "unsupported_parameter"
+    if kind == "missing":
+        if not loc:  # no body, or `null`
+            return "the request body must be a JSON object", None, "invalid_type"
+        return f"Missing required parameter: '{param}'.", param, "missing_required_parameter"
+    if kind == "string_unicode":  # pydantic could not read a text (a name) at all
+        what = param or "a parameter name"
+        return f"{what} is not valid Unicode (a lone surrogate)", param, "invalid_value"
+    if not loc and kind in ("model_type", "model_attributes_type", "dict_type"):
+        return "the request body must be a JSON object", None, "invalid_type"
+    if kind.startswith("unsupported_"):
+        code = "unsupported_value"
+    else:
+        code = "invalid_type" if kind.endswith("_type") else "invalid_value"
+    return (f"{param}: {msg}" if param else msg[:1].upper() + msg[1:]), param, code
 
 
 def create_app(server: Server):
@@ -50,24 +122,49 @@ def create_app(server: Server):
 
     app = FastAPI(title="flexmoe", lifespan=lifespan, docs_url=None, redoc_url=None)
 
-    def error(status: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-        return JSONResponse(error_body(message, kind), status_code=status)
+    def error(
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ) -> JSONResponse:
+        body = error_body(message, kind, param, code)
+        return JSONResponse(body, status_code=status, headers=headers)
 
     def route(request: Request) -> str:  # the route template: request paths are unbounded
         r = request.scope.get("route")
         return getattr(r, "path", "other")
 
+    # Every error the app answers has OpenAI's shape: its own (ApiError), a request that does
+    # not validate (400, never FastAPI's 422), Starlette's (404 unknown route, 405 wrong
+    # method, 400 unparsable body) and anything unexpected (500, no details leaked).
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
         server.m_requests.labels(route(request), str(e.status)).inc()
-        return error(e.status, e.message, e.kind)
+        return error(e.status, e.message, e.kind, e.param, e.code)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, e: RequestValidationError):
         server.m_requests.labels(route(request), "400").inc()
-        err = e.errors()[0] if e.errors() else {}
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-        return error(400, f"{loc or 'body'}: {err.get('msg', 'invalid request')}")
+        message, param, code = _validation_error(list(e.errors()))
+        return error(400, message, param=param, code=code)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, e: HTTPException):
+        server.m_requests.labels(route(request), str(e.status_code)).inc()
+        where = f"{request.method} {request.url.path}"
+        message = {404: f"Invalid URL ({where})", 405: f"Method not allowed ({where})"}.get(
+            e.status_code, str(e.detail)
+        )
+        kind = "server_error" if e.status_code >= 500 else "invalid_request_error"
+        return error(e.status_code, message, kind, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, e: Exception):  # logged by uvicorn, never sent
+        server.m_requests.labels(route(request), "500").inc()
+        return error(500, "internal server error", "server_error")
 
     def bearer(request: Request) -> str | None:
         return _bearer(request.headers.get("authorization", ""))
@@ -75,8 +172,20 @@ def create_app(server: Server):
     def tenant_of(request: Request) -> Tenant:
         t = server.keys.tenant(bearer(request))
         if t is None:
-            raise ApiError(401, "missing or unknown API key", "authentication_error")
+            raise ApiError(
+                401, "missing or unknown API key", "authentication_error", code="invalid_api_key"
+            )
         return t
+
+    def check_model(req: CompletionRequest | ChatRequest) -> None:
+        """The model asked for is the one served (absent: that one); else 404, as OpenAI."""
+        if req.model is not None and req.model != server.name:
+            raise ApiError(
+                404,
+                f"The model '{req.model}' does not exist: this server serves '{server.name}'",
+                param="model",
+                code="model_not_found",
+            )
 
     @app.get("/health")
     async def health():
@@ -237,12 +346,13 @@ def create_app(server: Server):
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        prompt = req.prompt if isinstance(req.prompt, str) else "".join(req.prompt[:1])
-        return await serve(request, req, prompt, chat=False)
+        check_model(req)
+        return await serve(request, req, req.text, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         tenant_of(request)
+        check_model(req)
         return await serve(request, req, _chat_prompt(server, req), chat=True)
 
     return _Guard(app, server)
@@ -250,6 +360,13 @@ def create_app(server: Server):
 
 def _bearer(header: str) -> str | None:
     return header[7:].strip() if header[:7].lower() == "bearer " else None
+
+
+def _json(content_type: str) -> bool:
+    """A JSON media type, or none given (read as JSON, as FastAPI does)."""
+    return content_type in ("", "application/json") or (
+        content_type.startswith("application/") and content_type.endswith("+json")
+    )
 
 
 class _Guard:
@@ -272,7 +389,12 @@ class _Guard:
             return await self._reply(send, 403, "the admin key is required", "permission_error")
         if path.startswith("/v1/") and keys.tenant(key) is None:
             return await self._reply(
-                send, 401, "missing or unknown API key", "authentication_error"
+                send, 401, "missing or unknown API key", "authentication_error", "invalid_api_key"
+            )
+        kind = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+        if scope.get("method") == "POST" and path in JSON_ROUTES and not _json(kind):
+            return await self._reply(
+                send, 415, f"Content-Type must be application/json, not '{kind}'"
             )
         limit = self.server.limits.max_body_bytes
         too_big = f"request body is over the limit of {limit:,} bytes"
@@ -302,9 +424,11 @@ class _Guard:
 
         return await self.app(scope, replay, send)
 
-    async def _reply(self, send, status: int, message: str, kind="invalid_request_error"):
+    async def _reply(
+        self, send, status: int, message: str, kind="invalid_request_error", code=None
+    ):
         self.server.m_requests.labels("guard", str(status)).inc()
-        data = json.dumps(error_body(message, kind)).encode()
+        data = json.dumps(error_body(message, kind, code=code)).encode()
         await send(
             {
                 "type": "http.response.start",

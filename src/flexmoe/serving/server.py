@@ -104,20 +104,24 @@ class Server:
     def choose(self, req: CompletionRequest, tenant: Tenant):
         """(mask, active, excluded) for a request; 403/400 for what it may not ask."""
         if req.use is not None and req.use not in tenant.uses:
-            raise ApiError(403, f"tenant '{tenant.name}' may not make '{req.use}' requests")
+            raise ApiError(
+                403, f"tenant '{tenant.name}' may not make '{req.use}' requests", param="use"
+            )
         if not self.merged:
             if req.experts and (req.experts.include or req.experts.exclude):
-                raise ApiError(400, "this is a dense model: it has no experts to choose")
+                raise ApiError(
+                    400, "this is a dense model: it has no experts to choose", param="experts"
+                )
             return None, [], []
         names = self.experts()
         choice = req.experts or ExpertChoice()
         unknown = sorted((set(choice.include or []) | set(choice.exclude or [])) - set(names))
         if unknown:
-            raise ApiError(400, f"unknown expert(s): {', '.join(unknown)}")
+            raise ApiError(400, f"unknown expert(s): {', '.join(unknown)}", param="experts")
         for n in choice.include or []:
             reason = self.availability(n, tenant, req.use)
             if reason is not None:
-                raise ApiError(403, f"expert '{n}' is not available: {reason}")
+                raise ApiError(403, f"expert '{n}' is not available: {reason}", param="experts")
         excluded = [(n, "excluded by request") for n in choice.exclude or []]
         for n in names:
             if n in (choice.exclude or []):
@@ -128,7 +132,7 @@ class Server:
         try:
             mask = expert_mask(self.model, choice.include, [n for n, _ in excluded])
         except FlexmoeError as e:
-            raise ApiError(400, str(e)) from None
+            raise ApiError(400, str(e), param="experts") from None
         pre = default_preselect(self.model)
         return mask, pre, excluded
 
@@ -136,12 +140,17 @@ class Server:
     async def run(self, req: CompletionRequest, prompt: str, tenant: Tenant, deadline: float):
         if req.max_tokens > self.limits.max_tokens:
             raise ApiError(
-                400, f"max_tokens {req.max_tokens} exceeds the limit {self.limits.max_tokens}"
+                400,
+                f"max_tokens {req.max_tokens} exceeds the limit {self.limits.max_tokens}",
+                param="max_tokens",
             )
         mask, pre, excluded = self.choose(req, tenant)
+        field = "messages" if hasattr(req, "messages") else "prompt"
         if len(prompt) > 16 * self.limits.max_prompt_tokens:  # before tokenizing it
             raise ApiError(
-                400, f"prompt is over the limit of {self.limits.max_prompt_tokens} tokens"
+                400,
+                f"prompt is over the limit of {self.limits.max_prompt_tokens} tokens",
+                param=field,
             )
         encoded = await asyncio.to_thread(self.tok, prompt, add_special_tokens=False)
         ids = encoded["input_ids"] or [self.tok.eos_token_id]
@@ -149,13 +158,12 @@ class Server:
             raise ApiError(
                 400,
                 f"prompt has {len(ids)} tokens, over the limit of {self.limits.max_prompt_tokens}",
+                param=field,
             )
         if mask is not None and pre:  # request-level preselection, as `generate` does
             chosen = await asyncio.to_thread(preselect_mask, self.model, [prompt], pre, mask)
             mask = mask & chosen[0]
-        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stop) > 4 or any(len(s) > 64 or not s for s in stop):
-            raise ApiError(400, "stop: at most 4 non-empty strings of ≤ 64 characters")
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])  # checked
         loop = asyncio.get_running_loop()
         job = Job(
             ids,

@@ -38,7 +38,11 @@ def _from_pretrained(cls, path: Path, what: str):
     initialise them randomly and run a partly random model)."""
     try:
         model, info = cls.from_pretrained(
-            path, dtype=torch.float32, output_loading_info=True, use_safetensors=True
+            path,
+            dtype=torch.float32,
+            output_loading_info=True,
+            use_safetensors=True,
+            trust_remote_code=False,
         )
     except FlexmoeError:
         raise

@@ -5,8 +5,10 @@ nothing a user owns is replaced without being asked.
   `renameat2(RENAME_EXCHANGE)` (Linux), so a kill at any moment leaves either the old or the new
   complete output. Leftovers of killed runs (`.NAME.tmp-PID-*`) are removed by the next run.
 - `guard_output` is called by every writer before any work: it refuses an output path that is an
-  input (or contains one, or lies inside one) and a non-empty path that is not a previous output of
-  the same command, unless `--overwrite`.
+  input (or contains one, or lies inside one), a non-empty path that is not a previous output of
+  the same command, and a previous output holding files flexmoe did not write there (each output
+  lists its own files in `.flexmoe-files`), unless `--overwrite`.
+- A refused or failed run leaves nothing: the temp dir and any parent directories it created go.
 - Created files and directories get the user's umask (mkstemp/mkdtemp would make them private).
 """
 
@@ -30,6 +32,8 @@ from flexmoe.errors import FlexmoeError
 
 MAX_JSON_BYTES = 1 << 20
 MAX_JSON_DEPTH = 32
+FILES_RECORD = ".flexmoe-files"  # inside every output: the files flexmoe wrote there
+MAX_OUTPUT_FILES = 100_000  # a previous output is walked no further than this
 
 
 def _umask() -> int:
@@ -82,17 +86,72 @@ def clean_leftovers(dest: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+def _make_parents(path: Path) -> list[Path]:
+    """mkdir -p, returning the directories it created (deepest last) so a failure can undo it."""
+    made: list[Path] = []
+    for d in reversed([path, *path.parents]):
+        if not d.exists():
+            try:
+                d.mkdir()
+            except FileExistsError:
+                continue
+            except OSError as e:
+                _remove_empty(made)
+                raise FlexmoeError(f"cannot create directory {d}: {e.strerror}") from None
+            made.append(d)
+        elif not d.is_dir():
+            _remove_empty(made)
+            raise FlexmoeError(f"{d} is not a directory")
+    return made
+
+
+def _remove_empty(made: list[Path]) -> None:
+    for d in reversed(made):
+        with contextlib.suppress(OSError):
+            d.rmdir()
+
+
+def _output_files(root: Path, limit: int = MAX_OUTPUT_FILES) -> list[str] | None:
+    """Relative paths of everything but directories under root (None beyond `limit`)."""
+    found: list[str] = []
+    stack = [root]
+    while stack:
+        d = stack.pop()
+        with os.scandir(d) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(Path(e.path))
+                else:
+                    found.append(Path(e.path).relative_to(root).as_posix())
+                    if len(found) > limit:
+                        return None
+    return sorted(found)
+
+
+def _write_files_record(root: Path) -> None:
+    files = [f for f in _output_files(root) or [] if f != FILES_RECORD]
+    with open(root / FILES_RECORD, "w") as f:
+        json.dump({"format": "flexmoe-output-files/1", "files": files}, f, indent=0)
+        f.write("\n")
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp dir beside `dest`; on success swap it into `dest` atomically, on failure
-    delete it. The caller decides beforehand (guard_output) whether `dest` may be replaced."""
+    """Yield a temp dir beside `dest`; on success record its files, swap it into `dest`
+    atomically; on failure delete it (and the parents this call created). The caller decides
+    beforehand (guard_output) whether `dest` may be replaced."""
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    clean_leftovers(dest)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
+    made = _make_parents(dest.parent)
+    try:
+        clean_leftovers(dest)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
+    except BaseException:
+        _remove_empty(made)
+        raise
     try:
         tmp.chmod(0o777 & ~_umask())
         yield tmp
+        _write_files_record(tmp)
         if dest.exists() or dest.is_symlink():
             if not overwrite:
                 raise FileExistsError(f"{dest} already exists")
@@ -109,6 +168,7 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
             os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(made)
         raise
 
 
@@ -160,6 +220,26 @@ def regular_file(path: str | os.PathLike, what: str, max_bytes: int) -> Path:
         raise FlexmoeError(f"{what} is not a regular file: {path}")
     if st.st_size > max_bytes:
         raise FlexmoeError(f"{what} is too large: {path} ({st.st_size:,} bytes > {max_bytes:,})")
+    return path
+
+
+def writable_file(path: str | os.PathLike, what: str) -> Path:
+    """`path` may be written as a file: it names a file (not '' or a directory), is not an
+    existing directory, FIFO or device, and its parent is (or can be) a directory. Checked before
+    any work, so a wrong path costs nothing."""
+    raw = os.fspath(path)
+    path = Path(raw)
+    if not raw or raw.endswith("/") or path.name in ("", ".", ".."):
+        raise FlexmoeError(f"{what} must name a file, got {raw!r}")
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise FlexmoeError(f"{what} {path} exists and is not a regular file")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FlexmoeError(f"{what} {path}: {parent} is not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise FlexmoeError(f"{what} {path}: {parent} is not writable")
+            break
     return path
 
 
@@ -232,7 +312,12 @@ def _marker(name: str, **fields: Any) -> Callable[[Path], bool]:
     return check
 
 
-TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+TOKENIZER_FILES = {
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    FILES_RECORD,
+}
 
 # what each writer leaves behind, to recognise its own previous output
 OUTPUT_KINDS: dict[str, Callable[[Path], bool]] = {
@@ -245,6 +330,25 @@ OUTPUT_KINDS: dict[str, Callable[[Path], bool]] = {
     ),
     "token shards": _marker("index.json"),
 }
+
+
+# files flexmoe adds to an output after writing it (`expert sign`)
+ADDED_LATER: dict[str, set[str]] = {"expert package": {"signature.json"}}
+
+
+def foreign_files(out: Path, kind: str) -> list[str]:
+    """Files in a previous output that flexmoe did not write there: not in its files record,
+    not added later by flexmoe. An output without a readable record is all foreign."""
+    try:
+        rec = read_json(out / FILES_RECORD, FILES_RECORD)
+        written = set(rec["files"]) if isinstance(rec, dict) else set()
+    except (FlexmoeError, KeyError, TypeError):
+        written = set()
+    written |= ADDED_LATER.get(kind, set()) | {FILES_RECORD}
+    present = _output_files(out)
+    if present is None:
+        return [f"(more than {MAX_OUTPUT_FILES:,} files)"]
+    return [f for f in present if f not in written]
 
 
 def _within(inner: Path, outer: Path) -> bool:
@@ -272,8 +376,19 @@ def guard_output(
         return out
     if out.is_symlink() or not out.is_dir():
         raise FlexmoeError(f"output {out} exists and is not a directory")
-    if overwrite or not any(out.iterdir()) or OUTPUT_KINDS[kind](out):
+    if overwrite or not any(out.iterdir()):
         return out
+    if OUTPUT_KINDS[kind](out):
+        foreign = foreign_files(out, kind)
+        if not foreign:
+            return out
+        shown = ", ".join(foreign[:5]) + (
+            f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        )
+        raise FlexmoeError(
+            f"output {out} is a previous {kind} but holds files flexmoe did not write there "
+            f"({shown}): refusing to replace it (move them, or pass --overwrite)"
+        )
     raise FlexmoeError(
         f"output {out} is a non-empty directory that is not a {kind} written by flexmoe: "
         "refusing to replace it (pass --overwrite)"

@@ -32,7 +32,7 @@ from pydantic import (
 )
 
 from flexmoe.errors import FlexmoeError
-from flexmoe.store.fsutil import atomic_file, write_json
+from flexmoe.store.fsutil import atomic_file, writable_file, write_json
 
 SIGNATURE = "signature.json"
 MANIFEST = "manifest.json"  # same name as flexmoe.package.MANIFEST (not imported: keeps torch out)
@@ -106,8 +106,8 @@ class _SignatureFile(BaseModel):
 
 def new_key(path: Path, overwrite: bool = False) -> str:
     """Write a fresh private key (PKCS8 PEM, 0600) and `<path>.pub`; return its key id."""
-    path = Path(path)
-    pub_path = path.with_name(path.name + ".pub")
+    path = writable_file(path, "key file")
+    pub_path = writable_file(path.with_name(path.name + ".pub"), "public key file")
     for p in (path, pub_path):
         if not overwrite and (p.exists() or p.is_symlink()):
             raise FlexmoeError(f"{p} already exists (refusing to overwrite a key)")
@@ -117,6 +117,16 @@ def new_key(path: Path, overwrite: bool = False) -> str:
     )
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     kid = key_id(raw)
+    umask = os.umask(0o077)
+    os.umask(umask)
+    try:
+        _write_key_files(path, pub_path, pem, f"ed25519 {base64.b64encode(raw).decode()} {kid}\n")
+    except OSError as e:
+        raise FlexmoeError(f"cannot write the key {path}: {e.strerror or e}") from None
+    return kid
+
+
+def _write_key_files(path: Path, pub_path: Path, pem: bytes, pub_line: str) -> None:
     umask = os.umask(0o077)
     os.umask(umask)
     # not fsutil.atomic_file: its temp file may be readable by others before we could chmod it
@@ -133,8 +143,7 @@ def new_key(path: Path, overwrite: bool = False) -> str:
         raise
     with atomic_file(pub_path, "w") as f:
         os.fchmod(f.fileno(), 0o644 & ~umask)
-        f.write(f"ed25519 {base64.b64encode(raw).decode()} {kid}\n")
-    return kid
+        f.write(pub_line)
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
@@ -165,6 +174,7 @@ def sign_package(pkg: Path, key_path: Path) -> Signer:
     digest = _manifest_sha256(pkg)
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     signer = Signer(key_id(raw), base64.b64encode(raw).decode())
+    writable_file(pkg / SIGNATURE, "signature file")
     sig = key.sign(DOMAIN + digest.encode())
     doc = {"format": "flexmoe-signature", "version": 1, "algorithm": "ed25519"}
     doc |= {"public_key": signer.public_key, "key_id": signer.key_id, "manifest_sha256": digest}
