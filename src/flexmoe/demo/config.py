@@ -111,7 +111,7 @@ class DemoConfig:
             batch_size=4,
             seq_len=256,
             router_docs=200,
-            eval_tokens=2048,
+            eval_tokens=4096,  # 16 windows per domain: the least a window bootstrap can use
             compare_paper=False,
             lean_eval=True,
             eval_bf16=True,

@@ -142,4 +142,4 @@ def _eval_spec(cfg: DemoConfig) -> dict:
     }
     after = ("out", "tasks", "task_limit")  # the tasks stage runs after the evaluation
     settings = {k: str(v) for k, v in vars(cfg).items() if k not in after}
-    return {"stages": stages, "settings": settings, "context": cfg.preselect_context, "v": 2}
+    return {"stages": stages, "settings": settings, "context": cfg.preselect_context, "v": 3}

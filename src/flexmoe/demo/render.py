@@ -1,6 +1,8 @@
-"""The demo's report from its measured results (flexmoe.evaluation.demo_eval): the main table,
-opt-out, router tuning, recipes side by side, ablations, per-source BPB, top-k, router
-embeddings, a generation with attribution, plots and the downstream-tasks table.
+"""The demo's report from its measured results (flexmoe.evaluation.demo_eval): the claims at
+this budget (one sentence each, from paired 95% intervals), the main table with intervals,
+opt-out (with paired deltas), router tuning, recipes side by side, ablations, per-source BPB,
+top-k, router embeddings, a generation with attribution, plots and the downstream-tasks table
+(with Wilson intervals). Results written before flexmoe measured intervals render without them.
 
 Only text and figures are made here; nothing is measured. `flexmoe report RUN_DIR` rebuilds
 report.md and the plots from results.json.
@@ -17,11 +19,50 @@ from rich.table import Table
 
 from flexmoe.data.corpus import PUBLIC
 from flexmoe.errors import FlexmoeError
+from flexmoe.evaluation import intervals as iv
 from flexmoe.store.fsutil import atomic_file, write_json
+
+NO_INTERVALS = "no intervals (results written by an older flexmoe)"
 
 
 def _fmt(v: float) -> str:
     return "–" if v != v else f"{v:.3f}"  # NaN: not evaluated (lean evaluation)
+
+
+def _ci(v: float, ci) -> str:
+    """'1.100 [1.081, 1.119]': a BPB and its 95% interval; '–' when not measured."""
+    if v != v:
+        return "–"
+    return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{v:.3f}"
+
+
+def _signed(x: float, fmt: str) -> str:
+    return format(x, fmt).replace("-", "−")  # a true minus sign: −3.2%
+
+
+def _diff_cell(r: dict | None) -> str:
+    """'+0.052 [+0.031, +0.070]': a paired BPB difference and its interval."""
+    if not r:
+        return "–"
+    return f"{_signed(r['diff'], '+.3f')} [{_signed(r['lo'], '+.3f')}, {_signed(r['hi'], '+.3f')}]"
+
+
+def _rel_text(r: dict) -> str:
+    return (
+        f"{_signed(r['rel'], '+.1%')} "
+        f"[{_signed(r['rel_lo'], '+.1%')}, {_signed(r['rel_hi'], '+.1%')}]"
+    )
+
+
+def intervals_of(results: dict) -> dict | None:
+    """results["intervals"]; computed from results["windows"] when only those were stored; None
+    for results written before flexmoe measured intervals."""
+    if results.get("intervals"):
+        return results["intervals"]
+    if results.get("windows"):
+        seq_len = (results.get("config") or {}).get("seq_len")
+        return iv.demo_intervals(results["windows"], results["domains"], seq_len)
+    return None
 
 
 ROW_ORDER = (
@@ -46,16 +87,103 @@ def row_order(names) -> list[str]:
 
 
 def main_table_md(results: dict) -> str:
+    """Each cell: BPB [95% interval] (just the BPB for results without intervals); the best of
+    each column in bold; '–' where not measured."""
     cols = [*results["domains"], "mean"]
+    ivs = (intervals_of(results) or {}).get("rows", {})
     lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     best = {  # NaN: not evaluated (lean evaluation), never the best
         c: min((r[c] for r in results["main"].values() if r[c] == r[c]), default=None) for c in cols
     }
     for name in row_order(results["main"]):
-        r = results["main"][name]
-        cells = [f"**{_fmt(r[c])}**" if r[c] == best[c] else _fmt(r[c]) for c in cols]
+        r, ci = results["main"][name], ivs.get(name, {})
+        cells = [
+            f"**{_ci(r[c], ci.get(c))}**" if r[c] == best[c] else _ci(r[c], ci.get(c)) for c in cols
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def interval_note(results: dict) -> str:
+    """What the intervals are: what was resampled, and how many windows/tokens per domain."""
+    ivs = intervals_of(results)
+    if ivs is None:
+        return f"Held-out BPB, lower is better; {NO_INTERVALS}. – : not measured."
+    n = ivs.get("windows", {})
+    tok = ivs.get("tokens", {})
+    per = ", ".join(
+        f"{d} {n[d]}" + (f" ({tok[d]:,} tokens)" if d in tok else "")
+        for d in results["domains"]
+        if d in n
+    )
+    few = min(n.values(), default=0) < iv.FEW_WINDOWS
+    return (
+        f"Held-out BPB, lower is better; each cell is the BPB and its {ivs['level']:.0%} interval: "
+        f"a percentile bootstrap ({ivs['n_boot']} draws, seed {ivs['seed']}) over the scored "
+        "held-out windows, resampling windows rather than documents (documents are joined into "
+        "one stream and few per domain at this budget). Windows per domain: "
+        f"{per}. Windows of one document are not independent, so the intervals are, if "
+        "anything, too narrow"
+        + (f"; with fewer than {iv.FEW_WINDOWS} windows per domain they are rough" if few else "")
+        + ". Comparisons below are paired: both models are scored on the same windows and each "
+        "draw resamples the same windows for both. – : not measured (lean evaluation)."
+    )
+
+
+def _by_verdict(cmp: dict, cols: list[str]) -> str:
+    """'holds on code, math; not distinguishable at this budget on public' (per domain)."""
+    groups: dict[str, list[str]] = {}
+    for c in cols:
+        if c in cmp:
+            groups.setdefault(cmp[c]["verdict"], []).append(c)
+    return "; ".join(f"{v} on {', '.join(ds)}" for v, ds in groups.items())
+
+
+CLAIMS = {
+    "anchor (public only)": "The merged model beats the public anchor",
+    "model soup (uniform)": "The merged model beats the uniform model soup",
+    "model soup (weighted)": "The merged model beats the likelihood-weighted model soup",
+    "BTM (top-2 ensemble)": "The merged model beats BTM (top-2 ensemble of the dense models)",
+}
+
+
+def claim_lines(results: dict) -> list[str]:
+    """One sentence per claim, from the paired intervals of merged − other (lower is better):
+    'holds' (the interval of the difference is below 0), 'does not hold' (above 0), or 'not
+    distinguishable at this budget'."""
+    ivs = intervals_of(results)
+    if ivs is None:
+        return [f"No claims judged: {NO_INTERVALS}."]
+    main, doms = results["main"], results["domains"]
+    if "FlexOlmo merged" not in main:
+        return ["No claims judged: the results have no merged model."]
+    mv = ivs.get("merged_vs", {})
+    out = []
+
+    def sentence(claim: str, cmp: dict, col: str, extra: str = "") -> str:
+        if col not in cmp:
+            return f"{claim}: not measured (lean evaluation)."
+        r = cmp[col]
+        where = "mean" if col == "mean" else f"on {col}"
+        return f"{claim}: **{r['verdict']}** ({where} {_rel_text(r)} BPB{extra})."
+
+    for b, claim in CLAIMS.items():
+        if b in main:
+            cmp = mv.get(b, {})
+            per = _by_verdict(cmp, doms)
+            out.append(sentence(claim, cmp, "mean", f"; per domain: {per}" if per else ""))
+    for k in row_order(main):
+        if k.startswith(iv.TWO_EXPERT):
+            d = k[len(iv.TWO_EXPERT) :]
+            claim = (
+                f"The merged model beats the {d} owner's 2-expert model (public+{d}, the "
+                f"merged model's ceiling on {d}) on {d}"
+            )
+            cmp = mv.get(k, {})
+            m = cmp.get("mean")
+            extra = f"; on the mean: {m['verdict']}, {_rel_text(m)}" if m else ""
+            out.append(sentence(claim, cmp, d, extra))
+    return out
 
 
 def print_main_table(results: dict) -> None:
@@ -67,6 +195,8 @@ def print_main_table(results: dict) -> None:
     for name in row_order(results["main"]):
         t.add_row(name, *[_fmt(results["main"][name][c]) for c in cols])
     Console().print(t)
+    for line in claim_lines(results):
+        Console().print("  " + line.replace("**", ""), highlight=False, markup=False)
     oo = Table(title="opt-out: FlexOlmo merged with one expert excluded")
     oo.add_column("excluded")
     for c in cols:
@@ -119,7 +249,18 @@ def write_report(results: dict, out: Path) -> Path:
         "(`python scripts/demo.py`); rebuild this file with `flexmoe report "
         f"{out.parent}`.",
         "",
+        "## Claims at this budget",
+        "",
+        "Each claim is read from the paired 95% interval of the merged model's held-out BPB "
+        "minus the other model's (relative to the other model; lower is better): **holds** when "
+        "the whole interval is below 0, **does not hold** when it is above 0, otherwise **not "
+        "distinguishable at this budget**.",
+        "",
+        *[f"- {line}" for line in claim_lines(results)],
+        "",
         "## Main table",
+        "",
+        interval_note(results),
         "",
         main_table_md(results),
         "",
@@ -134,6 +275,7 @@ def write_report(results: dict, out: Path) -> Path:
     ]
     for d, r in results["optout"].items():
         md.append(f"| {d} | " + " | ".join(_fmt(r[c]) for c in cols) + " |")
+    md += optout_delta_md(results, cols)
     if results.get("optout_rt"):
         tuned = results["main"]["FlexOlmo merged + router tuning"]
         md += [
@@ -149,10 +291,15 @@ def write_report(results: dict, out: Path) -> Path:
             "| (none), no RT | " + " | ".join(_fmt(full[c]) for c in cols) + " |",
             "| (none), RT | " + " | ".join(_fmt(tuned[c]) for c in cols) + " |",
         ]
+        rt_iv = (intervals_of(results) or {}).get("optout_rt", {})
         for d, r in results["optout_rt"].items():
+            ci = rt_iv.get(d, {})
             md.append(
                 f"| {d}, RT | "
-                + " | ".join(f"{_fmt(r[c])} ({r[c] - tuned[c]:+.3f})" for c in cols)
+                + " | ".join(
+                    f"{_fmt(r[c])} ({_diff_cell(ci[c]) if c in ci else f'{r[c] - tuned[c]:+.3f}'})"
+                    for c in cols
+                )
                 + " |"
             )
     md += selectivity_md(results)
@@ -264,6 +411,33 @@ def write_report(results: dict, out: Path) -> Path:
     return out
 
 
+def optout_delta_md(results: dict, cols: list[str]) -> list[str]:
+    """Each opt-out as a paired difference: BPB with the expert excluded − BPB with all experts,
+    and its 95% interval (bold where the interval excludes 0)."""
+    ivs = intervals_of(results)
+    if ivs is None:
+        return ["", f"Opt-out deltas: {NO_INTERVALS}."]
+    oo = ivs.get("optout", {})
+    md = [
+        "",
+        "Δ BPB vs all experts, paired 95% interval (positive: worse without the expert; bold: "
+        "the interval excludes 0):",
+        "",
+        "| excluded | " + " | ".join(cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
+    for d in results["optout"]:
+        cmp = oo.get(d, {})
+        cells = [
+            f"**{_diff_cell(cmp[c])}**"
+            if c in cmp and cmp[c]["verdict"] != iv.TIE
+            else _diff_cell(cmp.get(c))
+            for c in cols
+        ]
+        md.append(f"| {d} | " + " | ".join(cells) + " |")
+    return md
+
+
 VARIANT_LABELS = {
     "token": "token routing alone (no preselection)",
     "stock": "stock loader (b = 0)",
@@ -351,28 +525,51 @@ def make_plots(results: dict, out: Path) -> list[Path]:
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
 
-    def heatmap(mat, rows, cols, cmap, fmt, label, title, name, **kw) -> None:
-        fig, ax = plt.subplots(figsize=(1.2 * len(cols) + 2, 0.6 * len(rows) + 1.5))
-        im = ax.imshow(mat, cmap=cmap, **kw)
+    def heatmap(mat, rows, cols, cmap, fmt, label, title, name, marks=None, **kw) -> None:
+        fig, ax = plt.subplots(figsize=(1.2 * len(cols) + 3, 0.6 * len(rows) + 1.8))
+        im = ax.imshow(np.ma.masked_invalid(mat), cmap=cmap, **kw)
         ax.set_xticks(range(len(cols)), cols, rotation=30)
         ax.set_yticks(range(len(rows)), rows)
         for (i, j), v in np.ndenumerate(mat):
-            ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=8)
+            if v == v:  # nothing drawn for what was not measured
+                mark = "*" if marks is not None and marks[i][j] else ""
+                r, g, b, _ = im.cmap(im.norm(v))
+                dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+                ax.text(
+                    j,
+                    i,
+                    format(v, fmt) + mark,
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if dark else "black",
+                )
         fig.colorbar(im, label=label)
         ax.set_title(title)
         save(fig, name)
 
+    ivs = intervals_of(results)
     full = results["main"]["FlexOlmo merged"]
     optout = results["optout"]
+    oo_mat = np.array([[optout[e][d] - full[d] for d in doms] for e in optout], dtype=float)
+    oo_iv = (ivs or {}).get("optout", {})
+    span = float(np.nanmax(np.abs(oo_mat), initial=0.0)) or 1e-3
     heatmap(
-        np.array([[optout[e][d] - full[d] for d in doms] for e in optout]),
+        oo_mat,
         [f"without {e}" for e in optout],
         doms,
-        "Reds",
+        "RdBu_r",
         "+.3f",
-        "Δ BPB vs all experts",
-        "opt-out: held-out BPB change",
+        "Δ BPB vs all experts (red: worse)",
+        "opt-out: held-out BPB change without one expert\n"
+        + ("(*: the paired 95% interval excludes 0)" if ivs else f"({NO_INTERVALS})"),
         "optout.png",
+        marks=[
+            [oo_iv.get(e, {}).get(d, {}).get("verdict", iv.TIE) != iv.TIE for d in doms]
+            for e in optout
+        ],
+        vmin=-span,
+        vmax=span,
     )
     heatmap(
         np.array([np.mean(results["routing"][d], axis=0) for d in doms]),
@@ -397,15 +594,56 @@ def make_plots(results: dict, out: Path) -> list[Path]:
         ax.legend()
         ax.set_title("top-k")
         save(fig, "topk.png")
-    # main table bars
-    models = row_order(results["main"])
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(models) + 1.5))
-    ax.barh(range(len(models)), [results["main"][m]["mean"] for m in models], color="tab:gray")
-    ax.set_yticks(range(len(models)), models)
-    ax.invert_yaxis()
-    ax.set_xlabel("mean held-out BPB (lower is better)")
-    save(fig, "main.png")
+    change_vs_anchor_plot(results, ivs, plt, save)
     return paths
+
+
+def change_vs_anchor_plot(results: dict, ivs: dict | None, plt, save) -> bool:
+    """main.png: per column (domains, mean) each model's % change in held-out BPB vs the anchor,
+    with the paired 95% interval as whiskers; nothing drawn where a value was not measured."""
+    main, anchor = results["main"], iv.ANCHOR
+    if anchor not in main:
+        return False
+    cols = [*results["domains"], "mean"]
+    models = [m for m in row_order(main) if m != anchor]
+    if not models:
+        return False
+    vs = (ivs or {}).get("vs_anchor", {})
+    fig, axes = plt.subplots(
+        1,
+        len(cols),
+        figsize=(2.1 * len(cols) + 3.2, 0.32 * len(models) + 1.6),
+        sharey=True,
+        squeeze=False,
+    )
+    for ax, c in zip(axes[0], cols, strict=True):
+        for i, m in enumerate(models):
+            r = vs.get(m, {}).get(c)
+            if r is not None:
+                x, err = (
+                    100 * r["rel"],
+                    [[100 * (r["rel"] - r["rel_lo"])], [100 * (r["rel_hi"] - r["rel"])]],
+                )
+            else:
+                a, v = main[anchor][c], main[m][c]
+                if v != v or a != a:
+                    continue  # not measured: nothing drawn
+                x, err = 100 * (v / a - 1), None
+            color = "tab:red" if m.startswith("FlexOlmo merged") else "tab:gray"
+            ax.errorbar(x, i, xerr=err, fmt="o", color=color, ms=4, capsize=2, lw=1)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_title(c, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+        ax.tick_params(labelsize=7)
+    axes[0][0].set_yticks(range(len(models)), models, fontsize=7)
+    axes[0][0].set_ylim(len(models) - 0.5, -0.5)
+    fig.supxlabel(
+        "held-out BPB change vs the public anchor, % (left of 0: better)"
+        + (", whiskers: paired 95% interval" if ivs else f" — {NO_INTERVALS}"),
+        fontsize=8,
+    )
+    save(fig, "main.png")
+    return True
 
 
 def rebuild(run_dir: Path) -> Path:
@@ -423,13 +661,20 @@ def tasks_md(results: dict[str, dict[str, dict[str, float]]], limit: int) -> str
 
     def cell(m: dict) -> str:
         v = m.get("acc_norm", m.get("acc", m.get("bits_per_byte")))
-        return "–" if v is None else f"{v:.3f}"
+        if v is None or v != v:
+            return "–"
+        n = int(m.get("docs") or 0)
+        if n > 0 and ("acc_norm" in m or "acc" in m):  # a proportion of n documents
+            lo, hi = iv.wilson(round(v * n), n)
+            return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+        return f"{v:.3f}"
 
     md = [
         "# Downstream tasks",
         "",
         f"`flexmoe eval tasks`, {limit} documents per task; multiple choice: acc_norm (higher is "
-        "better), gold-answer tasks: bits per byte (lower is better).",
+        "better) with its 95% Wilson interval over the documents scored, gold-answer tasks: bits "
+        "per byte (lower is better, no interval).",
         "",
         "| model | " + " | ".join(tasks) + " |",
         "|---|" + "---:|" * len(tasks),

@@ -2,8 +2,9 @@
 top-k curve, no-bias ablation, router-embedding similarity, a generation with attribution.
 
 Everything here is measured on held-out splits the models never trained on; nothing is tuned
-on them. The results are plain dicts (results.json); flexmoe.demo.render turns them into text
-and plots.
+on them. The results are plain dicts (results.json), with the scored windows of every main-table
+and opt-out row and the 95% intervals computed from them (flexmoe.evaluation.intervals);
+flexmoe.demo.render turns them into text and plots.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from rich.console import Console
 from flexmoe.data.corpus import PUBLIC
 from flexmoe.data.shards import TokenStream
 from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
+from flexmoe.evaluation.intervals import OPTOUT, OPTOUT_RT, demo_intervals
 from flexmoe.inference.bpb import eval_windows, evaluate_bpb
 from flexmoe.inference.generate import generate
 from flexmoe.inference.preselect import PRESELECT_CONTEXT, default_preselect, preselect_hook
@@ -46,26 +48,37 @@ class EvalSettings:
     preselect_context: int = PRESELECT_CONTEXT  # tokens before a window that preselection reads
 
 
-def _bpb(model_fn, streams, tb, settings: EvalSettings, before=None, only=None) -> dict[str, float]:
+class BPBRow(dict):
+    """A row of per-domain BPB (a plain dict in results.json) that also carries, in `.windows`,
+    the scored windows ({domain: [[nll_nats, bytes], ...]}) of each domain it measured; the
+    report's intervals are computed from them (results["windows"], results["intervals"])."""
+
+    def __init__(self, values: dict, windows: dict | None = None):
+        super().__init__(values)
+        self.windows = windows or {}
+
+
+def _bpb(model_fn, streams, tb, settings: EvalSettings, before=None, only=None) -> BPBRow:
     """Per-domain BPB plus the mean and closed mean; before(stream) → a before_batch hook.
-    `only`: evaluate these domains, NaN for the rest (lean evaluation)."""
-    res = {
-        d: evaluate_bpb(
+    `only`: evaluate these domains, NaN for the rest (lean evaluation; no windows for them)."""
+    res, windows = {}, {}
+    for d, s in streams.items():
+        if only is not None and d not in only:
+            res[d] = float("nan")
+            continue
+        r = evaluate_bpb(
             model_fn,
             s,
             tb,
             settings.seq_len,
             max_tokens=settings.eval_tokens,
             before_batch=before(s) if before else None,
-        )["bpb"]
-        if only is None or d in only
-        else float("nan")
-        for d, s in streams.items()
-    }
+        )
+        res[d], windows[d] = r["bpb"], r["windows"]
     closed = [v for d, v in res.items() if d != PUBLIC]
     res["mean"] = sum(res[d] for d in streams) / len(streams)
     res["closed mean"] = sum(closed) / max(len(closed), 1)
-    return res
+    return BPBRow(res, windows)
 
 
 @torch.no_grad()
@@ -77,7 +90,12 @@ def evaluate_all(
     extra: dict[str, Path] | None = None,
     tuned_dir: Path | None = None,
 ) -> dict:
-    """`recipes`: recipe label → merged dir, the default recipe first (it is "FlexOlmo merged")."""
+    """`recipes`: recipe label → merged dir, the default recipe first (it is "FlexOlmo merged").
+
+    Besides the BPB tables, results["windows"] holds the scored windows ([nll_nats, bytes] per
+    window, per measured domain) of every main-table row and of every opt-out row ("optout: <e>",
+    "optout (router tuning): <e>"), and results["intervals"] the 95% intervals computed from them
+    (flexmoe.evaluation.intervals.demo_intervals)."""
     tok = load_tokenizer(paths["anchor"])
     tb = token_byte_lengths(tok)
     domains = [PUBLIC, *settings.domains]
@@ -161,6 +179,12 @@ def evaluate_all(
     unit = torch.nn.functional.normalize(rows_emb, dim=-1)
     cosine = (unit @ unit.transpose(1, 2)).mean(0).tolist()
 
+    # the scored windows of every main-table and opt-out row, and the intervals from them
+    windows = {k: r.windows for k, r in rows.items() if isinstance(r, BPBRow)}
+    windows |= {f"{OPTOUT}{d}": r.windows for d, r in optout.items()}
+    windows |= {f"{OPTOUT_RT}{d}": r.windows for d, r in (optout_rt or {}).items()}
+    intervals = demo_intervals(windows, domains, settings.seq_len)
+
     gen_full = generate(merged, tok, settings.prompt, max_new_tokens=24, attribution=True)
     # the expert the prompt is about (settings.gen_exclude, e.g. code for a Python prompt), else
     # the expert with the most routing weight
@@ -199,6 +223,8 @@ def evaluate_all(
             "without": _gen(gen_out),
             "only": _gen(gen_only),
         },
+        "windows": windows,
+        "intervals": intervals,
     }
 
 

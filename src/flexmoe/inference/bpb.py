@@ -52,10 +52,15 @@ def evaluate_bpb(
     """Mean loss (nats/token) and BPB of `logits_fn` (ids (B,T) → logits (B,T,V)) on a stream.
     before_batch(window starts) may return a context the batch's forward runs in (e.g. a
     model.routing that chooses experts from the text that precedes each window). Logits may
-    be on any device: targets follow them."""
+    be on any device: targets follow them.
+
+    "windows": [[nll_nats, bytes], ...], one pair per scored window (eval_windows order), the
+    unit flexmoe.evaluation.intervals resamples; they sum (up to float rounding) to the totals
+    the BPB is computed from."""
     tb = torch.as_tensor(token_bytes)
     starts = eval_windows(stream, seq_len, max_tokens)
     nll_sum, n_tok, n_bytes = 0.0, 0, 0
+    windows: list[list[float]] = []
     for i in range(0, len(starts), batch_size):
         batch = np.stack([stream.window(s, seq_len + 1) for s in starts[i : i + batch_size]])
         ids = torch.from_numpy(batch)
@@ -69,11 +74,16 @@ def evaluate_bpb(
         nll_sum += float(nll[keep].double().sum())
         n_tok += int(keep.sum())
         n_bytes += int(nbytes.sum())
+        rows = len(batch)  # per window: the same targets, summed within the window
+        w_nll = nll.double().masked_fill(~keep, 0.0).view(rows, -1).sum(1).tolist()
+        w_bytes = nbytes.view(rows, -1).sum(1).tolist()
+        windows += [[a, int(b)] for a, b in zip(w_nll, w_bytes, strict=True)]
     return {
         "loss": nll_sum / max(n_tok, 1),
         "bpb": bits_per_byte(nll_sum, n_bytes),
         "tokens": n_tok,
         "bytes": n_bytes,
+        "windows": windows,
     }
 
 
