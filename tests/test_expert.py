@@ -266,3 +266,34 @@ def test_eval_bpb_optout_of_only_expert_equals_anchor(work, expert_pkg, anchor_d
         capsys,
     )
     assert code_cli == 0 and "public" in stdout, err
+
+
+def test_public_negatives_skip_ffn_gradients_exactly(anchor_dir, shards):
+    """The public-negative pass computes no FFN weight gradients, and the router gradients are
+    bit-identical to computing them and dropping them (the FSDP path)."""
+    from contextlib import nullcontext
+    from unittest import mock
+
+    from flexmoe.data.shards import TokenStream
+    from flexmoe.lifecycle import gate
+
+    anchor, _, extras = load_anchor(anchor_dir)
+    L, H = anchor.config.num_hidden_layers, anchor.config.hidden_size
+    rows = torch.randn(L, H, generator=torch.Generator().manual_seed(0)) * 0.1
+    hook = gate.PublicNegatives(TokenStream(shards["public/train"]), 3, 32, seed=0, gate_weight=1.0)
+
+    def grads(skip: bool) -> dict[str, torch.Tensor]:
+        model = build_two_expert(anchor, extras, rows, "domain")
+        freeze_for_expert(model)
+        with mock.patch.object(gate.PublicNegatives, "skip_ffn_grads", skip):
+            hook(model, step=3, autocast=nullcontext())
+        assert all(p.requires_grad for n, p in model.named_parameters() if ".mlp.experts." in n)
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    fast, full = grads(True), grads(False)
+    assert fast.keys() == full.keys()
+    for n in fast:
+        if ".mlp.experts." in n:
+            assert fast[n] is None and full[n] is None
+        else:
+            assert torch.equal(fast[n], full[n]), n

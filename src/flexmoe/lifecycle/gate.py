@@ -109,9 +109,13 @@ def make_recipe(name: str, **overrides) -> Recipe:
 class PublicNegatives:
     """pre_step hook: one public batch per step that teaches the owner's gate to decline it.
 
-    The batch is a pure function of (seed, step), so resume stays exact. After its backward the
-    owner's FFN gradients are dropped: only the owner's router row and bias learn from it.
+    The batch is a pure function of (seed, step), so resume stays exact. Only the owner's router
+    row and bias learn from it: on one process the FFN weights' gradients are not even computed
+    (requires_grad is off during the pass, the same result for less work); under FSDP they are
+    computed and dropped.
     """
+
+    skip_ffn_grads = True  # off only to compare with the compute-then-drop path (tests)
 
     def __init__(self, stream: TokenStream, rows: int, seq_len: int, seed: int, gate_weight: float):
         self.stream, self.rows, self.seq_len = stream, rows, seq_len
@@ -127,14 +131,21 @@ class PublicNegatives:
         batch = torch.from_numpy(
             np.stack([self.stream.window(int(s), self.seq_len + 1) for s in starts])
         ).to(device)
-        with capture_router_logits(model) as captured, autocast:
-            logits = model(batch[:, :-1]).logits
-        lm = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-        gate = gate_loss(captured, PUBLIC)
-        (lm + self.gate_weight * gate).backward()
-        for name, p in model.named_parameters():
-            if ".mlp.experts." in name:
-                p.grad = None  # the owner's FFN learns from the owner's data only
+        ffn = [p for n, p in model.named_parameters() if ".mlp.experts." in n and p.requires_grad]
+        skip = self.skip_ffn_grads and world == 1  # FSDP2 keeps its own view of requires_grad
+        for p in ffn if skip else ():
+            p.requires_grad_(False)
+        try:
+            with capture_router_logits(model) as captured, autocast:
+                logits = model(batch[:, :-1]).logits
+            lm = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+            gate = gate_loss(captured, PUBLIC)
+            (lm + self.gate_weight * gate).backward()
+        finally:
+            for p in ffn if skip else ():
+                p.requires_grad_(True)
+        for p in ffn:
+            p.grad = None  # the owner's FFN learns from the owner's data only
         owner = torch.stack([torch.cat(c).detach().softmax(-1)[:, OWNER].mean() for c in captured])
         return {
             "public/lm": float(lm.detach()),
