@@ -148,6 +148,27 @@ CASES = [
         ["audit", "{shards}/code/train", "--model", "{merged}", "--json", "{d}"],
         "not a regular file",
     ),
+    Case(
+        "audit --json over a user file",
+        ["audit", "{shards}/code/train", "--model", "{merged}", "--json", "mine.json"],
+        "flexmoe-audit/1",
+        _text("mine.json", '{"mine": 1}'),
+    ),
+    Case(
+        "expert proxy -o over a user file",
+        [
+            "expert",
+            "proxy",
+            "--data",
+            "{d}/docs.jsonl",
+            "--public",
+            "{d}/docs.jsonl",
+            "-o",
+            "p.json",
+        ],
+        "flexmoe-proxies",
+        _text("p.json", '{"mine": 1}'),
+    ),
     Case("serve --state file", [*SERVE, "--state", "s"], "not a directory", _text("s", "x")),
     Case(
         "serve [tenants] table",
@@ -353,3 +374,17 @@ def test_cli_refuses_cleanly(case: Case, paths, tmp_path):
     assert out == ""
     assert rss < MAX_RSS, f"peak RSS {rss >> 20} MiB"
     assert _snapshot(*watched) == before  # nothing written, nothing removed
+
+
+def test_file_outputs_replace_only_their_own(tmp_path):
+    from flexmoe.errors import FlexmoeError
+    from flexmoe.store.fsutil import guard_file, write_json
+
+    out = tmp_path / "r.json"
+    assert guard_file(out, "--json", "fmt/1") == out  # new
+    write_json(out, {"format": "fmt/1", "x": 1})
+    assert guard_file(out, "--json", "fmt/1") == out  # a previous output of the same command
+    out.write_text('{"format": "other"}')
+    with pytest.raises(FlexmoeError, match="--overwrite"):
+        guard_file(out, "--json", "fmt/1")
+    assert guard_file(out, "--json", "fmt/1", overwrite=True) == out

@@ -18,10 +18,13 @@ from flexmoe.cli.options import (
     DtypeOption,
     ExcludeOption,
     IncludeOption,
+    OverwriteOption,
     PreselectOption,
     split_names,
 )
 from flexmoe.errors import FlexmoeError
+
+AUDIT_FORMAT = "flexmoe-audit/1"
 
 eval_app = typer.Typer(
     help="Evaluation: held-out bits per byte, downstream tasks.", no_args_is_help=True
@@ -188,19 +191,20 @@ def audit_cmd(
         "runs/audit-control"
     ),
     json_out: Annotated[Path | None, typer.Option("--json", help="Write results here.")] = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Memorisation audit: extraction (the paper's protocol) and membership inference."""
     from flexmoe.data.shards import TokenStream
     from flexmoe.data.tokenizer import load_tokenizer
     from flexmoe.evaluation.audit import Audited, audit, split_documents, train_control
     from flexmoe.selection import expert_mask
-    from flexmoe.store.fsutil import writable_file, write_json
+    from flexmoe.store.fsutil import guard_file, write_json
     from flexmoe.store.merged import is_merged, load_model
 
     if not models and not control:
         raise FlexmoeError("give --model (repeatable) and/or --control")
     if json_out is not None:
-        writable_file(json_out, "--json")
+        guard_file(json_out, "--json", AUDIT_FORMAT, overwrite)
     if control and reference is None:
         raise FlexmoeError("--control needs --reference ANCHOR (the control is trained on it)")
     first = Path((models or [reference])[0])
@@ -244,4 +248,4 @@ def audit_cmd(
         )
     out.print(table)
     if json_out is not None:
-        write_json(json_out, res)
+        write_json(json_out, {"format": AUDIT_FORMAT, "models": res})

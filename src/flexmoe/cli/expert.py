@@ -251,17 +251,19 @@ def expert_proxy(
     ] = None,
     max_owner_docs: Annotated[int, typer.Option(help="Owner documents to embed.")] = 1000,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Choose proxy documents from PUBLIC data for router tuning; writes public ids only."""
     from flexmoe.lifecycle.router_tune import (
+        PROXY_FORMAT,
         read_owner_texts,
         read_public,
         select_proxies,
         write_proxies,
     )
-    from flexmoe.store.fsutil import writable_file
+    from flexmoe.store.fsutil import guard_file
 
-    writable_file(out_path, "--out")
+    guard_file(out_path, "--out", PROXY_FORMAT, overwrite)
     label, texts = read_owner_texts(data, corpus, max_owner_docs, seed)
     docs = read_public(public)
     ids = select_proxies(texts, docs, k, seed)

@@ -243,6 +243,23 @@ def writable_file(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
+def guard_file(path: str | os.PathLike, what: str, fmt: str, overwrite: bool = False) -> Path:
+    """A file output: writable (writable_file), and an existing file is replaced only if it is a
+    previous output of the same command (a JSON object with `"format": fmt`) or with overwrite."""
+    path = writable_file(path, what)
+    if path.exists() and not overwrite:
+        try:
+            rec = read_json(path, what)
+        except FlexmoeError:
+            rec = None
+        if not (isinstance(rec, dict) and rec.get("format") == fmt):
+            raise FlexmoeError(
+                f"{what} {path} exists and is not a {fmt} file written by flexmoe: refusing to "
+                "replace it (pass --overwrite)"
+            )
+    return path
+
+
 def copy_bounded(src: str | os.PathLike, dst: str | os.PathLike, max_bytes: int, what: str) -> None:
     """Copy a regular file of at most max_bytes, reading no more than that even if it grows."""
     src = regular_file(src, what, max_bytes)
