@@ -15,6 +15,7 @@ from flexmoe.lifecycle.expert import build_two_expert, freeze_for_expert, train_
 from flexmoe.model.router import routers
 from flexmoe.store.anchor_dir import load_anchor
 from flexmoe.store.fsutil import FILES_RECORD
+from flexmoe.store.model_card import CARD
 from flexmoe.store.package import MANIFEST, WEIGHTS, read_manifest, verify_package
 
 
@@ -125,7 +126,8 @@ def test_expert_beats_anchor_on_its_domain_and_package_contents(expert_pkg, anch
     assert not any(s in k for k in tensors for s in shared)
     assert all(float(tensors[f"layers.{i}.bias"]) <= 0 for i in range(L))
     files = sorted(p.name for p in expert_pkg.iterdir())
-    assert files == sorted([WEIGHTS, MANIFEST, FILES_RECORD])  # the last: what flexmoe wrote
+    # weights, manifest, the model card, and the record of what flexmoe wrote
+    assert files == sorted([WEIGHTS, MANIFEST, CARD, FILES_RECORD])
 
 
 def test_verify_accepts_good_package(expert_pkg, anchor_dir, capsys):

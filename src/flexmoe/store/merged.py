@@ -18,6 +18,7 @@ from flexmoe.model.router import install_routers, routers, set_active_experts
 from flexmoe.store import revocations
 from flexmoe.store.checkpoint import _from_pretrained, load_dense, model_type
 from flexmoe.store.fsutil import atomic_dir, read_json, regular_file, write_json
+from flexmoe.store.model_card import CARD, merged_card
 from flexmoe.store.package import (
     MANIFEST,
     NAME_RE,
@@ -88,6 +89,7 @@ def write_merged_files(tmp: Path, model: PreTrainedModel, tokenizer, meta: dict)
         tmp / BIAS,
     )
     write_json(tmp / MERGED, meta)
+    (tmp / CARD).write_text(merged_card(meta, model.config.model_type))
 
 
 def save_merged(

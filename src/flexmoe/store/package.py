@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from flexmoe.errors import FlexmoeError
 from flexmoe.model.arch import family_of
 from flexmoe.store.fsutil import atomic_dir, read_json, regular_file, write_json
+from flexmoe.store.model_card import CARD, package_card
 
 MANIFEST = "manifest.json"
 WEIGHTS = "expert.safetensors"
@@ -152,6 +153,7 @@ def write_package(out: Path, tensors: dict[str, torch.Tensor], manifest: dict) -
     with atomic_dir(out, overwrite=True) as tmp:
         save_file(tensors, tmp / WEIGHTS)
         write_json(tmp / MANIFEST, json.loads(m.model_dump_json()))
+        (tmp / CARD).write_text(package_card(json.loads(m.model_dump_json())))
     return m
 
 

@@ -1,0 +1,121 @@
+"""Model cards: the README.md with YAML front matter that the Hugging Face Hub shows for a model,
+written into every merged model and expert package.
+
+The front matter is made by `huggingface_hub.ModelCardData` (a YAML dump, so no text can break
+out of it); the experts' owner, licence and consent come from untrusted manifests, so in the
+Markdown body they are escaped (HTML, table pipes, control characters) and bounded.
+"""
+
+from __future__ import annotations
+
+import html
+import unicodedata
+from typing import Any
+
+CARD = "README.md"
+TAGS = ["flexmoe", "flexolmo", "mixture-of-experts", "opt-out"]
+
+
+def md_cell(text: object, limit: int = 200) -> str:
+    """Untrusted text as one Markdown table cell: no HTML, no pipes, no line breaks."""
+    s = "".join(
+        " " if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp") else c
+        for c in str(text)[:limit]
+    )
+    return html.escape(s).replace("|", "\\|").replace("`", "&#96;")
+
+
+def _expert_row(m: dict[str, Any]) -> dict[str, Any]:
+    consent = m.get("consent") or {}
+    dp = (m.get("training") or {}).get("dp") or {}
+    return {
+        "name": m.get("name"),
+        "domain": m.get("domain"),
+        "owner": m.get("owner"),
+        "licence": m.get("licence"),
+        "allowed_uses": consent.get("allowed_uses"),
+        "consent_expires": consent.get("expires"),
+        "dp_epsilon": dp.get("epsilon"),
+    }
+
+
+def _card(data: dict[str, Any], body: list[str]) -> str:
+    from huggingface_hub import ModelCardData
+
+    front = ModelCardData(**data).to_yaml()
+    return "---\n" + front + "\n---\n\n" + "\n".join(body) + "\n"
+
+
+def _experts_table(rows: list[dict[str, Any]]) -> list[str]:
+    out = [
+        "| expert | domain | owner | licence | allowed uses | consent expires | DP ε |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        uses = ", ".join(r["allowed_uses"] or []) or "–"
+        cells = [r["name"], r["domain"], r["owner"], r["licence"], uses]
+        cells += [r["consent_expires"] or "–", "–" if r["dp_epsilon"] is None else r["dp_epsilon"]]
+        out.append("| " + " | ".join(md_cell(c) for c in cells) + " |")
+    return out
+
+
+def merged_card(meta: dict[str, Any], architecture: str) -> str:
+    """The card of a merged model: its experts (owner, licence, consent, DP) and how to use it."""
+    rows = [_expert_row(m) for m in (meta.get("manifests") or {}).values()]
+    data = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "license": "other",
+        "tags": [*TAGS, architecture],
+        "flexmoe": {
+            "format": meta.get("format"),
+            "anchor_fingerprint": meta.get("anchor_fingerprint"),
+            "top_k": meta.get("top_k"),
+            "experts": rows,
+        },
+    }
+    body = [
+        "# A FlexOlmo-style merged model (flexmoe)",
+        "",
+        f"A `{md_cell(architecture)}` mixture of experts: the public anchor's FFN as the public "
+        "expert plus one expert per data owner, each trained alone against the frozen anchor and "
+        "merged without joint training. Any expert can be excluded per request, exactly "
+        "(excluded = never merged), and answers carry their attribution.",
+        "",
+        "## Experts",
+        "",
+        "The public expert is the anchor's. The licence of each expert's weights and its owner's "
+        "consent are the owner's; the model is licensed as the most restrictive of them.",
+        "",
+        *_experts_table(rows),
+        "",
+        "## Use",
+        "",
+        "```bash",
+        "flexmoe generate --model . --prompt 'def fibonacci(n):' --exclude <expert> --attribution",
+        "flexmoe serve --model . --keys keys.toml     # OpenAI-compatible, per-request experts",
+        "```",
+        "",
+        "`AutoModelForCausalLM.from_pretrained` loads it as the stock class without flexmoe's "
+        "router bias; flexmoe's loader (`flexmoe.store.merged.load_merged`) adds it back and "
+        "honours revocations.",
+    ]
+    return _card(data, body)
+
+
+def package_card(manifest: dict[str, Any]) -> str:
+    """The card of an expert package: whose expert, under which licence and consent."""
+    row = _expert_row(manifest)
+    data = {"license": "other", "tags": [*TAGS, "expert-package"], "flexmoe": {"expert": row}}
+    body = [
+        f"# flexmoe expert package: {md_cell(row['name'])}",
+        "",
+        "One data owner's expert (FFN, router row and bias), trained alone against a frozen "
+        "public anchor. It holds weights and a manifest, never data; `flexmoe expert verify` "
+        "checks it against the anchor, `flexmoe merge` adds it to a merged model.",
+        "",
+        *_experts_table([row]),
+        "",
+        f"Anchor fingerprint: `{md_cell(manifest.get('anchor_fingerprint'))}`.",
+    ]
+    return _card(data, body)
