@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -32,12 +32,11 @@ class Case:
     id: str
     args: list[str]  # {anchor} {merged} {tok} {pkg} {key} {shards} {d}: paths; {d} = case dir
     expect: str  # a substring of the one error line
-    setup: Callable[[Path], None] | None = None
-    watch: list[str] = field(default_factory=list)  # fixture paths that must stay unchanged
+    setup: Callable[[Path, dict[str, Path]], None] | None = None  # (case dir, fixture paths)
 
 
-def _text(name: str, data: str | bytes) -> Callable[[Path], None]:
-    def make(d: Path) -> None:
+def _text(name: str, data: str | bytes) -> Callable[[Path, dict], None]:
+    def make(d: Path, _paths: dict) -> None:
         (d / name).write_bytes(data.encode() if isinstance(data, str) else data)
 
     return make
@@ -50,28 +49,28 @@ def _line(rec: object) -> str:
 GOOD = {"tenant": "t", "completion_tokens": 4, "attribution": {"public": 0.5, "code": 0.5}}
 
 
-def _xz_corrupt(d: Path) -> None:
+def _xz_corrupt(d: Path, _paths: dict) -> None:
     import lzma
 
     raw = lzma.compress(_line(GOOD).encode() * 50)
     (d / "ledger.jsonl.xz").write_bytes(raw[: len(raw) // 2] + b"\0" * 32)
 
 
-def _fifo(name: str) -> Callable[[Path], None]:
-    return lambda d: os.mkfifo(d / name)
+def _fifo(name: str) -> Callable[[Path, dict], None]:
+    return lambda d, _paths: os.mkfifo(d / name)
 
 
-def _keys_pub_dir(d: Path) -> None:
+def _keys_pub_dir(d: Path, _paths: dict) -> None:
     (d / "K").write_text("old")
     (d / "K.pub").mkdir()
 
 
-def _signed_dir(d: Path, pkg: Path) -> None:
-    shutil.copytree(pkg, d / "pkg")
+def _signed_dir(d: Path, paths: dict) -> None:
+    shutil.copytree(paths["pkg"], d / "pkg")
     (d / "pkg" / "signature.json").mkdir()
 
 
-def _json_line_200mb(d: Path) -> None:
+def _json_line_200mb(d: Path, _paths: dict) -> None:
     with open(d / "big.jsonl", "w") as f:
         f.write('{"text": "')
         chunk = "lorem ipsum dolor sit amet " * 40_000  # ~1 MB
@@ -80,11 +79,10 @@ def _json_line_200mb(d: Path) -> None:
         f.write('"}\n')
 
 
-def _previous_shards(d: Path, tok: Path) -> None:
+def _previous_shards(d: Path, paths: dict) -> None:
     from flexmoe.data.shards import tokenize_to_shards
 
-    src = write_jsonl(d / "docs.jsonl", ["a small document", "another one"])
-    tokenize_to_shards([src], d / "out", tok)
+    tokenize_to_shards([d / "docs.jsonl"], d / "out", paths["tok"])
     (d / "out" / "NOTES.md").write_text("the user's notes")
 
 
@@ -93,6 +91,7 @@ GEN = ["generate", "--model", "{merged}", "--prompt", "def f():"]
 SERVE = ["serve", "--model", "{merged}", "--port", "{port}"]
 BPB = ["eval", "bpb", "--model", "{anchor}", "--data", "{shards}"]
 TOKENIZE = ["data", "tokenize", "{d}/docs.jsonl", "--tokenizer", "{tok}", "-o", "{d}/out"]
+TRAIN = ["expert", "train", "--anchor", "{anchor}", "--data", "{shards}/code/train", "--name", "c"]
 IMPORT = ["anchor", "import", "{anchor}", "-o", "{d}/a", "--public", "{d}/docs.jsonl"]
 
 CASES = [
@@ -100,7 +99,12 @@ CASES = [
     Case("keys new ''", ["keys", "new", ""], "must name a file"),
     Case("keys new K.pub=dir", ["keys", "new", "K", "--overwrite"], "K.pub", _keys_pub_dir),
     Case("keys new /proc", ["keys", "new", "/proc/flexmoe-key"], "/proc/flexmoe-key"),
-    Case("expert sign sig=dir", ["expert", "sign", "pkg", "--key", "{key}"], "signature.json"),
+    Case(
+        "expert sign sig=dir",
+        ["expert", "sign", "pkg", "--key", "{key}"],
+        "signature.json",
+        _signed_dir,
+    ),
     # the ledger: corrupt or wrong, never a traceback, never a silent skip or a nan
     Case("ledger nested 100k", [*LEDGER, "l.jsonl"], "nested", _text("l.jsonl", "[" * 100_000)),
     Case(
@@ -201,38 +205,12 @@ CASES = [
     ),
     Case(
         "expert train --lr nan",
-        [
-            "expert",
-            "train",
-            "--anchor",
-            "{anchor}",
-            "--data",
-            "{shards}/code/train",
-            "--name",
-            "c",
-            "-o",
-            "{d}/p",
-            "--lr",
-            "nan",
-        ],
+        [*TRAIN, "-o", "{d}/p", "--lr", "nan"],
         "--lr",
     ),
     Case(
         "expert train --dp-epsilon 0",
-        [
-            "expert",
-            "train",
-            "--anchor",
-            "{anchor}",
-            "--data",
-            "{shards}/code/train",
-            "--name",
-            "c",
-            "-o",
-            "{d}/p",
-            "--dp-epsilon",
-            "0",
-        ],
+        [*TRAIN, "-o", "{d}/p", "--dp-epsilon", "0"],
         "--dp-epsilon",
     ),
     Case(
@@ -274,7 +252,7 @@ CASES = [
         _json_line_200mb,
     ),
     # a previous output holding the user's file is not replaced without --overwrite
-    Case("tokenize over user file", TOKENIZE, "NOTES.md"),
+    Case("tokenize over user file", TOKENIZE, "NOTES.md", _previous_shards),
 ]
 
 
@@ -351,13 +329,8 @@ def test_cli_refuses_cleanly(case: Case, paths, tmp_path):
     d = tmp_path / "case"
     d.mkdir()
     write_jsonl(d / "docs.jsonl", ["a small document", "another one"])
-    if case.id == "expert sign sig=dir":
-        _signed_dir(d, paths["pkg"])
-    elif case.id == "tokenize over user file":
-        (d / "docs.jsonl").unlink()
-        _previous_shards(d, paths["tok"])
     if case.setup is not None:
-        case.setup(d)
+        case.setup(d, paths)
     subst = {k: str(v) for k, v in paths.items()} | {"d": str(d), "port": str(_free_port())}
     argv = [a.format(**subst) if "{" in a and " " not in a else a for a in case.args]
     watched = [d, *(Path(v) for k, v in paths.items() if k != "shards")]
