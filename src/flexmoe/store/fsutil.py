@@ -346,6 +346,7 @@ OUTPUT_KINDS: dict[str, Callable[[Path], bool]] = {
         _marker("tokenizer.json")(d) and {p.name for p in d.iterdir()} <= TOKENIZER_FILES
     ),
     "token shards": _marker("index.json"),
+    "FlexOlmo import": _marker("flexmoe_import.json", format="flexmoe-flexolmo-import"),
 }
 
 
