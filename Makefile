@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo demo-scratch demo-full test test-slow test-browser lint format bench clean-runs
+.PHONY: demo demo-scratch demo-full results test test-slow test-browser lint format bench clean-runs
 
 $(STAMP): requirements.lock constraints.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ demo-scratch: $(STAMP)
 
 demo-full: $(STAMP) $(SMOLLM2)
 	$(BIN)/python scripts/demo.py --full
+
+# the evidence run on SmolLM2, in parts of a few hours each on 2 cores (PART=1, 2, 3; each
+# reuses the earlier parts' stages and resumes where it stopped) → results/smollm2/
+PART ?= 1
+results: $(STAMP) $(SMOLLM2)
+	$(BIN)/python scripts/demo.py --results --part $(PART)
 
 test: $(STAMP)
 	$(BIN)/lint-imports

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 
@@ -72,8 +74,11 @@ def test_demo_smoke_end_to_end(tmp_path):
     report = (out / "report" / "report.md").read_text()
     assert "Main table" in report and "Opt-out" in report and "Router tuning" in report
     assert "Selective experts: recipes side by side" in report
-    for png in ("optout.png", "routing.png", "topk.png", "main.png"):
+    for png in ("optout.png", "routing.png", "topk.png", "main.png", "curves.png"):
         assert (out / "report" / png).is_file()
+    assert "| control: anchor continued on public |" in report
+    assert "| FlexOlmo merged, public expert = control |" in report
+    assert "The owners' experts add to the public-continued control" in report
     assert "Per source" in report
     assert "math.flexmix-mathgen" in report and "Top-k renormalisation" in report
     tasks = (out / "report" / "tasks.md").read_text()
@@ -82,6 +87,16 @@ def test_demo_smoke_end_to_end(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "▶" not in again.stderr  # every stage, the evaluation included, was reused
     assert "FlexOlmo merged" in again.stdout
+    # an evaluation that stopped before its report resumes from the rows it had scored
+    first = json.loads((out / "report" / "results.json").read_text())
+    kept = {p: p.stat().st_mtime_ns for p in (out / "eval-cache").rglob("*.json")}
+    assert kept
+    (out / ".report.json").unlink()
+    shutil.rmtree(out / "report")
+    resumed = subprocess.run(cmd, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # reused, not scored again
+    assert json.loads((out / "report" / "results.json").read_text())["windows"] == first["windows"]
 
 
 def test_demo_evaluation_is_redone_when_a_stage_or_setting_changes(tmp_path):

@@ -222,3 +222,42 @@ def test_scored_windows_add_up_to_the_bpb_and_lean_rows_have_none_for_unmeasured
     assert set(json.loads(json.dumps(row))) == {"public", "code", "mean", "closed mean"}
     ivs = iv.demo_intervals({"anchor (public only)": row.windows}, list(streams), 32, n_boot=50)
     assert set(ivs["rows"]["anchor (public only)"]) == {"code"}  # no mean: public not measured
+
+
+def test_control_claims_bias_comparison_and_training_curves(tmp_path):
+    """The public-continued control is a baseline the merged model is judged against, the merge
+    with the control's FFN is compared with the control, the inference variants' windows give
+    the bias its paired interval, and training curves are drawn from results["curves"]."""
+    from flexmoe.demo.render import claim_lines, write_report
+
+    res = synthetic_results()
+    rng = np.random.default_rng(5)
+    w = res["windows"]
+
+    def scaled(src, f):
+        return {
+            d: [[x * f * (1 + 0.003 * rng.standard_normal()), b] for x, b in src[d]] for d in DOMS
+        }
+
+    merged = w["FlexOlmo merged"]
+    w[iv.CONTROL] = scaled(w["anchor (public only)"], 0.98)  # the merged model (0.96) beats it
+    w[iv.CONTROL_MERGED] = scaled(w[iv.CONTROL], 0.97)  # owners' experts add to the control
+    w[f"{iv.VARIANT}flexmoe recipe: token"] = scaled(merged, 1.0)
+    w[f"{iv.VARIANT}flexmoe recipe: stock"] = scaled(merged, 0.98)  # b = 0 better: bias hurts
+    for k in (iv.CONTROL, iv.CONTROL_MERGED):
+        res["main"][k] = {d: iv.bpb_of(w[k][d]) for d in DOMS}
+        res["main"][k]["mean"] = sum(res["main"][k][d] for d in DOMS) / len(DOMS)
+    ivs = res["intervals"] = iv.demo_intervals(w, DOMS, seq_len=256, n_boot=300)
+    assert not any(k.startswith(iv.VARIANT) for k in ivs["vs_anchor"])  # not a table row
+    assert ivs["merged_vs"][iv.CONTROL]["mean"]["verdict"] == iv.HOLDS
+    assert ivs["pairs"][f"{iv.CONTROL_MERGED} vs {iv.CONTROL}"]["mean"]["verdict"] == iv.HOLDS
+    assert ivs["bias"]["flexmoe recipe"]["mean"]["verdict"] == iv.FAILS
+    claims = claim_lines(res)
+    assert any(c.startswith("The merged model beats the public-continued control") for c in claims)
+    assert any(
+        c.startswith("The owners' experts add to the public-continued control") for c in claims
+    )
+    res["curves"] = {"experts/code": [[1024, 2.0], [2048, 1.8]], "dense/code": [[1024, 1.9]]}
+    out = write_report(res, tmp_path / "report")
+    assert (out / "curves.png").stat().st_size > 0
+    assert f"| {iv.CONTROL} |" in (out / "report.md").read_text()

@@ -80,3 +80,32 @@ def test_include_needs_merged_model(tiny_model):
 
     with pytest.raises(FlexmoeError, match="merged"):
         run_tasks(tiny_model, ["sciq"], TASK_DIR, limit=1, include=["code"])
+
+
+def test_btm_ensemble_on_tasks(tiny_model, tmp_path):
+    """BTM through lm-eval: an ensemble of a model with itself scores exactly as the model; with
+    another member the scores move; masks are refused."""
+    from flexmoe.errors import FlexmoeError
+    from flexmoe.evaluation.tasks import run_tasks
+    from flexmoe.model.dense import new_anchor
+
+    kw = dict(tasks=["arc_easy", "gsm8k_bpb"], task_dir=TASK_DIR, limit=4)
+    alone = run_tasks(tiny_model, **kw)
+    same = run_tasks(tiny_model, btm=[tiny_model], **kw)
+    for t in alone:
+        for m, v in alone[t].items():
+            assert same[t][m] == pytest.approx(v, rel=1e-4, abs=1e-6), (t, m)
+    other = tmp_path / "other"
+    import shutil
+
+    shutil.copytree(tiny_model, other)
+    from transformers import AutoConfig
+
+    new_anchor(AutoConfig.from_pretrained(other), seed=1).save_pretrained(other)
+    mixed = run_tasks(tiny_model, btm=[other], **kw)["gsm8k_bpb"]["bits_per_byte"]
+    a = alone["gsm8k_bpb"]["bits_per_byte"]
+    o = run_tasks(other, **kw)["gsm8k_bpb"]["bits_per_byte"]
+    assert a != o and mixed != a  # the other member's predictions enter the ensemble
+    assert mixed <= max(a, o) + 1e-6  # a mixture's log-loss is at most its worst member's
+    with pytest.raises(FlexmoeError, match="merged model"):
+        run_tasks(tiny_model, btm=[other], exclude=["code"], **kw)

@@ -12,6 +12,8 @@ from flexmoe.inference.preselect import PRESELECT_CONTEXT
 from flexmoe.lifecycle.expert import make_recipe
 from flexmoe.lifecycle.merge import DEFAULT_PRESELECT
 
+PARTS = (1, 2, 3)  # the parts of `make results` (DemoConfig.results)
+
 
 @dataclass
 class DemoConfig:
@@ -39,6 +41,7 @@ class DemoConfig:
     rt_steps: int = 40
     ablation_variants: tuple[str, ...] = ("random", "hidden")  # + "no-bias" in --full
     unrestricted: bool = False  # the unrestricted-MoE reference (--full)
+    control: bool = False  # the anchor continued on the public split with one expert's budget
     prompt: str = "def fibonacci(n):"
     gen_exclude: str | None = None  # the expert excluded in the report's second generation
     tasks: bool = (
@@ -52,6 +55,7 @@ class DemoConfig:
     eval_bf16: bool = False  # evaluate under bf16 autocast (as training runs)
     source_domains: tuple[str, ...] = ("math",)  # per-source held-out BPB for these domains
     preselect_context: int = PRESELECT_CONTEXT  # tokens before a window preselection reads
+    topk_sweep: bool = True  # with ablations: the merged model at every top-k
 
     def recipe_runs(self) -> list[tuple[str, str, object, int]]:
         """(label, directory under out, Recipe, stored preselection) per recipe the run trains,
@@ -89,6 +93,7 @@ class DemoConfig:
             lean_eval=self.lean_eval,
             gen_exclude=self.gen_exclude,
             preselect_context=self.preselect_context,
+            topk_sweep=self.topk_sweep,
         )
 
     @classmethod
@@ -117,6 +122,48 @@ class DemoConfig:
             eval_bf16=True,
             gen_exclude="code",
         )
+
+    @classmethod
+    def results(cls, part: int = 1, out: Path = Path("runs/results-smollm2")) -> DemoConfig:
+        """`make results PART=n`: the evidence run on SmolLM2 (committed under results/smollm2/):
+        the demo's 4 domains at 6× its training budget (96 × 4 × 256 = 98,304 tokens per expert
+        and per dense expert) and 4× its held-out tokens (16,384 per domain, 64 windows), with
+        the weighted soup and the public-continued control. Learning rates are the demo's (not
+        tuned on the held-out splits). Each part adds stages to the previous ones and is sized
+        to finish inside one working session on 2 cores when runs/ holds the earlier parts
+        (their stages and evaluation rows are reused):
+          1: flexmoe-recipe experts, dense experts, control, merge, held-out evaluation;
+          2: + the paper recipe's experts, the unrestricted MoE (same training tokens as all
+             experts together), the no-coordination ablation and router tuning;
+          3: + downstream tasks in the paper's Table-1 form."""
+        if part not in PARTS:
+            raise ValueError(f"part must be one of {PARTS}")
+        cfg = cls(
+            out=out,
+            anchor_source="smollm2",
+            recipe_overrides={"calibrate": False},  # see pretrained()
+            expert_steps=96,
+            expert_warmup=10,
+            expert_lr=3e-4,
+            dense_lr=1e-4,
+            batch_size=4,
+            seq_len=256,
+            router_docs=200,
+            eval_tokens=16384,
+            compare_paper=False,
+            lean_eval=True,
+            eval_bf16=True,
+            gen_exclude="code",
+            control=True,
+            topk_sweep=False,
+        )
+        if part >= 2:
+            cfg.compare_paper = True
+            cfg.ablations, cfg.ablation_variants, cfg.unrestricted = True, (), True
+            cfg.router_tuning = True
+        if part >= 3:
+            cfg.tasks = True
+        return cfg
 
     @classmethod
     def scratch(cls, out: Path = Path("runs/demo-scratch")) -> DemoConfig:

@@ -12,7 +12,9 @@ flexmoe.evaluation.demo_eval and the report's text and plots flexmoe.demo.render
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from flexmoe.data.corpus import PUBLIC
 from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.demo.config import DemoConfig
 from flexmoe.demo.render import print_main_table, tasks_md, write_report
@@ -46,8 +49,9 @@ console = Console(stderr=True)
 
 def tasks_stage(cfg: DemoConfig, paths: dict[str, Path], merged: Path) -> dict:
     """Downstream tasks (flexmoe eval tasks: OLMES multiple choice + gold-answer BPB) for the
-    anchor, the merged model, the merged model with each expert excluded and the uniform soup,
-    cfg.task_limit documents per task. BTM is an ensemble, not one model: not scored here."""
+    anchor, the merged model, the merged model with each expert excluded, the uniform soup and
+    BTM (the ensemble through an lm-eval model, evaluation.tasks), cfg.task_limit documents per
+    task."""
     root = cfg.out / "tasks"
     runs: dict[str, tuple[Path, dict]] = {
         "anchor (public only)": (paths["anchor"], {}),
@@ -75,6 +79,8 @@ def tasks_stage(cfg: DemoConfig, paths: dict[str, Path], merged: Path) -> dict:
             "tasks: the uniform model soup as a model directory",
         )
         runs["model soup (uniform)"] = (soup_dir, {})
+        dense = [str(paths[f"dense/{d}"]) for d in cfg.domains]
+        runs["BTM (top-2 ensemble)"] = (paths["anchor"], {"btm": dense})
     evaluated = spec_hash(_eval_spec(cfg)["stages"])  # redone when any model stage changes
     results = {}
     for i, (label, (model, kw)) in enumerate(runs.items()):
@@ -92,7 +98,9 @@ def tasks_stage(cfg: DemoConfig, paths: dict[str, Path], merged: Path) -> dict:
     return results
 
 
-def run_demo(cfg: DemoConfig) -> dict:
+def run_demo(cfg: DemoConfig, until: str | None = None) -> dict:
+    """`until="models"`: stop once every model is trained and merged (a part of a long run that
+    must end inside a working session; the next call reuses them and evaluates)."""
     t0 = time.perf_counter()
     cfg.out.mkdir(parents=True, exist_ok=True)
     tok_dir, tokens = prepare_data(cfg)
@@ -106,6 +114,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     merged = next(iter(recipes.values()))
     extra = train_ablations(cfg, paths, tokens) if cfg.ablations else {}
     tuned = router_tune_stage(cfg, paths, merged) if cfg.router_tuning else None
+    if until == "models":
+        console.print(f"models ready in {time.perf_counter() - t0:.0f} s (--until models)")
+        return {}
     report_dir = cfg.out / "report"
     run_stage(
         cfg.out / ".report.json",
@@ -124,13 +135,56 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 def evaluate(cfg: DemoConfig, paths, recipes, tokens, extra, tuned) -> dict:
     """demo_eval.evaluate_all, under bf16 autocast when cfg.eval_bf16 (every model alike), with
-    the run's settings recorded beside the results."""
+    the run's settings recorded beside the results. Rows are kept as they are scored under
+    eval-cache/<scoring settings>, keyed by the models they score (demo_eval.row_key), so an
+    interrupted evaluation resumes and a larger run (a later part of `make results`) scores only
+    its new models; rows of other scoring settings are removed."""
+    cache = cfg.out / "eval-cache"
+    scoring = {
+        "tokens": json.loads((cfg.out / ".tokens.json").read_text())["spec_hash"],
+        "eval_tokens": cfg.eval_tokens,
+        "seq_len": cfg.seq_len,
+        "bf16": cfg.eval_bf16,
+        "context": cfg.preselect_context,
+        "v": 1,
+    }
+    spec = spec_hash(scoring)[:16]
+    for old in cache.iterdir() if cache.is_dir() else []:
+        if old.name != spec:
+            shutil.rmtree(old)
+    settings = dataclasses.replace(cfg.eval_settings(), cache_dir=str(cache / spec))
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.eval_bf16 else nullcontext()
     with ctx:
-        results = evaluate_all(cfg.eval_settings(), paths, recipes, tokens, extra, tuned)
+        results = evaluate_all(settings, paths, recipes, tokens, extra, tuned)
     results["config"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(cfg).items()}
+    results["curves"] = training_curves(paths)
+    results["stage_seconds"] = stage_seconds(cfg.out)
     results["eval_dtype"] = "bfloat16 autocast" if cfg.eval_bf16 else "float32"
     return results
+
+
+def training_curves(paths: dict[str, Path]) -> dict[str, list[list[float]]]:
+    """{"<kind>/<domain>": [[tokens, loss], ...]} from the metrics.jsonl that training writes
+    beside each model (<model>.train/), for the report's curves.png."""
+    out = {}
+    for key, path in paths.items():
+        kind, _, dom = key.rpartition("/") if "/" in key else (key, "", PUBLIC)
+        log = path.with_name(path.name + ".train") / "metrics.jsonl"
+        if not log.is_file():
+            continue
+        lines = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+        pts = [[r["tokens"], r["loss"]] for r in lines if "loss" in r and "tokens" in r]
+        out[f"{kind}/{dom}"] = pts
+    return out
+
+
+def stage_seconds(out: Path) -> dict[str, float]:
+    """Wall seconds of every stage of the run (its markers), for the record of a results run."""
+    return {
+        str(m.relative_to(out)): round(json.loads(m.read_text()).get("seconds", 0.0), 1)
+        for m in sorted(out.rglob(".*.json"))
+        if "eval-cache" not in m.parts
+    }
 
 
 def _eval_spec(cfg: DemoConfig) -> dict:

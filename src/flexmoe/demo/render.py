@@ -70,6 +70,7 @@ ROW_ORDER = (
     "dense expert",
     "model soup",
     "BTM",
+    "control",
     "2-expert",
     "FlexOlmo merged",
     "FlexOlmo merged + router tuning",
@@ -144,6 +145,16 @@ CLAIMS = {
     "model soup (uniform)": "The merged model beats the uniform model soup",
     "model soup (weighted)": "The merged model beats the likelihood-weighted model soup",
     "BTM (top-2 ensemble)": "The merged model beats BTM (top-2 ensemble of the dense models)",
+    iv.CONTROL: (
+        "The merged model beats the public-continued control (the anchor continued on public "
+        "text with one expert's budget: what adaptation to FlexMix-style text alone gives)"
+    ),
+}
+PAIR_CLAIMS = {
+    f"{iv.CONTROL_MERGED} vs {iv.CONTROL}": (
+        "The owners' experts add to the public-continued control (the merge with the control's "
+        "FFN as its public expert beats the control)"
+    ),
 }
 
 
@@ -170,6 +181,11 @@ def claim_lines(results: dict) -> list[str]:
     for b, claim in CLAIMS.items():
         if b in main:
             cmp = mv.get(b, {})
+            per = _by_verdict(cmp, doms)
+            out.append(sentence(claim, cmp, "mean", f"; per domain: {per}" if per else ""))
+    for key, claim in PAIR_CLAIMS.items():
+        if key in ivs.get("pairs", {}):
+            cmp = ivs["pairs"][key]
             per = _by_verdict(cmp, doms)
             out.append(sentence(claim, cmp, "mean", f"; per domain: {per}" if per else ""))
     for k in row_order(main):
@@ -507,6 +523,15 @@ def selectivity_md(results: dict) -> list[str]:
                 + " | ".join(_fmt(row[c]) for c in cols)
                 + " |"
             )
+    for label, cmp in ((intervals_of(results) or {}).get("bias") or {}).items():
+        if "mean" in cmp:
+            md += [
+                "",
+                f"The learned router bias helps ({label}; token routing with the bias vs b = 0, "
+                f"what stock transformers computes; paired 95% interval): "
+                f"**{cmp['mean']['verdict']}** (mean {_rel_text(cmp['mean'])} BPB; per domain: "
+                f"{_by_verdict(cmp, results['domains'])}).",
+            ]
     return md
 
 
@@ -595,7 +620,34 @@ def make_plots(results: dict, out: Path) -> list[Path]:
         ax.set_title("top-k")
         save(fig, "topk.png")
     change_vs_anchor_plot(results, ivs, plt, save)
+    curves_plot(results.get("curves") or {}, plt, save)
     return paths
+
+
+def curves_plot(curves: dict, plt, save) -> bool:
+    """curves.png: training loss (next-token CE on the model's own training batches, nats) vs
+    tokens seen, one panel per domain, for every model trained in the run (results["curves"]:
+    {"<kind>/<domain>": [[tokens, loss], ...]} from each run's metrics.jsonl)."""
+    labels = {"experts": "expert", "experts-paper": "expert (paper recipe)"}
+    labels |= {"dense": "dense expert", "control": "control (anchor continued)"}
+    doms = sorted({k.split("/", 1)[1] for k in curves})
+    if not doms:
+        return False
+    fig, axes = plt.subplots(1, len(doms), figsize=(3.2 * len(doms), 3), squeeze=False)
+    for ax, d in zip(axes[0], doms, strict=True):
+        for key, pts in sorted(curves.items()):
+            kind, dom = key.split("/", 1)
+            if dom == d and pts:
+                label = labels.get(kind, kind)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=label)
+        ax.set_title(d, fontsize=9)
+        ax.set_xlabel("training tokens", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("training loss (nats/token)", fontsize=8)
+    save(fig, "curves.png")
+    return True
 
 
 def change_vs_anchor_plot(results: dict, ivs: dict | None, plt, save) -> bool:

@@ -199,6 +199,25 @@ def train_models(cfg: DemoConfig, tok_dir: Path, tokens: Path) -> dict[str, Path
                 ),
                 f"dense expert '{d}' (baseline): anchor continued on {d}, same data budget",
             )
+    if cfg.control:
+        paths["control"] = cfg.out / "control"
+        spec = {"anchor": anchor_fp, "domain": PUBLIC, "lr": cfg.dense_lr, **common, "v": 1}
+        run_stage(
+            cfg.out / ".control.json",
+            spec,
+            lambda: train_expert(
+                paths["anchor"],
+                tokens / PUBLIC / "train",
+                paths["control"],
+                "control",  # "public" is the anchor's expert's name, reserved
+                dense=True,
+                heldout=tokens / PUBLIC / "heldout",
+                lr=cfg.dense_lr,
+                **common,
+                restart=True,
+            ),
+            "control: the anchor continued on the public split, one expert's budget",
+        )
     return paths
 
 

@@ -9,6 +9,8 @@ flexmoe.demo.render turns them into text and plots.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,14 +22,16 @@ from rich.console import Console
 from flexmoe.data.corpus import PUBLIC
 from flexmoe.data.shards import TokenStream
 from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
-from flexmoe.evaluation.intervals import OPTOUT, OPTOUT_RT, demo_intervals
+from flexmoe.evaluation.intervals import OPTOUT, OPTOUT_RT, VARIANT, demo_intervals
 from flexmoe.inference.bpb import eval_windows, evaluate_bpb
 from flexmoe.inference.generate import generate
 from flexmoe.inference.preselect import PRESELECT_CONTEXT, default_preselect, preselect_hook
 from flexmoe.lifecycle.baselines import BTMEnsemble, likelihood_weights, soup
+from flexmoe.model.arch import check_dense
 from flexmoe.model.router import RoutingTrace, routers, routing
 from flexmoe.selection import expert_mask, expert_names
 from flexmoe.store.anchor_dir import load_anchor
+from flexmoe.store.fsutil import write_json
 from flexmoe.store.merged import experts_of, load_merged
 
 console = Console(stderr=True)
@@ -46,6 +50,43 @@ class EvalSettings:
     lean_eval: bool = False  # fewer evaluation passes (see recipe_eval)
     gen_exclude: str | None = None  # the expert excluded in the second generation
     preselect_context: int = PRESELECT_CONTEXT  # tokens before a window that preselection reads
+    # rows already scored (one JSON file per row and domain), so a long evaluation resumes where
+    # it stopped and a larger run reuses the rows of the models it shares; specific to the
+    # scoring settings and held-out tokens (the caller's choice); None: nothing kept
+    cache_dir: str | None = None
+    topk_sweep: bool = True  # with ablations: BPB of the merged model at every top-k
+
+
+def stage_id(path: Path) -> str | None:
+    """What built a model directory: the spec hash in the stage marker beside it
+    (<parent>/.<name>.json, flexmoe.demo.stages.run_stage); None without a marker."""
+    marker = Path(path).parent / f".{Path(path).name}.json"
+    try:
+        return str(json.loads(marker.read_text())["spec_hash"])[:16]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def row_key(label: str, *models: Path) -> str | None:
+    """A cache key: the row's label and the stage ids of the models it is computed from; None
+    (not kept) when one of them has no marker."""
+    ids = [stage_id(m) for m in models]
+    return None if None in ids else "|".join([label, *ids])
+
+
+def _cached(settings: EvalSettings, key: str | None, compute):
+    """compute() (a JSON-able value), kept under settings.cache_dir by `key` (row_key: the row
+    and the models it is computed from; the directory fixes the scoring settings)."""
+    if settings.cache_dir is None or key is None:
+        return compute()
+    path = Path(settings.cache_dir) / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+    if path.is_file():
+        got = json.loads(path.read_text())
+        if got.get("key") == key:
+            return got["value"]
+    value = compute()
+    write_json(path, {"key": key, "value": value})
+    return value
 
 
 class BPBRow(dict):
@@ -58,21 +99,28 @@ class BPBRow(dict):
         self.windows = windows or {}
 
 
-def _bpb(model_fn, streams, tb, settings: EvalSettings, before=None, only=None) -> BPBRow:
+def _bpb(
+    model_fn, streams, tb, settings: EvalSettings, before=None, only=None, key: str | None = None
+) -> BPBRow:
     """Per-domain BPB plus the mean and closed mean; before(stream) → a before_batch hook.
-    `only`: evaluate these domains, NaN for the rest (lean evaluation; no windows for them)."""
+    `only`: evaluate these domains, NaN for the rest (lean evaluation; no windows for them).
+    `key` names the row in settings.cache_dir (each domain is kept as soon as it is scored)."""
     res, windows = {}, {}
     for d, s in streams.items():
         if only is not None and d not in only:
             res[d] = float("nan")
             continue
-        r = evaluate_bpb(
-            model_fn,
-            s,
-            tb,
-            settings.seq_len,
-            max_tokens=settings.eval_tokens,
-            before_batch=before(s) if before else None,
+        r = _cached(
+            settings,
+            None if key is None else f"{key}|{d}",
+            lambda s=s: evaluate_bpb(
+                model_fn,
+                s,
+                tb,
+                settings.seq_len,
+                max_tokens=settings.eval_tokens,
+                before_batch=before(s) if before else None,
+            ),
         )
         res[d], windows[d] = r["bpb"], r["windows"]
     closed = [v for d, v in res.items() if d != PUBLIC]
@@ -111,28 +159,44 @@ def evaluate_all(
         return lambda ids: m(ids).logits
 
     lean = settings.lean_eval
-    rows["anchor (public only)"] = _bpb(logits(anchor), streams, tb, settings)
+
+    def row(label, fn, *models, before=None, only=None):  # a main-table row, kept as scored
+        key = row_key(label + ("|lean" if only else ""), *models)
+        rows[label] = _bpb(fn, streams, tb, settings, before, only, key=key)
+        return rows[label]
+
+    row("anchor (public only)", logits(anchor), paths["anchor"])
     dense, souped = {}, None
+    dense_paths = [paths[f"dense/{d}"] for d in settings.domains] if settings.baselines else []
     if settings.baselines:
         dense = {d: load_anchor(paths[f"dense/{d}"])[0] for d in settings.domains}
         for d, m in dense.items():  # lean: each on its own domain
-            rows[f"dense expert: {d}"] = _bpb(
-                logits(m), streams, tb, settings, only=[d] if lean else None
-            )
+            row(f"dense expert: {d}", logits(m), paths[f"dense/{d}"], only=[d] if lean else None)
         members = [anchor, *dense.values()]
         souped = soup(members)
-        rows["model soup (uniform)"] = _bpb(logits(souped), streams, tb, settings)
-        if not lean:
-            calib = [TokenStream(tokens / d / "train") for d in domains]
-            w = likelihood_weights(
+        row("model soup (uniform)", logits(souped), paths["anchor"], *dense_paths)
+        # weights from the owners' training streams (each owner could compute its own model's
+        # likelihood on a shared calibration mix), never from the held-out splits
+        calib = [TokenStream(tokens / d / "train") for d in domains]
+        w = _cached(
+            settings,
+            row_key("soup weights", paths["anchor"], *dense_paths),
+            lambda: likelihood_weights(
                 members, calib, tb, settings.seq_len, max_tokens=settings.eval_tokens // 4
-            )
-            rows["model soup (weighted)"] = _bpb(logits(soup(members, w)), streams, tb, settings)
-        rows["BTM (top-2 ensemble)"] = _bpb(BTMEnsemble(members, top_k=2), streams, tb, settings)
+            ),
+        )
+        row("model soup (weighted)", logits(soup(members, w)), paths["anchor"], *dense_paths)
+        row("BTM (top-2 ensemble)", BTMEnsemble(members, top_k=2), paths["anchor"], *dense_paths)
+    control = None
+    if "control" in paths:  # adaptation to FlexMix-style text without any owner's data
+        control = load_anchor(paths["control"])[0]
+        row("control: anchor continued on public", logits(control), paths["control"])
     selectivity = {}
     for label, path in recipes.items():
         m = merged if label == default_label else load_merged(path)
-        sel = recipe_eval(m, rows["anchor (public only)"], streams, tb, settings, tok)
+        sel = recipe_eval(
+            m, rows["anchor (public only)"], streams, tb, settings, tok, key=row_key(label, path)
+        )
         selectivity[label] = sel
         if label == default_label:
             for d, r in sel["two_expert"].items():
@@ -143,35 +207,58 @@ def evaluate_all(
         else:
             rows[f"FlexOlmo merged ({label})"] = sel["merged"]
 
-    def optout_of(model) -> dict:  # in the model's default mode (its stored preselection)
+    def before_of(model):  # the model's default mode: its stored preselection, if any
         pre = default_preselect(model)
-        before = (
-            (lambda s: preselect_hook(model, tok, s, pre, settings.preselect_context))
-            if pre
-            else None
-        )
+        if not pre:
+            return None
+        return lambda s: preselect_hook(model, tok, s, pre, settings.preselect_context)
+
+    if control is not None:  # the merge with the control's FFN as its public expert
+        with public_ffn(merged, control):
+            row(
+                "FlexOlmo merged, public expert = control",
+                logits(merged),
+                recipes[default_label],
+                paths["control"],
+                before=before_of(merged),
+            )
+
+    def optout_of(model, tag: str, path: Path) -> dict:
         res = {}
         for d in settings.domains:
             with routing(model, mask=expert_mask(model, exclude=[d])):
-                res[d] = _bpb(logits(model), streams, tb, settings, before)
+                key = row_key(f"{tag}{d}", path)
+                res[d] = _bpb(logits(model), streams, tb, settings, before_of(model), key=key)
         return res
 
-    optout = optout_of(merged)
-    sources = source_eval(settings, tokens, tok, tb, anchor, merged, dense, souped)
+    optout = optout_of(merged, OPTOUT, recipes[default_label])
+    sources = source_eval(
+        settings,
+        tokens,
+        tok,
+        tb,
+        anchor,
+        merged,
+        dense,
+        souped,
+        key=row_key("sources", paths["anchor"], recipes[default_label], *dense_paths),
+    )
     for label, path in (extra or {}).items():
-        rows[f"ablation: {label}"] = _bpb(logits(load_merged(path)), streams, tb, settings)
+        row(f"ablation: {label}", logits(load_merged(path)), path)
     optout_rt = None
     if tuned_dir is not None:
         tuned = load_merged(tuned_dir)
-        rows["FlexOlmo merged + router tuning"] = _bpb(logits(tuned), streams, tb, settings)
-        optout_rt = optout_of(tuned)
+        row("FlexOlmo merged + router tuning", logits(tuned), tuned_dir)
+        optout_rt = optout_of(tuned, OPTOUT_RT, tuned_dir)
 
     default_k = merged.config.num_experts_per_tok
     topk = {}
-    for k in range(1, len(names) + 1) if extra else []:  # the top-k sweep is an ablation
+    sweep = extra and settings.topk_sweep  # the top-k sweep is an ablation
+    for k in range(1, len(names) + 1) if sweep else []:
         for r in routers(merged):
             r.top_k = k
-        topk[k] = _bpb(logits(merged), streams, tb, settings)
+        key = row_key(f"top-k {k}", recipes[default_label])
+        topk[k] = _bpb(logits(merged), streams, tb, settings, key=key)
     for r in routers(merged):
         r.top_k = default_k
 
@@ -183,6 +270,12 @@ def evaluate_all(
     windows = {k: r.windows for k, r in rows.items() if isinstance(r, BPBRow)}
     windows |= {f"{OPTOUT}{d}": r.windows for d, r in optout.items()}
     windows |= {f"{OPTOUT_RT}{d}": r.windows for d, r in (optout_rt or {}).items()}
+    windows |= {
+        f"{VARIANT}{label}: {v}": r.windows
+        for label, sel in selectivity.items()
+        for v, r in sel["variants"].items()
+        if isinstance(r, BPBRow)
+    }
     intervals = demo_intervals(windows, domains, settings.seq_len)
 
     gen_full = generate(merged, tok, settings.prompt, max_new_tokens=24, attribution=True)
@@ -233,7 +326,7 @@ PRESELECT = (1, 2)  # experts kept per request by the preselection variants
 
 @torch.no_grad()
 def preselect_bpb(
-    merged, streams, tb, settings: EvalSettings, tokenizer, m: int
+    merged, streams, tb, settings: EvalSettings, tokenizer, m: int, key: str | None = None
 ) -> dict[str, float]:
     """BPB with request-level preselection of m experts (inference.preselect.preselect_hook)."""
     return _bpb(
@@ -242,14 +335,28 @@ def preselect_bpb(
         tb,
         settings,
         lambda s: preselect_hook(merged, tokenizer, s, m, settings.preselect_context),
+        key=key,
     )
 
 
 @torch.no_grad()
-def recipe_eval(merged, anchor_row: dict, streams, tb, settings: EvalSettings, tokenizer) -> dict:
+def recipe_eval(
+    merged,
+    anchor_row: dict,
+    streams,
+    tb,
+    settings: EvalSettings,
+    tokenizer,
+    key: str | None = None,
+) -> dict:
     """What a recipe is judged by: BPB of the merged model as configured (with its stored
     preselection, if any), of each owner's 2-expert model and of the inference variants;
-    retention; public Δ vs the anchor; routing."""
+    retention; public Δ vs the anchor; routing. `key` (row_key of the merged model) names the
+    recipe's rows in settings.cache_dir; None: not kept."""
+
+    def sub(name: str) -> str | None:
+        return None if key is None else f"{key}|{name}"
+
     names = expert_names(merged)
     doms = [d for d in streams if d != PUBLIC]
 
@@ -261,18 +368,25 @@ def recipe_eval(merged, anchor_row: dict, streams, tb, settings: EvalSettings, t
     two = {}
     for d in doms:
         with routing(merged, mask=expert_mask(merged, include=[d])):
-            two[d] = _bpb(fn, streams, tb, settings, only=[PUBLIC, d] if lean else None)
-    token_only = _bpb(fn, streams, tb, settings)
+            two[d] = _bpb(
+                fn,
+                streams,
+                tb,
+                settings,
+                only=[PUBLIC, d] if lean else None,
+                key=sub(f"2-{d}" + ("|lean" if lean else "")),
+            )
+    token_only = _bpb(fn, streams, tb, settings, key=sub("token"))
     variants = {"token": token_only}
     for v in ("stock", "renorm") if lean else inference_variant.VARIANTS:
         with inference_variant(merged, v):
-            variants[v] = _bpb(fn, streams, tb, settings)
+            variants[v] = _bpb(fn, streams, tb, settings, key=sub(v))
     pre = default_preselect(merged)
     if experts_of(merged).domain_embeddings:
         for k in PRESELECT:
             if k < len(doms) and (not lean or k == pre):
                 variants[f"preselect-{k}"] = preselect_bpb(
-                    merged, streams, tb, settings, tokenizer, k
+                    merged, streams, tb, settings, tokenizer, k, key=sub(f"preselect-{k}")
                 )
     m = variants[f"preselect-{pre}"] if pre else token_only
     before = (
@@ -300,7 +414,9 @@ SOURCES = "sources"  # tokens/sources/<domain>.<source>/heldout: one held-out st
 
 
 @torch.no_grad()
-def source_eval(settings: EvalSettings, tokens, tok, tb, anchor, merged, dense, souped) -> dict:
+def source_eval(
+    settings: EvalSettings, tokens, tok, tb, anchor, merged, dense, souped, key: str | None = None
+) -> dict:
     """Held-out BPB per source of a domain (e.g. math: generated worked problems vs manuals), so
     a headline number is not carried by templated text alone: anchor, the owner's 2-expert model,
     the dense expert, the merged model (its stored preselection) and the uniform soup."""
@@ -314,7 +430,11 @@ def source_eval(settings: EvalSettings, tokens, tok, tb, anchor, merged, dense, 
         row = {}
         for name, s in streams.items():
             with routing(merged, mask=mask) if mask is not None else nullcontext():
-                row[name] = _one(fn, s, tb, settings, before(s) if before else None)
+                row[name] = _cached(
+                    settings,
+                    None if key is None else f"{key}|{label}|{name}",
+                    lambda fn=fn, s=s: _one(fn, s, tb, settings, before(s) if before else None),
+                )
         out[label] = row
 
     def fn_of(m):
@@ -382,6 +502,37 @@ def routing_diagonal(routing: dict, experts: list[str]) -> dict[str, float]:
     return {
         d: float(np.mean(m, axis=0)[experts.index(d)]) for d, m in routing.items() if d in experts
     }
+
+
+class public_ffn:
+    """`with public_ffn(merged, dense):` the merged model with its public expert (expert 0, the
+    anchor's FFN) replaced by `dense`'s FFNs, restored on exit. Attention, norms and embeddings
+    stay the anchor's, as the owners' experts were trained against them."""
+
+    def __init__(self, merged, dense):
+        self.merged, self.dense = merged, dense
+        self.keys = check_dense(dense.config).keys
+
+    def __enter__(self):
+        k, sd = self.keys, self.dense.state_dict()
+        params = dict(self.merged.named_parameters())
+        self.saved = []
+        for i in range(self.merged.config.num_hidden_layers):
+            p = f"model.layers.{i}.mlp"
+            gate_up = params[f"{p}.{k.experts_gate_up}"]
+            down = params[f"{p}.{k.experts_down}"]
+            self.saved.append((gate_up, gate_up[0].clone(), down, down[0].clone()))
+            with torch.no_grad():
+                gate_up[0].copy_(torch.cat([sd[f"{p}.{k.gate}"], sd[f"{p}.{k.up}"]], dim=0))
+                down[0].copy_(sd[f"{p}.{k.down}"])
+        return self
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for gate_up, g0, down, d0 in self.saved:
+                gate_up[0].copy_(g0)
+                down[0].copy_(d0)
+        return False
 
 
 class inference_variant:

@@ -186,10 +186,20 @@ def wilson(k: float, n: int, level: float = LEVEL) -> tuple[float, float]:
 
 MERGED = "FlexOlmo merged"
 ANCHOR = "anchor (public only)"
-BASELINES = (ANCHOR, "model soup (uniform)", "model soup (weighted)", "BTM (top-2 ensemble)")
+CONTROL = "control: anchor continued on public"
+CONTROL_MERGED = "FlexOlmo merged, public expert = control"
+BASELINES = (
+    ANCHOR,
+    "model soup (uniform)",
+    "model soup (weighted)",
+    "BTM (top-2 ensemble)",
+    CONTROL,
+)
+PAIRS = ((CONTROL_MERGED, CONTROL),)  # other paired comparisons the report reads: A − B
 TWO_EXPERT = "2-expert: public+"
 OPTOUT = "optout: "
 OPTOUT_RT = "optout (router tuning): "
+VARIANT = "variant: "  # "variant: <recipe>: <variant>" (demo_eval.inference_variant rows)
 TUNED = "FlexOlmo merged + router tuning"
 
 
@@ -234,7 +244,9 @@ def demo_intervals(
        "vs_anchor": {row: {column: paired diff}},    (every row but the anchor)
        "merged_vs": {row: {column: paired diff}},    (merged − anchor, soups, BTM, 2-expert)
        "optout": {expert: {column: paired diff}},    (merged without expert − merged)
-       "optout_rt": {expert: {column: paired diff}}} (the same for the router-tuned model)
+       "optout_rt": {expert: {column: paired diff}}, (the same for the router-tuned model)
+       "pairs": {"A vs B": {column: paired diff}},   (PAIRS, where both were measured)
+       "bias": {recipe: {column: paired diff}}}     (token routing, learned bias − b = 0)
     where a paired diff is paired_diff's dict plus "verdict" (A better than B: verdict(lo, hi)).
     """
     domains = list(domains)
@@ -249,7 +261,7 @@ def demo_intervals(
         if m and all(d in m for d in domains):
             r["mean"] = list(mean_ci(m, **kw))
         rows[label] = r
-    main = {k: v for k, v in meas.items() if not k.startswith((OPTOUT, OPTOUT_RT))}
+    main = {k: v for k, v in meas.items() if not k.startswith((OPTOUT, OPTOUT_RT, VARIANT))}
     out = {
         "method": METHOD,
         "level": level,
@@ -262,8 +274,19 @@ def demo_intervals(
         "merged_vs": {},
         "optout": {},
         "optout_rt": {},
+        "pairs": {},
+        "bias": {},
     }
     args = (domains, n_boot, seed, level)
+    for k in meas:
+        if k.startswith(VARIANT) and k.endswith(": token"):
+            label = k[len(VARIANT) : -len(": token")]
+            stock = meas.get(f"{VARIANT}{label}: stock")
+            if stock:
+                out["bias"][label] = _compare(meas[k], stock, cols, *args)
+    for a, b in PAIRS:
+        if a in main and b in main:
+            out["pairs"][f"{a} vs {b}"] = _compare(main[a], main[b], cols, *args)
     if ANCHOR in main:
         out["vs_anchor"] = {
             k: _compare(m, main[ANCHOR], cols, *args) for k, m in main.items() if k != ANCHOR

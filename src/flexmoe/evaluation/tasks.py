@@ -297,6 +297,40 @@ def _flat(results: dict) -> dict[str, float]:
     return out
 
 
+def _load_dense(path: Path, device: str, dtype: str | None):
+    model, _ = load_for_eval(path)
+    if is_merged(model):
+        raise FlexmoeError(f"{path} is a merged model: a BTM ensemble is made of dense models")
+    place(model, device, dtype)
+    return model
+
+
+def _ensemble_lm(lm, members: list):
+    """The lm-eval model `lm` (built on members[0]) with its forward replaced by the BTM
+    ensemble of `members`: lm-eval takes log_softmax of what _model_call returns, and the
+    ensemble's log-probabilities are their own log_softmax. Padding is on the right, and the
+    ensemble's weights at a position read only the tokens before it."""
+    import torch
+
+    from flexmoe.lifecycle.baselines import BTMEnsemble
+
+    ensemble = BTMEnsemble(members, top_k=2)
+
+    def call(inps, attn_mask=None, labels=None):
+        with (
+            torch.no_grad(),
+            torch.autocast(
+                lm.device.type,
+                dtype=lm.mixed_precision_dtype,
+                enabled=lm.mixed_precision_dtype is not None,
+            ),
+        ):
+            return ensemble(inps)
+
+    lm._model_call = call
+    return lm
+
+
 def run_tasks(
     model_dir: Path,
     tasks: Sequence[str] | None = None,
@@ -308,12 +342,15 @@ def run_tasks(
     allow_no_public: bool = False,
     device: str = "auto",
     dtype: str | None = None,
+    btm: Sequence[Path] = (),
 ) -> dict[str, dict[str, float]]:
     """Evaluate a flexmoe model (anchor or merged, with chosen experts) on downstream tasks.
 
     The model is loaded by flexmoe's own loader and handed to lm-eval in memory, so the router
-    bias and the expert mask are part of what is scored. → {task: {metric: value}}, where
-    metrics are acc/acc_norm (multiple choice) or bits_per_byte (gold answers), plus docs."""
+    bias and the expert mask are part of what is scored. `btm`: score instead the BTM ensemble
+    (lifecycle.baselines.BTMEnsemble, top-2) of `model_dir` and these dense models, through an
+    lm-eval model whose forward is the ensemble's. → {task: {metric: value}}, where metrics are
+    acc/acc_norm (multiple choice) or bits_per_byte (gold answers), plus docs."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     task_dir = Path(task_dir)
@@ -348,6 +385,12 @@ def run_tasks(
     lm_log.setLevel(logging.ERROR)
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device=device)
+    if btm:
+        if mask is not None or is_merged(model):
+            raise FlexmoeError(
+                "a BTM ensemble is made of dense models, without --include/--exclude"
+            )
+        lm = _ensemble_lm(lm, [model, *(_load_dense(p, device, dtype) for p in btm)])
     tm = TaskManager(include_path=str(task_dir.resolve()), include_defaults=False)
     from contextlib import nullcontext
 
