@@ -364,7 +364,7 @@ def recipe_eval(
         return merged(ids).logits
 
     lean = settings.lean_eval  # lean: 2-expert models on public + own domain,
-    # the bias and top-k-rule variants only, the stored preselection only
+    # the bias variant only, the stored preselection only
     two = {}
     for d in doms:
         with routing(merged, mask=expert_mask(merged, include=[d])):
@@ -378,7 +378,7 @@ def recipe_eval(
             )
     token_only = _bpb(fn, streams, tb, settings, key=sub("token"))
     variants = {"token": token_only}
-    for v in ("stock", "renorm") if lean else inference_variant.VARIANTS:
+    for v in ("stock",) if lean else inference_variant.VARIANTS:
         with inference_variant(merged, v):
             variants[v] = _bpb(fn, streams, tb, settings, key=sub(v))
     pre = default_preselect(merged)
