@@ -36,3 +36,15 @@ def test_cards_in_packages_and_merged_models(work, anchor_dir):
     assert set(experts) == {"code", "math"} and experts["math"]["licence"] == "CC-BY-4.0"
     assert experts["code"]["allowed_uses"] == ["research", "commercial"]
     assert "<script>" not in body and body.count("\n| code |") == 1
+
+
+def test_card_in_every_anchor(anchor_dir):
+    """The anchor writer (train, import, FlexOlmo import, dense experts) leaves a card whose
+    front matter pins the anchor's fingerprint."""
+    import json
+
+    front, body = _front(anchor_dir / CARD)
+    record = json.loads((anchor_dir / "flexmoe_anchor.json").read_text())
+    assert front["library_name"] == "transformers" and "anchor" in front["tags"]
+    assert front["flexmoe"]["fingerprint"] == record["fingerprint"]
+    assert record["fingerprint"] in body and "flexmoe expert train --anchor ." in body

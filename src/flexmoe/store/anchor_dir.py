@@ -18,6 +18,7 @@ from flexmoe.store.fsutil import (
     regular_file,
     write_json,
 )
+from flexmoe.store.model_card import CARD, anchor_card
 
 RECORD = "flexmoe_anchor.json"
 
@@ -47,6 +48,7 @@ def write_anchor(model: PreTrainedModel, tokenizer, extras: dict, out: Path, rec
         tokenizer.save_pretrained(tmp)
         save_file(extras, tmp / ROUTER)
         write_json(tmp / RECORD, record)
+        (tmp / CARD).write_text(anchor_card(record))
     return record
 
 

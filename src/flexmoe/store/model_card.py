@@ -119,3 +119,60 @@ def package_card(manifest: dict[str, Any]) -> str:
         f"Anchor fingerprint: `{md_cell(manifest.get('anchor_fingerprint'))}`.",
     ]
     return _card(data, body)
+
+
+def anchor_card(record: dict[str, Any]) -> str:
+    """The card of an anchor (or of a dense expert, the anchor continued on one domain): what it
+    is, where it came from, and how owners train experts against it."""
+    kind = record.get("kind", "anchor")
+    arch = str(record.get("architecture"))
+    source = record.get("imported_from")
+    origin = {
+        "kind": kind,
+        "architecture": arch,
+        "fingerprint": record.get("fingerprint"),
+        "parameters": record.get("parameters"),
+        "source": record.get("source"),
+        "imported_from": None if source is None else str(source).rsplit("/", 1)[-1],
+    }
+    data = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "license": "other",
+        "tags": [*TAGS, kind, arch],
+        "flexmoe": origin,
+    }
+    if kind == "dense-expert":
+        title = "# flexmoe dense expert (a baseline)"
+        what = (
+            "The anchor continued on one domain with every parameter trained: the dense baseline "
+            "a FlexOlmo merge is compared with (model soup, BTM). It is not an expert package."
+        )
+        use = ["flexmoe eval bpb --model . --data tokens/"]
+    else:
+        title = "# flexmoe anchor"
+        what = (
+            "The public dense model that every data owner trains an expert against, frozen; its "
+            "FFN becomes the public expert of every merge. The fingerprint below pins it: a "
+            "package trained against another anchor is refused at merge."
+        )
+        use = [
+            "flexmoe expert train --anchor . --data tokens/mine --name mine -o experts/mine",
+            "flexmoe merge --anchor . --experts experts/mine -o merged/",
+        ]
+    body = [
+        title,
+        "",
+        f"A `{md_cell(arch)}` model, {origin['parameters'] or 0:,} parameters. {what}",
+        "",
+        f"Fingerprint: `{md_cell(origin['fingerprint'])}`"
+        + (f"; imported from `{md_cell(origin['imported_from'])}`." if source else "."),
+        "The licence is that of the model it was imported from or trained on (`license: other`).",
+        "",
+        "## Use",
+        "",
+        "```bash",
+        *use,
+        "```",
+    ]
+    return _card(data, body)
