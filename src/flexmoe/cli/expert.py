@@ -15,6 +15,8 @@ from flexmoe.cli.options import (
     BatchSizeOption,
     Bf16Option,
     CkptEveryOption,
+    ConsentExpiresOption,
+    ConsentUseOption,
     DeviceOption,
     DtypeOption,
     GradAccumOption,
@@ -26,8 +28,8 @@ from flexmoe.cli.options import (
     StepsOption,
     StopAfterOption,
     WarmupOption,
+    consent_expiry,
 )
-from flexmoe.errors import FlexmoeError
 
 expert_app = typer.Typer(
     help="Experts: train against the frozen anchor, verify packages.", no_args_is_help=True
@@ -45,13 +47,8 @@ def expert_train(
     domain: Annotated[str | None, typer.Option(help="Domain label (default: name).")] = None,
     owner: Annotated[str, typer.Option(help="Data owner.")] = "unknown",
     licence: Annotated[str, typer.Option(help="Licence of the expert weights.")] = "unspecified",
-    consent_use: Annotated[
-        list[str] | None,
-        typer.Option("--consent-use", help="Allowed use: research | commercial (repeatable)."),
-    ] = None,
-    consent_expires: Annotated[
-        str | None, typer.Option("--consent-expires", help="Consent expiry date YYYY-MM-DD.")
-    ] = None,
+    consent_use: ConsentUseOption = None,
+    consent_expires: ConsentExpiresOption = None,
     router_init: Annotated[str, typer.Option(help="domain | random | hidden")] = "domain",
     router_docs: Annotated[int, typer.Option(help="Owner documents to embed.")] = 1000,
     dense: Annotated[
@@ -106,7 +103,6 @@ def expert_train(
     dp_epochs: Annotated[int, typer.Option(help="DP passes over the documents.")] = 1,
 ) -> None:
     """Train an expert on private data against the frozen anchor; write its package."""
-    import datetime as dt
 
     from flexmoe.lifecycle.expert import make_recipe, train_expert
 
@@ -119,12 +115,7 @@ def expert_train(
         bias_init=bias_init,
         router_z_loss=router_z_loss,
     )
-    expires = None
-    if consent_expires:
-        try:
-            expires = dt.date.fromisoformat(consent_expires)
-        except ValueError:
-            raise FlexmoeError(f"--consent-expires '{consent_expires}' is not YYYY-MM-DD") from None
+    expires = consent_expiry(consent_expires)
     res = train_expert(
         anchor,
         data,

@@ -10,8 +10,13 @@ from typing import Annotated
 import typer
 
 from flexmoe.cli import out
-from flexmoe.cli.options import OverwriteOption, split_names
-from flexmoe.errors import FlexmoeError
+from flexmoe.cli.options import (
+    ConsentExpiresOption,
+    ConsentUseOption,
+    OverwriteOption,
+    consent_expiry,
+    split_names,
+)
 
 import_app = typer.Typer(
     help="Import models made elsewhere as an anchor plus expert packages.", no_args_is_help=True
@@ -30,17 +35,8 @@ def import_flexolmo_cmd(
     out_dir: Annotated[
         Path, typer.Option("--out", "-o", help="Directory to write: anchor/ and experts/NAME/.")
     ],
-    consent_use: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--consent-use",
-            help="Use the experts' owners allow: research | commercial (repeatable). Required: "
-            "a checkpoint records no consent.",
-        ),
-    ] = None,
-    consent_expires: Annotated[
-        str | None, typer.Option("--consent-expires", help="Consent expiry date YYYY-MM-DD.")
-    ] = None,
+    consent_use: ConsentUseOption = None,  # required here: a checkpoint records no consent
+    consent_expires: ConsentExpiresOption = None,
     owner: Annotated[str, typer.Option(help="Owner written into every package.")] = "unknown",
     licence: Annotated[str, typer.Option(help="Licence of the expert weights.")] = "unspecified",
     names: Annotated[
@@ -54,16 +50,9 @@ def import_flexolmo_cmd(
 ) -> None:
     """Split an AI2 FlexOlmo checkpoint: a dense anchor (shared weights + expert 0, the public
     expert) and one package per other expert; merging them back with --top-k K is exact."""
-    import datetime as dt
-
     from flexmoe.lifecycle.import_flexolmo import import_flexolmo, merge_command
 
-    expires = None
-    if consent_expires:
-        try:
-            expires = dt.date.fromisoformat(consent_expires)
-        except ValueError:
-            raise FlexmoeError(f"--consent-expires '{consent_expires}' is not YYYY-MM-DD") from None
+    expires = consent_expiry(consent_expires)
     res = import_flexolmo(
         checkpoint,
         out_dir,

@@ -30,6 +30,28 @@ OverwriteOption = Annotated[
     bool, typer.Option(help="Replace a non-empty -o that flexmoe did not write.")
 ]
 
+# ---- an owner's consent, as written into expert packages ----
+ConsentUseOption = Annotated[
+    list[str] | None,
+    typer.Option("--consent-use", help="Allowed use: research | commercial (repeatable)."),
+]
+ConsentExpiresOption = Annotated[
+    str | None, typer.Option("--consent-expires", help="Consent expiry date YYYY-MM-DD.")
+]
+
+
+def consent_expiry(value: str | None):
+    """--consent-expires as a date (None when not given); one-line error otherwise."""
+    import datetime as dt
+
+    if not value:
+        return None
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise FlexmoeError(f"--consent-expires '{value}' is not YYYY-MM-DD") from None
+
+
 # ---- which experts take part ----
 IncludeOption = Annotated[
     list[str] | None, typer.Option(help="Only these experts (public always kept).")
