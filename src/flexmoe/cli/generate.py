@@ -40,6 +40,13 @@ def generate_cmd(
         bool, typer.Option(help="Show each expert's share of routing weight.")
     ] = False,
     per_layer: Annotated[bool, typer.Option(help="Attribution per layer too.")] = False,
+    routed_experts: Annotated[
+        bool,
+        typer.Option(
+            help="Print, as a last line of JSON, the expert ids every prompt and generated token "
+            "was computed with per MoE layer (vLLM's routed_experts layout; -1 = empty slot)."
+        ),
+    ] = False,
     use: UseOption = None,
     allow_no_public: AllowNoPublicOption = False,
     preselect: PreselectOption = None,
@@ -81,6 +88,7 @@ def generate_cmd(
         allow_no_public=allow_no_public,
         use=use,
         preselect=preselect,
+        routed_experts=routed_experts,
     )
     if is_merged(m) and (experts_of(m).preselect if preselect is None else preselect):
         console.print("preselected: " + ", ".join(g.active))
@@ -102,3 +110,21 @@ def generate_cmd(
             cells += [f"{row[n]:.3f}" for row in g.per_layer or []]
             table.add_row(*cells)
         out.print(table)
+    if g.routed_experts is not None:
+        _print_routed_experts(g)
+
+
+def _print_routed_experts(g) -> None:
+    """One line of JSON, last on stdout (`| tail -n1` reads it): vLLM's field names, so a
+    routing-replay client reads it as it reads vLLM's answer, plus the token ids the rows align
+    with. json.dumps escapes every control character, so it is printed as is, never cut."""
+    import json
+
+    record = {
+        "prompt_token_ids": g.prompt_ids,
+        "token_ids": g.token_ids,
+        "prompt_routed_experts": g.prompt_routed_experts,
+        "routed_experts": g.routed_experts,
+        "expert_names": g.expert_names,
+    }
+    typer.echo(json.dumps(record, separators=(",", ":")))

@@ -5,7 +5,8 @@ flexmoe does not re-implement the transformer. It adds, as a small diff over the
 - a per-layer, per-expert router bias b ≤ 0 (the paper's negative bias; stock HF has none),
 - expert masks (global or per batch row) that set excluded experts' logits to −∞ before the
   softmax, with top-k clipped to the active experts — the exact opt-out,
-- optional recording of routing weights, for attribution.
+- optional recording of routing weights, for attribution, and of the expert ids each position
+  was computed with (`RoutingTrace.routes`: vLLM's `routed_experts` layout).
 
 Per-request routing (expert mask, per-row masks, recording) is owned by one context manager,
 `with routing(model, mask=…, rows=…, record=…)`. Its state is thread-local, so two requests
@@ -250,3 +251,79 @@ class RoutingTrace:
             w.scatter_add_(1, index[:, -1], value[:, -1].double())
             per_layer.append(w)
         return torch.stack(per_layer).sum(0).cpu()
+
+    def routes(
+        self, top_k: int | None = None, batch: int = 1, calls: slice = slice(None)
+    ) -> RoutedExperts:
+        """The experts every recorded position was computed with, as `RoutedExperts` of shape
+        (batch, positions, layers, top_k): the forward calls in `calls` laid end to end along
+        the positions (prefill, then one position per decode step), each call's rows padded to
+        `top_k` slots (default: the widest call). A slot the model gave zero weight (the router's
+        padding where fewer than top-k experts were allowed, see FlexmoeRouter) holds NO_EXPERT,
+        never the expert it duplicates: an id on the wire is one the output depended on."""
+        picked = [recs[calls] for recs in self.records]
+        width = top_k or max(i.shape[-1] for recs in picked for i, _ in recs)
+        ids, weights = [], []
+        for recs in picked:
+            layer = [_padded(i, v, batch, width) for i, v in recs]
+            ids.append(torch.cat([i for i, _ in layer], 1))
+            weights.append(torch.cat([v for _, v in layer], 1))
+        return RoutedExperts(torch.stack(ids, 2), torch.stack(weights, 2), self.num_experts)
+
+
+NO_EXPERT = -1  # an id slot with no expert in it (zero routing weight, or no forward at all)
+
+
+def _padded(index: torch.Tensor, value: torch.Tensor, batch: int, width: int):
+    """One forward call's (rows, k) record as (batch, positions, width) ids and weights, on the
+    CPU, with NO_EXPERT (weight 0) wherever the router applied no weight."""
+    index = index.view(batch, -1, index.shape[-1]).cpu()
+    value = value.view(batch, -1, value.shape[-1]).float().cpu()
+    index = torch.where(value > 0, index, NO_EXPERT)
+    value = torch.where(value > 0, value, 0.0)
+    extra = width - index.shape[-1]
+    if extra > 0:  # a mask that allows fewer than top-k experts everywhere: topk was clipped
+        index = F.pad(index, (0, extra), value=NO_EXPERT)
+        value = F.pad(value, (0, extra), value=0.0)
+    return index, value
+
+
+@dataclass
+class RoutedExperts:
+    """Per position, per MoE layer, the top-k expert ids the model computed with and their
+    routing weights: vLLM's `routed_experts` layout ([positions, layers, top-k] per sequence),
+    which routing-replay clients read. Ids are indices into the merged model's expert order
+    (`expert_names`); slots are in the router's order (largest weight first) and NO_EXPERT slots
+    (weight 0) come last. Attribution (`layer_weights`, `shares`, `step_weights`) sums these same
+    weights, so the ids a client sees and the shares it is billed by are one record."""
+
+    ids: torch.Tensor  # (batch, positions, layers, top_k) int64, NO_EXPERT where no weight
+    weights: torch.Tensor  # same shape, float32, 0 at NO_EXPERT
+    num_experts: int
+
+    def _sum(self, index: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        n = self.num_experts
+        total = torch.zeros(n + 1, dtype=torch.float64)
+        total.index_add_(0, torch.where(index < 0, n, index).reshape(-1), value.reshape(-1))
+        return total[:n]
+
+    def layer_weights(self, positions: slice = slice(None)) -> torch.Tensor:
+        """(layers, experts) float64: routing weight summed over the batch and `positions`."""
+        ids, weights = self.ids[:, positions], self.weights[:, positions].double()
+        return torch.stack(
+            [self._sum(ids[:, :, layer], weights[:, :, layer]) for layer in range(ids.shape[2])]
+        )
+
+    def shares(self, positions: slice = slice(None)) -> torch.Tensor:
+        """(experts,) each expert's share of all layers' routing weight at `positions`."""
+        total = self.layer_weights(positions).sum(0)
+        return total / total.sum()
+
+    def step_weights(self) -> torch.Tensor:
+        """(batch, experts) float64: the weight each expert carried, summed over layers, at each
+        row's last position (the position that produced that row's next token)."""
+        rows = []
+        for row in range(self.ids.shape[0]):
+            ids, weights = self.ids[row, -1], self.weights[row, -1].double()
+            rows.append(torch.stack([self._sum(i, w) for i, w in zip(ids, weights, strict=True)]))
+        return torch.stack(rows).sum(1)

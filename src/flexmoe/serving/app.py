@@ -7,7 +7,11 @@ tenant again. `/v1/completions` and `/v1/chat/completions` (streaming or not) an
 generated text plus `flexmoe: {active, excluded, attribution}`; `POST
 /admin/experts/{name}/revoke` takes an expert out of all later requests and of the running ones
 at their next step. `--timeout` bounds the whole request (queueing, prefill and every token: 504),
-and a client that goes away has its batch row cancelled at the next step.
+and a client that goes away has its batch row cancelled at the next step. With
+`return_routed_experts: true` (not streaming) the answer also carries vLLM's routing-replay fields:
+the choice's `routed_experts` and `prompt_routed_experts` ([tokens][MoE layers][top-k] expert ids,
+-1 for an empty slot), `prompt_routed_experts` at the top level as vLLM places it, and
+`expert_names` (id → name).
 
 Requests are validated strictly (see `schema`): a body that is not a JSON object, a field of the
 wrong type, an unknown or unimplemented parameter, text that is not valid Unicode is a 400 whose
@@ -242,6 +246,13 @@ def create_app(server: Server):
         started = time.perf_counter()
         deadline = request.scope.get("flexmoe.deadline", time.monotonic()) + server.limits.timeout_s
         tenant = tenant_of(request)
+        if req.return_routed_experts and not server.merged:
+            raise ApiError(
+                400,
+                "this is a dense model: it has no experts to route",
+                param="return_routed_experts",
+                code="unsupported_value",
+            )
         job, meta, n_prompt = await server.run(req, prompt, tenant, deadline)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
@@ -334,7 +345,7 @@ def create_app(server: Server):
         info = server.finish(job, meta, tenant, n_prompt, req)
         server.m_requests.labels(route(request), "200").inc()
         server.m_latency.observe(time.perf_counter() - started)
-        return {
+        body = {
             "id": rid,
             "object": obj,
             "created": created,
@@ -343,6 +354,9 @@ def create_app(server: Server):
             "usage": usage(n_prompt, len(job.tokens)),
             "flexmoe": info,
         }
+        return (
+            _with_routed_experts(body, job, server.experts()) if req.return_routed_experts else body
+        )
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -356,6 +370,16 @@ def create_app(server: Server):
         return await serve(request, req, _chat_prompt(server, req), chat=True)
 
     return _Guard(app, server)
+
+
+def _with_routed_experts(body: dict, job, names: list[str]) -> dict:
+    """The answer plus vLLM's routing-replay fields: the choice carries `routed_experts` (one row
+    per generated token) and `prompt_routed_experts` (one per prompt token), the latter also at
+    the top level, where vLLM puts it and replay clients read it; `expert_names` maps ids to the
+    merged model's experts. Only this request's own batch row is read (`Job.routed_experts`)."""
+    prompt, generated = job.routed_experts()
+    body["choices"][0] |= {"routed_experts": generated, "prompt_routed_experts": prompt}
+    return body | {"prompt_routed_experts": prompt, "expert_names": names}
 
 
 def _bearer(header: str) -> str | None:

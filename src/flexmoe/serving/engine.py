@@ -3,7 +3,9 @@
 One model instance serves every request. The engine groups the requests waiting in a bounded
 queue (full: the caller answers 503) into one batch and decodes them together. Each batch row
 has its own expert mask (model.routing rows), its own sampling generator and its own stop rules,
-and records the routing weight each expert carried for its generated tokens (the attribution).
+and records the routing weight each expert carried for its generated tokens (the attribution)
+and, from the same record, the expert ids each of its own positions was computed with (vLLM's
+`routed_experts` layout: see `Job.routed_experts`).
 Every forward holds `step_lock`, so a revocation takes effect for every running row at the next
 step, never in the middle of one; rows of cancelled or expired requests stop at the next step.
 """
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from flexmoe.model.router import RoutingTrace, routers, routing
+from flexmoe.model.router import NO_EXPERT, RoutingTrace, routers, routing
 
 
 @dataclass
@@ -60,9 +62,26 @@ class Job:
     tokens: list[int] = field(default_factory=list)
     top_expert: list[int] = field(default_factory=list)
     weights: torch.Tensor | None = None  # (E,) summed routing weight of generated tokens
+    # this row's own positions only: (prompt tokens, layers, top-k) and one (layers, top-k) per
+    # generated token that was fed back to the model; NO_EXPERT where no expert was used
+    prompt_routes: torch.Tensor | None = None
+    routes: list[torch.Tensor] = field(default_factory=list)
 
     def emit(self, kind: str, payload: Any = None) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+
+    def routed_experts(self) -> tuple[list[list[list[int]]], list[list[list[int]]]]:
+        """(prompt_routed_experts, routed_experts) in vLLM's layout, [tokens][layers][top-k]:
+        row t is what the row's position t was computed with. A generated token this request
+        never fed back (its last one, unless an end-of-text token followed; the engine may still
+        have run it for a longer row of the batch) is all NO_EXPERT, so a request gets the same
+        rows alone as batched."""
+        prompt = self.prompt_routes
+        missing = len(self.tokens) - len(self.routes)
+        pad = [torch.full(prompt.shape[1:], NO_EXPERT, dtype=prompt.dtype)] * max(missing, 0)
+        rows = (self.routes + pad)[: len(self.tokens)]
+        generated = torch.stack(rows).tolist() if rows else []
+        return prompt.tolist(), generated
 
 
 class Engine:
@@ -118,6 +137,20 @@ class Engine:
                     j.emit("error", f"{type(e).__name__}: {e}")
 
 
+def _keep_routes(jobs: list[Job], done: list[bool], ids: torch.Tensor, first: bool) -> None:
+    """Give each row that still needed the last forward its own positions' expert ids (batch
+    rows are never mixed): after the prefill its prompt (left padding dropped), after a step its
+    last token. A row already done (finished, cancelled, or every expert revoked, when the
+    forward ran it with experts it never chose) gets nothing from it."""
+    for i, j in enumerate(jobs):
+        if done[i]:
+            continue
+        if first:
+            j.prompt_routes = ids[i, ids.shape[1] - len(j.ids) :]
+        else:
+            j.routes.append(ids[i, -1])
+
+
 def _pick(logits: torch.Tensor, job: Job, gen: torch.Generator | None) -> int:
     if job.temperature <= 0:
         return int(logits.argmax())
@@ -160,8 +193,12 @@ def decode(model, tok, jobs: list[Job], lock: threading.RLock | None = None) -> 
     sent = [0] * b
     cache = DynamicCache()
     n_exp = rows.shape[1] if merged else 0
+    top_k = routers(model)[0].top_k if merged else 0
+    shape = (len(routers(model)), top_k) if merged else (0, 0)
     for j in jobs:
         j.weights = torch.zeros(n_exp, dtype=torch.float64)
+        j.prompt_routes = torch.full((len(j.ids), *shape), NO_EXPERT, dtype=torch.long)
+        j.routes = []
     eos = tok.eos_token_id
     max_new = max(j.max_new for j in jobs)
     lock = lock or nullcontext()
@@ -185,9 +222,11 @@ def decode(model, tok, jobs: list[Job], lock: threading.RLock | None = None) -> 
     logits, records = forward(
         ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True
     )
-    for _ in range(max_new):
-        if merged:  # routing weight of the position that produces this step's token
-            step_w = RoutingTrace(records, n_exp).step_weights(b)
+    for step in range(max_new):
+        if merged:  # what the last forward computed with; its last position makes this token
+            routes = RoutingTrace(records, n_exp).routes(top_k, b)
+            step_w = routes.step_weights()
+            _keep_routes(jobs, done, routes.ids, first=step == 0)
         nxt = torch.full((b,), pad, dtype=torch.long)
         for i, j in enumerate(jobs):
             if done[i]:

@@ -1,8 +1,8 @@
 """The request and response shapes of the OpenAI-compatible API, plus flexmoe's additions.
 
-Requests take `experts: {include, exclude}`, `use` and `token_experts` next to the OpenAI
-fields (the official client sends them via `extra_body`). Errors use OpenAI's shape,
-`{"error": {"message", "type", "param", "code"}}`, so the official clients show all of them.
+Requests take `experts: {include, exclude}`, `use`, `token_experts` and `return_routed_experts`
+next to the OpenAI fields (the official client sends them via `extra_body`). Errors use OpenAI's
+shape, `{"error": {"message", "type", "param", "code"}}`, so the official clients show all of them.
 No HTTP or model code here: the server and the app share it.
 
 Requests are validated strictly (pydantic strict mode), so nothing is guessed:
@@ -23,7 +23,9 @@ Requests are validated strictly (pydantic strict mode), so nothing is guessed:
   `max_tokens`. A null OpenAI parameter means its default, as in OpenAI's API;
 - `n` must be 1 and `prompt` one string (or a list of one); chat roles are `system`, `user` and
   `assistant`, and content is a string or a list of `{"type": "text", "text"}` parts;
-- one expert cannot be both included and excluded.
+- one expert cannot be both included and excluded;
+- `return_routed_experts` (a boolean, as vLLM's field) is refused with `stream: true`
+  (`unsupported_parameter`): the ids come whole with a non-streaming answer.
 
 `model` is checked against the served model by the app (404 `model_not_found`, as OpenAI does).
 """
@@ -140,6 +142,7 @@ class _Request(_Strict):
     experts: ExpertChoice | None = None
     use: Literal["research", "commercial"] | None = None
     token_experts: StrictBool = False  # per generated token: the expert with most routing weight
+    return_routed_experts: StrictBool = False  # vLLM's layout: expert ids per token and layer
 
     @model_validator(mode="before")
     @classmethod
@@ -189,6 +192,19 @@ class _Request(_Strict):
                 "invalid_value",
                 "stream_options is only allowed when stream is true",
                 {"param": "stream_options"},
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _routed_experts_whole(self):
+        """A stream's chunks are text pieces, not tokens, and a token's row is only known once
+        the model has been fed it: the ids are answered whole, never streamed."""
+        if self.return_routed_experts and self.stream:
+            raise PydanticCustomError(
+                "unsupported_parameter",
+                "return_routed_experts is not supported with stream: true; "
+                "send the request without streaming",
+                {"param": "return_routed_experts"},
             )
         return self
 
