@@ -26,6 +26,21 @@ def sample_texts(domain: str, split: str, n: int, max_chars: int = 4000) -> list
     ]
 
 
+class ArrayStream:
+    """A token stream stand-in (len, window) over an array, for evaluate_bpb."""
+
+    def __init__(self, ids):
+        import numpy as np
+
+        self.ids = np.asarray(ids, dtype=np.int64)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def window(self, start, n):
+        return self.ids[start : start + n]
+
+
 def write_jsonl(path: Path, texts: list[str], field: str = "text") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:

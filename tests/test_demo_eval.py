@@ -8,18 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from tests.conftest import random_package
 
-
-class _Stream:
-    def __init__(self, ids):
-        self.ids = np.asarray(ids, dtype=np.int64)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def window(self, start, n):
-        return self.ids[start : start + n]
+from conftest import ArrayStream, random_package
 
 
 def test_scored_rows_are_kept_and_reused_by_key(tmp_path):
@@ -28,7 +18,10 @@ def test_scored_rows_are_kept_and_reused_by_key(tmp_path):
     rng = np.random.default_rng(0)
     V = 16
     tb = np.array([0, *rng.integers(1, 4, V - 1)])
-    streams = {"public": _Stream(rng.integers(0, V, 600)), "code": _Stream(rng.integers(0, V, 600))}
+    streams = {
+        "public": ArrayStream(rng.integers(0, V, 600)),
+        "code": ArrayStream(rng.integers(0, V, 600)),
+    }
     tables = [torch.randn(V, V, generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
     calls = []
 

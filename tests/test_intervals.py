@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 
+from conftest import ArrayStream
 from flexmoe.evaluation import intervals as iv
 
 LN2 = math.log(2)
@@ -180,19 +181,6 @@ def test_report_claims_tables_and_plots(tmp_path):
     assert "| anchor | 0.500 [0.404, 0.596] | 1.234 |" in t
 
 
-class _Stream:
-    """A token stream stand-in (len, window) for evaluate_bpb."""
-
-    def __init__(self, ids):
-        self.ids = np.asarray(ids, dtype=np.int64)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def window(self, start, n):
-        return self.ids[start : start + n]
-
-
 def test_scored_windows_add_up_to_the_bpb_and_lean_rows_have_none_for_unmeasured():
     import torch
 
@@ -202,7 +190,7 @@ def test_scored_windows_add_up_to_the_bpb_and_lean_rows_have_none_for_unmeasured
     rng = np.random.default_rng(0)
     V = 16
     tb = np.array([0, *rng.integers(1, 4, V - 1)])  # token 0 (EOS) covers no bytes
-    stream = _Stream(rng.integers(0, V, 1000))
+    stream = ArrayStream(rng.integers(0, V, 1000))
     g = torch.Generator().manual_seed(0)
     table = torch.randn(V, V, generator=g)
 
@@ -216,7 +204,7 @@ def test_scored_windows_add_up_to_the_bpb_and_lean_rows_have_none_for_unmeasured
     assert iv.bpb_of(r["windows"]) == pytest.approx(r["bpb"], rel=1e-12)
 
     s = EvalSettings(domains=("code",), seq_len=32, eval_tokens=320, baselines=False, prompt="")
-    streams = {"public": stream, "code": _Stream(rng.integers(0, V, 800))}
+    streams = {"public": stream, "code": ArrayStream(rng.integers(0, V, 800))}
     row = _bpb(fn, streams, tb, s, only=["code"])
     assert row["public"] != row["public"] and set(row.windows) == {"code"}
     assert set(json.loads(json.dumps(row))) == {"public", "code", "mean", "closed mean"}
