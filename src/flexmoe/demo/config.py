@@ -3,6 +3,7 @@ demo-scratch` (scratch()) and `make demo-full` (full())."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,22 +139,11 @@ class DemoConfig:
           3: + downstream tasks in the paper's Table-1 form."""
         if part not in PARTS:
             raise ValueError(f"part must be one of {PARTS}")
-        cfg = cls(
-            out=out,
-            anchor_source="smollm2",
-            recipe_overrides={"calibrate": False},  # see pretrained()
+        cfg = dataclasses.replace(
+            cls.pretrained(out),
             expert_steps=96,
             expert_warmup=10,
-            expert_lr=3e-4,
-            dense_lr=1e-4,
-            batch_size=4,
-            seq_len=256,
-            router_docs=200,
             eval_tokens=16384,
-            compare_paper=False,
-            lean_eval=True,
-            eval_bf16=True,
-            gen_exclude="code",
             control=True,
             topk_sweep=False,
         )
