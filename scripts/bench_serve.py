@@ -6,6 +6,10 @@ Starts the server in-process on a free 127.0.0.1 port, then sends the same set o
 requests (random expert subsets, fixed seeds) one by one and at concurrency 1, 8 and 32. Prints
 generated tokens/s and p50/p99 latency per setting, and how many batches the engine ran.
 Bounded: --requests per setting (default 32), --max-tokens each (default 32).
+
+--llamacpp TYPE adds llama.cpp beside flexmoe's engine (one by one, the whole model, no expert
+subsets: llama.cpp has no per-request mask, a subset is its own export): the model exported with
+`flexmoe export gguf --type TYPE` and served by llama.cpp in this process (xllamacpp).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--llamacpp", choices=["f32", "f16", "q8_0"], help="add a llama.cpp column")
+    ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     args = ap.parse_args()
 
     import tempfile
@@ -89,7 +95,45 @@ def main() -> None:
             f"{label:16s} {tokens / wall:9.1f} {statistics.median(lat):7.2f} {p99:7.2f} "
             f"{server.engine.batches - b0:8d}"
         )
+    if args.llamacpp:
+        _vs_llamacpp(args, client, server, prompts)
     uv.should_exit = True
+
+
+def _vs_llamacpp(args, client, server, prompts) -> None:
+    """Generated tokens/s, one request at a time, whole model: flexmoe's server vs llama.cpp."""
+    import tempfile
+
+    from flexmoe.evaluation.llamacpp import LlamaCpp
+    from flexmoe.lifecycle.gguf_export import export_gguf
+
+    gguf = Path(tempfile.mkdtemp(prefix="flexmoe-bench-gguf-")) / f"model-{args.llamacpp}.gguf"
+    res = export_gguf(args.model, gguf, qtype=args.llamacpp)
+    cpp = LlamaCpp(gguf, threads=args.threads, n_ctx=1024)
+    tok = server.tok
+    reqs = [prompts[i % len(prompts)] for i in range(args.requests)]
+
+    def flexmoe_one(p: str) -> int:
+        r = client.completions.create(
+            model=server.name, prompt=p, max_tokens=args.max_tokens, temperature=0
+        )
+        return r.usage.completion_tokens
+
+    def cpp_one(p: str) -> int:
+        ids = tok(p, add_special_tokens=False)["input_ids"]
+        return len(cpp.greedy(ids, args.max_tokens))
+
+    print(
+        f"\nwhole model, one by one, {args.requests} × {args.max_tokens} tokens "
+        f"(llama.cpp: {args.llamacpp}, {len(res.experts)} experts top-{res.top_k}, "
+        f"{args.threads} threads)"
+    )
+    print(f"{'engine':16s} {'tokens/s':>9s}")
+    for label, fn in (("flexmoe serve", flexmoe_one), (f"llama.cpp {args.llamacpp}", cpp_one)):
+        fn(reqs[0])  # warm-up
+        t0 = time.perf_counter()
+        tokens = sum(fn(p) for p in reqs)
+        print(f"{label:16s} {tokens / (time.perf_counter() - t0):9.1f}")
 
 
 if __name__ == "__main__":

@@ -94,6 +94,8 @@ TOKENIZE = ["data", "tokenize", "{d}/docs.jsonl", "--tokenizer", "{tok}", "-o", 
 TRAIN = ["expert", "train", "--anchor", "{anchor}", "--data", "{shards}/code/train", "--name", "c"]
 IMPORT = ["anchor", "import", "{anchor}", "-o", "{d}/a", "--public", "{d}/docs.jsonl"]
 
+GGUF = ["export", "gguf", "{merged}", "-o", "{d}/m.gguf"]
+
 CASES = [
     # keys and signatures: files of the wrong kind, impossible places
     Case("keys new ''", ["keys", "new", ""], "must name a file"),
@@ -253,6 +255,12 @@ CASES = [
     ),
     # a previous output holding the user's file is not replaced without --overwrite
     Case("tokenize over user file", TOKENIZE, "NOTES.md", _previous_shards),
+    # export gguf: refused before any model is loaded where the option or the family is wrong
+    Case("export gguf --type q4_k", [*GGUF, "--type", "q4_k"], "--type"),
+    Case("export gguf FlexOlmo", GGUF, "no FlexOlmo architecture"),
+    Case("export gguf -o dir", ["export", "gguf", "{merged}", "-o", "{d}"], "not a regular file"),
+    Case("export gguf over user file", GGUF, "refusing to replace", _text("m.gguf", "mine")),
+    Case("export gguf no config", ["export", "gguf", "{d}", "-o", "{d}/m.gguf"], "config.json"),
 ]
 
 

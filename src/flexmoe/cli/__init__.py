@@ -115,6 +115,7 @@ def main() -> None:
 # ---- the verbs (imported last: their modules use app, console, out and clean from here) ----
 # `flexmoe --help` lists top-level commands in the order registered here, then the groups.
 from flexmoe.cli import anchor, data, evaluate, expert, generate, merge, serve  # noqa: E402
+from flexmoe.cli.export import export_app  # noqa: E402
 from flexmoe.cli.importing import import_app  # noqa: E402
 
 app.command("report")(evaluate.report)
@@ -130,6 +131,7 @@ app.add_typer(evaluate.eval_app, name="eval")
 app.add_typer(expert.keys_app, name="keys")
 app.add_typer(serve.ledger_app, name="ledger")
 app.add_typer(import_app, name="import")
+app.add_typer(export_app, name="export")
 
 
 def _validate_all(t: typer.Typer) -> None:

@@ -192,6 +192,27 @@ def atomic_file(dest: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
+    """A temp path beside `dest` for a writer that opens files itself (e.g. GGUFWriter); renamed
+    into place only if the block succeeds, removed otherwise."""
+    dest = Path(dest)
+    made = _make_parents(dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent)
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        _remove_empty(made)
+        raise
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_file(path) as f:
         json.dump(obj, f, indent=2, sort_keys=True)
