@@ -185,3 +185,78 @@ def test_refusals_write_nothing(work, anchor_dir, merged, capsys):
     # a previous export is replaced without --overwrite
     assert run_cli(["export", "gguf", merged, "-o", mine, "--type", "q8_0"], capsys)[0] == 0
     assert not list(mine.parent.glob(".mine.bin.tmp-*"))
+
+
+def test_card_inside_the_file_names_only_exported_experts(work, merged, capsys):
+    import gguf
+    import yaml
+
+    out = work / "gguf" / "card.gguf"
+    assert run_cli(["export", "gguf", merged, "-o", out, "--exclude", "code"], capsys)[0] == 0
+    r = gguf.GGUFReader(str(out))
+    card = r.get_field("flexmoe.model_card").contents()
+    assert card.startswith("---\n")
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert [e["name"] for e in front["flexmoe"]["experts"]] == ["math"]
+    assert "code owner" not in card and "math owner" in card
+    assert "gguf" in front["tags"] and r.get_field("general.license").contents() == "other"
+
+
+@pytest.fixture(scope="module")
+def qwen3(work, tok_dir):
+    """A tiny Qwen3 anchor and a 3-expert Qwen3-MoE merge (top-2)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = load_tokenizer(tok_dir)
+    cfg = Qwen3Config(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        initializer_range=0.25,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        eos_token_id=0,
+        pad_token_id=1,
+        bos_token_id=None,
+    )
+    torch.manual_seed(12)
+    hf = work / "gguf-hf-qwen3"
+    Qwen3ForCausalLM(cfg).float().save_pretrained(hf)
+    tok.save_pretrained(hf)
+    public = work / "raw" / "public-gguf.jsonl"
+    anchor = work / "gguf-qwen3-anchor"
+    import_anchor(hf, anchor, public, router_docs=4)
+    arch = {"model_type": "qwen3_moe", "hidden_size": 64, "intermediate_size": 128}
+    arch["num_hidden_layers"] = 2
+    pkgs = [
+        random_package(work / f"gguf-q-{n}", anchor, n, seed=s, architecture=arch)
+        for n, s in (("code", 3), ("math", 4))
+    ]
+    out = work / "gguf-qwen3-merged"
+    merge(anchor, pkgs, out, top_k=2, log=None)
+    return anchor, out
+
+
+def test_qwen3_anchor_and_merge(work, llama_anchor, qwen3, capsys):
+    anchor, merged_q = qwen3
+    out = work / "gguf" / "qwen3-anchor.gguf"
+    code, stdout, err = run_cli(["export", "gguf", anchor, "-o", out, "--type", "f32"], capsys)
+    assert code == 0 and "qwen3 (dense" in stdout, err
+    worst, same = _compare(anchor, out)
+    assert worst < F32_TOLERANCE and same
+    # top-2 of 3: llama.cpp's qwen3moe would renormalise, flexmoe's does not → refused
+    bad = work / "gguf" / "qwen3-all.gguf"
+    code, _, err = run_cli(["export", "gguf", merged_q, "-o", bad], capsys)
+    assert code == 2 and "renormalises" in err and not bad.exists()
+    # public + code at top-2: every token uses both, the two rules agree
+    out = work / "gguf" / "qwen3-code.gguf"
+    args = ["export", "gguf", merged_q, "-o", out, "--type", "f32", "--include", "code"]
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 0 and "qwen3moe (2 experts, top-2" in stdout, err
+    worst, same = _compare(merged_q, out, exclude=["math"])
+    assert worst < F32_TOLERANCE and same

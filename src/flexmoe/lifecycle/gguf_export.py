@@ -30,6 +30,7 @@ import torch
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.store.fsutil import atomic_path, read_json, writable_file
+from flexmoe.store.model_card import TAGS, gguf_card
 
 FORMAT = "flexmoe-gguf"
 TYPES = ("f32", "f16", "q8_0")
@@ -309,6 +310,19 @@ def export_gguf(
         if not special.merges:
             raise FlexmoeError(f"{tj_path}: no BPE merges")
         special.add_to_gguf(w, quiet=True)
+        manifests = (
+            [
+                json.loads(table.manifests[n].model_dump_json())
+                for n in names
+                if n in table.manifests
+            ]
+            if merged
+            else []
+        )
+        card = gguf_card(manifests, gguf.MODEL_ARCH_NAMES[arch], qtype, top_k)
+        w.add_license("other")
+        w.add_tags([*TAGS, "gguf", "llama.cpp"])
+        w.add_string("flexmoe.model_card", card)
         w.add_string("flexmoe.format", FORMAT)
         w.add_array("flexmoe.experts", names or ["(dense)"])
         w.add_float32("flexmoe.router_bias_dropped", max_bias)

@@ -176,3 +176,51 @@ def anchor_card(record: dict[str, Any]) -> str:
         "```",
     ]
     return _card(data, body)
+
+
+def gguf_card(manifests: list[dict[str, Any]], architecture: str, qtype: str, top_k: int) -> str:
+    """The card carried inside a GGUF export (`flexmoe.model_card`): the experts in the file (the
+    allowed subset), with owner, licence, consent and DP, and how to run it with llama.cpp."""
+    rows = [_expert_row(m) for m in manifests]
+    data = {
+        "library_name": "gguf",
+        "pipeline_tag": "text-generation",
+        "license": "other",
+        "tags": [*TAGS, "gguf", "llama.cpp", architecture],
+        "flexmoe": {"format": "flexmoe-gguf", "type": qtype, "top_k": top_k, "experts": rows},
+    }
+    what = (
+        f"A `{md_cell(architecture)}` mixture of experts for llama.cpp: the public expert plus "
+        "the experts listed below, and no others (experts not allowed at export are not in the "
+        f"file). Each token uses its top {top_k}; flexmoe's router bias and request-level "
+        "preselection are not represented."
+        if rows
+        else f"A dense `{md_cell(architecture)}` model for llama.cpp (a flexmoe anchor or dense "
+        "expert)."
+    )
+    body = [
+        "# A flexmoe GGUF export",
+        "",
+        what,
+        "",
+        *(
+            [
+                "## Experts",
+                "",
+                "The licence of each expert's weights and its owner's consent are the owner's; "
+                "the file is licensed as the most restrictive of them. llama.cpp cannot enforce "
+                "a consent expiry after export.",
+                "",
+                *_experts_table(rows),
+                "",
+            ]
+            if rows
+            else []
+        ),
+        "## Use",
+        "",
+        "```bash",
+        "llama-cli -m model.gguf -p 'def fibonacci(n):'      # or llama-server, ollama, LM Studio",
+        "```",
+    ]
+    return _card(data, body)
