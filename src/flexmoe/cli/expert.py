@@ -196,6 +196,33 @@ def expert_calibrate(
     out.print(f"calibrated package → {out_dir}")
 
 
+@expert_app.command("compress")
+def expert_compress(
+    package: Annotated[Path, typer.Argument(help="Expert package directory.")],
+    anchor: Annotated[Path, typer.Option(help="The anchor it is built on.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Compressed package to write.")],
+    rank: Annotated[int | None, typer.Option(help="Rank kept per FFN matrix.")] = None,
+    energy: Annotated[
+        float | None,
+        typer.Option(help="Keep the smallest rank holding this share (0-1] of each delta's norm²."),
+    ] = None,
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Store the expert's FFN as low-rank deltas from the anchor (truncated SVD; FlexMoRE). The
+    package verifies, merges and exports as before; it is written unsigned (sign it again)."""
+    from flexmoe.lifecycle.compress import compress_package
+
+    m = compress_package(package, anchor, out_dir, rank=rank, energy=energy, overwrite=overwrite)
+    c = m["compression"]
+    ranks = sorted(c["ranks"].values())
+    out.print(f"compressed package '{m['name']}' → {out_dir}")
+    out.print(
+        f"ranks {ranks[0]}–{ranks[-1]} (median {ranks[len(ranks) // 2]}), "
+        f"energy kept {c['energy']:.4f}, FFN parameters {c['parameters_stored']:,} of "
+        f"{c['parameters_full']:,} ({c['parameters_stored'] / c['parameters_full']:.1%})"
+    )
+
+
 @expert_app.command("verify")
 def expert_verify(
     package: Annotated[Path, typer.Argument(help="Expert package directory.")],

@@ -168,6 +168,7 @@ RANGES: dict[str, Range] = {
     "shard_tokens": Range(1 << 16, BIG),
     "seed": Range(0, 2**63 - 1),
     "port": Range(1, 65535),
+    "rank": Range(1, 1 << 20),
     # real numbers
     "lr": Range(0, 1, lo_open=True),
     "temperature": Range(0, 100),
@@ -178,6 +179,7 @@ RANGES: dict[str, Range] = {
     "max_grad_norm": Range(0, None, lo_open=True),
     "max_epsilon": Range(0, None, lo_open=True),
     "public_ratio": Range(0, 64),
+    "energy": Range(0, 1, lo_open=True),
     "gate_weight": Range(0, None),
     "owner_gate_weight": Range(0, None),
     "public_weight": Range(0, None),

@@ -90,6 +90,28 @@ class TrainingRecord(BaseModel):
     anchor_heldout_bpb: float | None = None
 
 
+FFN = ("gate_proj", "up_proj", "down_proj")
+
+
+class Compression(BaseModel):
+    """A low-rank package (`expert compress`, after FlexMoRE): each FFN matrix stored as the
+    anchor's plus U·V, the truncated SVD of (expert − anchor). Verification materialises the
+    full matrices from the anchor, so merge, opt-out and export see an ordinary expert."""
+
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["svd-delta"] = "svd-delta"
+    ranks: dict[str, int]  # "layers.{i}.{proj}" → rank of its stored delta
+    energy: float = Field(ge=0.0, le=1.0)  # retained share of the deltas' squared norm
+    parameters_full: int = Field(gt=0)
+    parameters_stored: int = Field(gt=0)
+
+
+def max_rank(out_features: int, in_features: int) -> int:
+    """The largest rank worth storing: U·V no larger than the full matrix (keeps every bound
+    computed from the anchor's shapes valid)."""
+    return max(1, (out_features * in_features) // (out_features + in_features))
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: Literal["flexmoe-expert-package"] = "flexmoe-expert-package"
@@ -106,6 +128,7 @@ class Manifest(BaseModel):
     training: TrainingRecord
     tensors: dict[str, TensorInfo]
     created_with: dict[str, str] = {}
+    compression: Compression | None = None
 
     @field_validator("name")
     @classmethod
@@ -122,19 +145,43 @@ def tensor_sha256(t: torch.Tensor) -> str:
     ).hexdigest()
 
 
-def expected_shapes(arch: Architecture) -> dict[str, list[int]]:
+def expected_shapes(
+    arch: Architecture, compression: Compression | None = None
+) -> dict[str, list[int]]:
+    """The stored tensors: per layer the owner's FFN (or, compressed, `NAME.u` [out, r] and
+    `NAME.v` [r, in] for each matrix), the router row and the bias."""
     h, i = arch.hidden_size, arch.intermediate_size
     shapes = {}
     for layer in range(arch.num_hidden_layers):
         p = f"layers.{layer}"
-        shapes |= {
-            f"{p}.gate_proj": [i, h],
-            f"{p}.up_proj": [i, h],
-            f"{p}.down_proj": [h, i],
-            f"{p}.router": [h],
-            f"{p}.bias": [],
-        }
+        ffn = {f"{p}.gate_proj": [i, h], f"{p}.up_proj": [i, h], f"{p}.down_proj": [h, i]}
+        if compression is not None:
+            lowrank = {}
+            for name, (o, n) in ffn.items():
+                r = compression.ranks.get(name)
+                if not isinstance(r, int) or not 1 <= r <= max_rank(o, n):
+                    raise FlexmoeError(
+                        f"compression rank of '{name}' must be 1..{max_rank(o, n)}, got {r!s:.20}"
+                    )
+                lowrank |= {f"{name}.u": [o, r], f"{name}.v": [r, n]}
+            ffn = lowrank
+        shapes |= ffn | {f"{p}.router": [h], f"{p}.bias": []}
+    if compression is not None:
+        unknown = set(compression.ranks) - {k.rsplit(".", 1)[0] for k in shapes}
+        if unknown:
+            raise FlexmoeError(f"compression names unknown matrices ({sorted(unknown)[0][:60]})")
     return shapes
+
+
+def materialise(tensors: dict[str, torch.Tensor], anchor_model) -> dict[str, torch.Tensor]:
+    """A compressed package's tensors → the ordinary ones: each FFN matrix = anchor's + U·V."""
+    out = {k: v for k, v in tensors.items() if not k.endswith((".u", ".v"))}
+    for i, layer in enumerate(anchor_model.model.layers):
+        for proj in FFN:
+            name = f"layers.{i}.{proj}"
+            base = getattr(layer.mlp, proj).weight.detach().float().cpu()
+            out[name] = base + tensors[f"{name}.u"] @ tensors[f"{name}.v"]
+    return out
 
 
 def write_package(out: Path, tensors: dict[str, torch.Tensor], manifest: dict) -> Manifest:
@@ -292,11 +339,15 @@ def verify_package(
     if public is None or tensor_sha256(public) != m.public_router_sha256:
         raise FlexmoeError(f"{pkg}: public router rows ({m.router_init}) differ from the anchor's")
     check_architecture(m, config)
-    allowed = expected_shapes(m.architecture) | OPTIONAL_TENSORS
+    if m.compression is not None and scales is None:
+        raise FlexmoeError(f"{pkg}: a compressed package is checked with the anchor's weights")
+    try:
+        stored = expected_shapes(m.architecture, m.compression)
+    except FlexmoeError as e:
+        raise FlexmoeError(f"{pkg}: {e}") from None
+    allowed = stored | OPTIONAL_TENSORS
     tensors = load_tensors(pkg, allowed)
-    want = expected_shapes(m.architecture) | {
-        k: v for k, v in OPTIONAL_TENSORS.items() if k in tensors or k in m.tensors
-    }
+    want = stored | {k: v for k, v in OPTIONAL_TENSORS.items() if k in tensors or k in m.tensors}
     for name in sorted(set(want) | set(m.tensors) | set(tensors)):
         if name not in want:
             raise FlexmoeError(f"{pkg}: unexpected tensor '{name[:80]}'")
@@ -316,6 +367,13 @@ def verify_package(
         if not torch.isfinite(t).all():
             raise FlexmoeError(f"{pkg}: tensor '{name}' has non-finite values")
         check_scale(pkg, name, t, scales)
+    if m.compression is not None:
+        tensors = materialise(tensors, anchor)
+        for name in expected_shapes(m.architecture):
+            if name.endswith(FFN):
+                if not torch.isfinite(tensors[name]).all():
+                    raise FlexmoeError(f"{pkg}: tensor '{name}' has non-finite values")
+                check_scale(pkg, name, tensors[name], scales)
     dp_record(m)
     return m, tensors
 
