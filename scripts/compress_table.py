@@ -1,0 +1,95 @@
+"""Low-rank expert packages on a real run: size vs quality, per rank (issue 23, FlexMoRE).
+
+    python scripts/compress_table.py --run runs/demo --domain code --ranks 8,32,128
+
+For the domain's expert package in RUN/experts/DOMAIN: `expert compress --rank R` for each rank,
+then the owner's model (public + that expert, merged as `merge` does, top-2) scored on the
+domain's held-out tokens (BPB, the first --tokens tokens), beside the full package and the anchor.
+Prints a markdown table (stored FFN parameters, package MB, energy kept, BPB, the share of the
+full expert's gain over the anchor that the compressed one keeps); --json writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", type=Path, default=Path("runs/demo"))
+    ap.add_argument("--domain", default="code")
+    ap.add_argument("--ranks", default="8,32,128")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    import torch
+
+    from flexmoe.data.shards import TokenStream
+    from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
+    from flexmoe.inference.bpb import evaluate_bpb
+    from flexmoe.lifecycle.compress import compress_package
+    from flexmoe.lifecycle.merge import build_merged
+    from flexmoe.store.anchor_dir import load_anchor
+    from flexmoe.store.package import verify_package
+
+    anchor_dir, pkg = args.run / "anchor", args.run / "experts" / args.domain
+    anchor, record, extras = load_anchor(anchor_dir)
+    anchor = anchor.float().eval()
+    tb = token_byte_lengths(load_tokenizer(anchor_dir))
+    heldout = args.run / "tokens" / args.domain / "heldout"
+
+    @torch.no_grad()
+    def bpb(model) -> float:
+        stream = TokenStream(heldout)
+        return evaluate_bpb(
+            lambda ids: model(ids).logits, stream, tb, args.seq_len, max_tokens=args.tokens
+        )["bpb"]
+
+    def owner_bpb(package: Path) -> float:
+        m, t = verify_package(package, record, extras, anchor)
+        return bpb(build_merged(anchor, record, extras, [(m, t)], top_k=2).float().eval())
+
+    def size(p: Path) -> int:
+        return sum(f.stat().st_size for f in p.iterdir() if f.name == "expert.safetensors")
+
+    rows = [{"package": "anchor (no expert)", "bpb": bpb(anchor)}]
+    full = owner_bpb(pkg)
+    rows.append({"package": "full", "bpb": full, "mb": size(pkg) / 1e6, "energy": 1.0})
+    tmp = Path(tempfile.mkdtemp(prefix="flexmoe-compress-"))
+    for r in map(int, args.ranks.split(",")):
+        out = tmp / f"r{r}"
+        man = compress_package(pkg, anchor_dir, out, rank=r)
+        c = man["compression"]
+        rows.append(
+            {
+                "package": f"rank {r}",
+                "bpb": owner_bpb(out),
+                "mb": size(out) / 1e6,
+                "energy": c["energy"],
+                "ffn_params": c["parameters_stored"],
+                "ffn_params_full": c["parameters_full"],
+            }
+        )
+    base = rows[0]["bpb"]
+    print(f"{args.run}, expert '{args.domain}', held-out {args.tokens} tokens, owner's model\n")
+    print("| package | FFN params stored | package MB | energy kept | BPB | gain kept |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for row in rows:
+        gain = (base - row["bpb"]) / (base - full) if base != full else float("nan")
+        row["gain_kept"] = gain
+        share = f"{row['ffn_params'] / row['ffn_params_full']:.1%}" if "ffn_params" in row else ""
+        print(
+            f"| {row['package']} | {share} | {row.get('mb', float('nan')):.1f} | "
+            f"{row.get('energy', float('nan')):.3f} | {row['bpb']:.4f} | {gain:.0%} |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
