@@ -22,7 +22,11 @@ def _front(path):
 def test_cards_in_packages_and_merged_models(work, anchor_dir):
     root = work / "cards"
     code = random_package(root / "code", anchor_dir, "code", 0, owner=HOSTILE)
-    math = random_package(root / "math", anchor_dir, "math", 1, licence="CC-BY-4.0")
+    training = {"tokens": 0, "steps": 0, "seed": 1, "hyperparameters": {}}
+    training |= {"heldout_bpb": 1.234, "anchor_heldout_bpb": 1.5}
+    math = random_package(
+        root / "math", anchor_dir, "math", 1, licence="CC-BY-4.0", training=training
+    )
     front, body = _front(code / CARD)
     assert front["license"] == "other" and "expert-package" in front["tags"]
     assert front["flexmoe"]["expert"]["owner"] == HOSTILE  # data, quoted in YAML
@@ -36,6 +40,9 @@ def test_cards_in_packages_and_merged_models(work, anchor_dir):
     assert set(experts) == {"code", "math"} and experts["math"]["licence"] == "CC-BY-4.0"
     assert experts["code"]["allowed_uses"] == ["research", "commercial"]
     assert "<script>" not in body and body.count("\n| code |") == 1
+    # evaluation numbers, when the package records them
+    assert experts["math"]["heldout_bpb"] == 1.234 and experts["code"]["heldout_bpb"] is None
+    assert "| 1.234 (1.500) |" in body
 
 
 def test_card_in_every_anchor(anchor_dir):

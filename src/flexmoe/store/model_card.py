@@ -36,6 +36,9 @@ def _expert_row(m: dict[str, Any]) -> dict[str, Any]:
         "allowed_uses": consent.get("allowed_uses"),
         "consent_expires": consent.get("expires"),
         "dp_epsilon": dp.get("epsilon"),
+        # the owner's held-out BPB at training time (its 2-expert model, and the anchor's)
+        "heldout_bpb": (m.get("training") or {}).get("heldout_bpb"),
+        "anchor_heldout_bpb": (m.get("training") or {}).get("anchor_heldout_bpb"),
     }
 
 
@@ -48,13 +51,20 @@ def _card(data: dict[str, Any], body: list[str]) -> str:
 
 def _experts_table(rows: list[dict[str, Any]]) -> list[str]:
     out = [
-        "| expert | domain | owner | licence | allowed uses | consent expires | DP ε |",
-        "|---|---|---|---|---|---|---|",
+        "| expert | domain | owner | licence | allowed uses | consent expires | DP ε "
+        "| held-out BPB (anchor) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         uses = ", ".join(r["allowed_uses"] or []) or "–"
         cells = [r["name"], r["domain"], r["owner"], r["licence"], uses]
         cells += [r["consent_expires"] or "–", "–" if r["dp_epsilon"] is None else r["dp_epsilon"]]
+        own, base = r.get("heldout_bpb"), r.get("anchor_heldout_bpb")
+        cells.append(
+            "–"
+            if not isinstance(own, (int, float))
+            else f"{own:.3f}" + (f" ({base:.3f})" if isinstance(base, (int, float)) else "")
+        )
         out.append("| " + " | ".join(md_cell(c) for c in cells) + " |")
     return out
 
