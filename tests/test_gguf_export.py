@@ -32,11 +32,16 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def llama_anchor(work, tok_dir):
-    """A tiny Llama with peaked logits (wide init), imported as an anchor."""
+def _tiny_anchor(work, tok_dir, family: str, seed: int):
+    """A tiny Llama or Qwen3 with peaked logits (wide init), imported as an anchor."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
     tok = load_tokenizer(tok_dir)
-    cfg = LlamaConfig(
+    config_cls, model_cls, extra = {
+        "llama": (LlamaConfig, LlamaForCausalLM, {}),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 16}),
+    }[family]
+    cfg = config_cls(
         vocab_size=len(tok),
         hidden_size=64,
         intermediate_size=128,
@@ -50,32 +55,42 @@ def llama_anchor(work, tok_dir):
         eos_token_id=0,
         pad_token_id=1,
         bos_token_id=None,
+        **extra,
     )
-    torch.manual_seed(11)
-    hf = work / "gguf-hf-llama"
-    LlamaForCausalLM(cfg).float().save_pretrained(hf)
+    torch.manual_seed(seed)
+    hf = work / f"gguf-hf-{family}"
+    model_cls(cfg).float().save_pretrained(hf)
     tok.save_pretrained(hf)
     public = work / "raw" / "public-gguf.jsonl"
-    public.parent.mkdir(parents=True, exist_ok=True)
-    docs = sample_texts("public", "train", 12)
-    public.write_text(
-        "".join(json.dumps({"id": f"p{i}", "text": t}) + "\n" for i, t in enumerate(docs))
-    )
-    out = work / "gguf-anchor"
+    if not public.exists():
+        public.parent.mkdir(parents=True, exist_ok=True)
+        docs = sample_texts("public", "train", 12)
+        public.write_text(
+            "".join(json.dumps({"id": f"p{i}", "text": t}) + "\n" for i, t in enumerate(docs))
+        )
+    out = work / f"gguf-{family}-anchor"
     import_anchor(hf, out, public, router_docs=4)
     return out
 
 
+def _packages(work, anchor, moe_type: str, seeds: tuple[int, int]) -> list:
+    arch = {"model_type": moe_type, "hidden_size": 64, "intermediate_size": 128}
+    arch["num_hidden_layers"] = 2
+    return [
+        random_package(work / f"gguf-{moe_type}-{n}", anchor, n, seed=s, architecture=arch)
+        for n, s in zip(("code", "math"), seeds, strict=True)
+    ]
+
+
+@pytest.fixture(scope="module")
+def llama_anchor(work, tok_dir):
+    return _tiny_anchor(work, tok_dir, "llama", seed=11)
+
+
 @pytest.fixture(scope="module")
 def merged(work, llama_anchor):
-    arch = {"model_type": "mixtral", "hidden_size": 64, "intermediate_size": 128}
-    arch["num_hidden_layers"] = 2
-    pkgs = [
-        random_package(work / f"gguf-pkg-{n}", llama_anchor, n, seed=s, architecture=arch)
-        for n, s in (("code", 1), ("math", 2))
-    ]
     out = work / "gguf-merged"
-    merge(llama_anchor, pkgs, out, top_k=2, log=None)
+    merge(llama_anchor, _packages(work, llama_anchor, "mixtral", (1, 2)), out, top_k=2, log=None)
     return out
 
 
@@ -205,44 +220,13 @@ def test_card_inside_the_file_names_only_exported_experts(work, merged, capsys):
 @pytest.fixture(scope="module")
 def qwen3(work, tok_dir):
     """A tiny Qwen3 anchor and a 3-expert Qwen3-MoE merge (top-2)."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    tok = load_tokenizer(tok_dir)
-    cfg = Qwen3Config(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        initializer_range=0.25,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        eos_token_id=0,
-        pad_token_id=1,
-        bos_token_id=None,
-    )
-    torch.manual_seed(12)
-    hf = work / "gguf-hf-qwen3"
-    Qwen3ForCausalLM(cfg).float().save_pretrained(hf)
-    tok.save_pretrained(hf)
-    public = work / "raw" / "public-gguf.jsonl"
-    anchor = work / "gguf-qwen3-anchor"
-    import_anchor(hf, anchor, public, router_docs=4)
-    arch = {"model_type": "qwen3_moe", "hidden_size": 64, "intermediate_size": 128}
-    arch["num_hidden_layers"] = 2
-    pkgs = [
-        random_package(work / f"gguf-q-{n}", anchor, n, seed=s, architecture=arch)
-        for n, s in (("code", 3), ("math", 4))
-    ]
+    anchor = _tiny_anchor(work, tok_dir, "qwen3", seed=12)
     out = work / "gguf-qwen3-merged"
-    merge(anchor, pkgs, out, top_k=2, log=None)
+    merge(anchor, _packages(work, anchor, "qwen3_moe", (3, 4)), out, top_k=2, log=None)
     return anchor, out
 
 
-def test_qwen3_anchor_and_merge(work, llama_anchor, qwen3, capsys):
+def test_qwen3_anchor_and_merge(work, qwen3, capsys):
     anchor, merged_q = qwen3
     out = work / "gguf" / "qwen3-anchor.gguf"
     code, stdout, err = run_cli(["export", "gguf", anchor, "-o", out, "--type", "f32"], capsys)
