@@ -188,12 +188,16 @@ MERGED = "FlexOlmo merged"
 ANCHOR = "anchor (public only)"
 CONTROL = "control: anchor continued on public"
 CONTROL_MERGED = "FlexOlmo merged, public expert = control"
+PAPER = "FlexOlmo merged (paper recipe)"
+UNRESTRICTED = "ablation: unrestricted MoE (joint data)"
 BASELINES = (
     ANCHOR,
     "model soup (uniform)",
     "model soup (weighted)",
     "BTM (top-2 ensemble)",
     CONTROL,
+    UNRESTRICTED,
+    PAPER,
 )
 PAIRS = ((CONTROL_MERGED, CONTROL),)  # other paired comparisons the report reads: A − B
 TWO_EXPERT = "2-expert: public+"
@@ -252,7 +256,7 @@ def demo_intervals(
     domains = list(domains)
     cols = [*domains, "mean"]
     meas = {label: _measured(w, domains) for label, w in windows.items()}
-    any_row = next((m for m in meas.values() if m), {})
+    any_row = max(meas.values(), key=len, default={})  # a row measured on every domain
     n_win = {d: len(_arr(w)) for d, w in any_row.items()}
     kw = dict(n_boot=n_boot, seed=seed, level=level)
     rows = {}
