@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo demo-scratch demo-full results test test-slow test-browser lint format bench clean-runs
+.PHONY: demo demo-scratch demo-full results test test-slow test-browser test-postgres lint format bench clean-runs
 
 $(STAMP): requirements.lock constraints.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,12 @@ test-browser: $(STAMP)
 	  ($(SUDO) apt-get update -qq && \
 	   DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver)
 	$(BIN)/python -m pytest -q -m browser
+
+test-postgres: $(STAMP)
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+	  ($(SUDO) apt-get update -qq && \
+	   DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql)
+	$(BIN)/python -m pytest -q -m postgres
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests scripts tools

@@ -293,13 +293,28 @@ def test_metrics_and_ledger(env, capsys):
     client(env).completions.create(model="merged", prompt="The", max_tokens=3, temperature=0)
     text = raw(env, "/metrics", method="GET").text
     assert "flexmoe_requests_total" in text and "flexmoe_expert_routed_tokens_total" in text
-    ledger = env["root"] / "state" / "ledger.jsonl"
-    recs = [json.loads(x) for x in ledger.read_text().splitlines()]
-    assert recs and {"time", "tenant", "active", "completion_tokens", "attribution"} <= set(recs[0])
-    totals = summarize_ledger(ledger)
-    assert totals["alpha"]["public"] > 0
-    code, out, err = run_cli(["ledger", "summarize", ledger], capsys)
-    assert code == 0 and "alpha" in out, err
+    recs = [json.loads(r[1]) for r in env["server"].db.rows()]
+    fields = {"time", "request_id", "tenant", "active", "owners", "completion_tokens"}
+    assert recs and fields | {"attribution", "seq"} <= set(recs[0])
+    code, out, err = run_cli(["ledger", "verify", env["root"] / "state" / "flexmoe.db"], capsys)
+    assert code == 0 and "alpha" in out and "intact" in out, err
+    # a JSONL ledger of an older flexmoe: summarized as it is, and importable into the chain
+    old = env["root"] / "old-ledger.jsonl"
+    old.write_text(
+        "".join(
+            json.dumps(
+                {k: r[k] for k in fields - {"request_id"} | {"attribution", "prompt_tokens"}}
+            )
+            + "\n"
+            for r in recs[:2]
+        )
+    )
+    assert summarize_ledger(old)["alpha"]["public"] > 0
+    db = env["root"] / "imported.db"
+    code, out, err = run_cli(["ledger", "import", old, "--db", db], capsys)
+    assert code == 0 and "2 record(s)" in out, err
+    code, out, err = run_cli(["ledger", "verify", db], capsys)
+    assert code == 0 and "chain: 2 rows, intact" in out, err
 
 
 def test_health_models_and_page(env):

@@ -21,6 +21,9 @@ from conftest import random_package, run_cli
 from flexmoe.errors import FlexmoeError
 from flexmoe.lifecycle.merge import merge
 from flexmoe.serving import Keys, Limits, Server, key_hash
+from flexmoe.serving import db as statedb
+from flexmoe.serving.db import StateDB, database_url
+from flexmoe.serving.tenants import read_keys_file
 from flexmoe.store import revocations
 from flexmoe.store.merged import experts_of
 from test_serve import KEYS, NAMES, Running, free_port, raw
@@ -87,15 +90,18 @@ def test_keys_file_that_opens_nothing_is_refused_at_startup(merged, case, capsys
 
 def test_an_accepted_keys_file_always_requires_a_key(merged, tmp_path):
     """Every valid shape (with or without admin, narrow tenants) leaves no route open."""
+    db = StateDB(database_url(None, tmp_path))
+    assert Keys(db).open  # no tenant stored, none imported: the anonymous tenant
     for text in (ALPHA, ADMIN + ALPHA, ALPHA + 'experts = []\nuses = ["research"]\n'):
         p = tmp_path / "k.toml"
         p.write_text(text)
-        keys = Keys(p)
+        keys = Keys(db, read_keys_file(p), p)
         assert not keys.open and keys.tenant(None) is None and keys.tenant("") is None
         assert keys.tenant("sk-wrong") is None and keys.tenant(KEYS["alpha"]).name == "alpha"
+        assert not Keys(db).open  # the stored tenants hold for a replica given no keys file
     p.write_text("")
     with pytest.raises(FlexmoeError, match="at least one"):
-        Keys(p)
+        read_keys_file(p)
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +271,7 @@ def test_revocation_reaches_a_running_request(keyed):
         assert any(
             e["name"] == "a" and "during this request" in e["reason"] for e in final["excluded"]
         )
-        last = json.loads((server.state_dir / "ledger.jsonl").read_text().splitlines()[-1])
+        last = json.loads(list(server.db.rows())[-1][1])
         assert last["attribution"] == pytest.approx(final["attribution"])
         after = c.completions.create(**{**body, "extra_body": {}}).model_extra["flexmoe"]
         assert after["attribution"]["a"] == 0.0  # and later requests do not get it at all
@@ -275,7 +281,9 @@ def test_revocation_reaches_a_running_request(keyed):
             server.revoked.pop("a", None)
             experts_of(server.model).withheld.pop("a", None)
             set_active_experts(server.model, [True] * (len(NAMES) + 1))
-        (server.state_dir / revocations.REVOKED).unlink(missing_ok=True)
+            (server.state_dir / revocations.REVOKED).unlink(missing_ok=True)
+            with server.db.engine.begin() as conn:
+                conn.execute(statedb.revocations.delete())
 
 
 # ---------------------------------------------------------------- cancel and time limits

@@ -77,6 +77,12 @@ StateOption = Annotated[
         help="The served model's state dir: its revocations apply (default: MODEL.serve/)."
     ),
 ]
+DbOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Shared state database: postgresql://… or a SQLite file (default: STATE/flexmoe.db)."
+    ),
+]
 
 # ---- training (anchor train, expert train, router-tune) ----
 StepsOption = Annotated[int | None, typer.Option(help="Optimizer steps.")]
@@ -169,6 +175,8 @@ RANGES: dict[str, Range] = {
     "seed": Range(0, 2**63 - 1),
     "port": Range(1, 65535),
     "rank": Range(1, 1 << 20),
+    "checkpoint_every": Range(1, BIG),
+    "workers": Range(1, 256),
     # real numbers
     "lr": Range(0, 1, lo_open=True),
     "temperature": Range(0, 100),

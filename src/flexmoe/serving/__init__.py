@@ -1,7 +1,8 @@
 """`flexmoe serve`: an OpenAI-compatible HTTP server where every request chooses its experts.
 
-tenants (keys file) → schema (request shapes) → engine (batched decode) → ledger (usage
-records) → server (model, consent, revocations, metrics) → app (FastAPI routes behind the
+ledger (the hash chain's rules) → db (tenants, revocations, usage counters, the ledger, in SQLite
+or PostgreSQL) → tenants (keys) → schema (request shapes) → engine (continuous batching) →
+server (model, consent, revocations, limits, metrics) → app (FastAPI routes behind the
 key-and-body guard). The names most callers need are re-exported here.
 """
 

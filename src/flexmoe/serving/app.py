@@ -34,6 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import generate_latest
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException
 
 from flexmoe.serving.schema import (
@@ -120,9 +121,9 @@ def create_app(server: Server):
 
     @asynccontextmanager
     async def lifespan(_app):
-        server.engine.start()
+        server.start()
         yield
-        server.engine.stop()
+        server.close()
 
     app = FastAPI(title="flexmoe", lifespan=lifespan, docs_url=None, redoc_url=None)
 
@@ -147,7 +148,7 @@ def create_app(server: Server):
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
         server.m_requests.labels(route(request), str(e.status)).inc()
-        return error(e.status, e.message, e.kind, e.param, e.code)
+        return error(e.status, e.message, e.kind, e.param, e.code, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, e: RequestValidationError):
@@ -165,6 +166,11 @@ def create_app(server: Server):
         kind = "server_error" if e.status_code >= 500 else "invalid_request_error"
         return error(e.status_code, message, kind, headers=e.headers)
 
+    @app.exception_handler(SQLAlchemyError)
+    async def _db_down(request: Request, e: SQLAlchemyError):  # fail closed, say why
+        server.m_requests.labels(route(request), "503").inc()
+        return error(503, "the state database is unavailable: retry later", "server_error")
+
     @app.exception_handler(Exception)
     async def _crash(request: Request, e: Exception):  # logged by uvicorn, never sent
         server.m_requests.labels(route(request), "500").inc()
@@ -174,7 +180,7 @@ def create_app(server: Server):
         return _bearer(request.headers.get("authorization", ""))
 
     def tenant_of(request: Request) -> Tenant:
-        t = server.keys.tenant(bearer(request))
+        t = request.scope.get("flexmoe.tenant") or server.keys.tenant(bearer(request))
         if t is None:
             raise ApiError(
                 401, "missing or unknown API key", "authentication_error", code="invalid_api_key"
@@ -194,6 +200,15 @@ def create_app(server: Server):
     @app.get("/health")
     async def health():
         return {"status": "ok", "queue": server.engine.jobs.qsize()}
+
+    @app.get("/ledger/checkpoint")
+    async def checkpoint():
+        """The latest signed checkpoint of the usage ledger: an owner who saves it can later
+        prove that no row it covers was dropped (`flexmoe ledger verify --checkpoint`)."""
+        cp = await asyncio.to_thread(server.db.latest_checkpoint)
+        if cp is None:
+            raise ApiError(404, "no signed checkpoint yet (is --signing-key set?)")
+        return cp.as_dict()
 
     @app.get("/metrics")
     async def metrics():
@@ -255,6 +270,15 @@ def create_app(server: Server):
             )
         job, meta, n_prompt = await server.run(req, prompt, tenant, deadline)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+
+        async def finish() -> dict:  # the ledger row is committed before the answer is sent
+            try:
+                return await asyncio.to_thread(server.finish, job, meta, tenant, n_prompt, req, rid)
+            except SQLAlchemyError:  # never an answer without its ledger row
+                raise ApiError(
+                    503, "the usage ledger could not be written: retry later", "server_error"
+                ) from None
+
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
 
@@ -311,7 +335,11 @@ def create_app(server: Server):
                         }
                         yield f"data: {json.dumps(chunk)}\n\n"
                     elif kind == "done":
-                        info = server.finish(job, meta, tenant, n_prompt, req)
+                        try:
+                            info = await finish()
+                        except ApiError as e:
+                            yield f"data: {json.dumps(error_body(e.message, e.kind))}\n\n"
+                            return
                         chunk = {
                             "id": rid,
                             "object": obj + ".chunk" if chat else obj,
@@ -342,7 +370,7 @@ def create_app(server: Server):
             if kind == "error":
                 status = {"timeout": 504, "disconnected": 499}.get(payload, 500)
                 raise ApiError(status, f"generation failed: {payload}", "server_error")
-        info = server.finish(job, meta, tenant, n_prompt, req)
+        info = await finish()
         server.m_requests.labels(route(request), "200").inc()
         server.m_latency.observe(time.perf_counter() - started)
         body = {
@@ -370,6 +398,22 @@ def create_app(server: Server):
         return await serve(request, req, _chat_prompt(server, req), chat=True)
 
     return _Guard(app, server)
+
+
+def app_from_env():
+    """One worker of `flexmoe serve --workers N` (uvicorn's app factory): its own model and
+    engine, the shared state database, its share of the CPU threads. The parent process already
+    refused bad options and imported the keys file."""
+    import os
+
+    import torch
+
+    from flexmoe.serving.engine import Limits
+
+    cfg = json.loads(os.environ["FLEXMOE_SERVE"])
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cfg.pop("workers")))
+    limits = Limits(**cfg.pop("limits"))
+    return create_app(Server(**cfg, limits=limits))
 
 
 def _with_routed_experts(body: dict, job, names: list[str]) -> dict:
@@ -409,11 +453,23 @@ class _Guard:
         key = _bearer(headers.get(b"authorization", b"").decode("latin-1"))
         path = scope.get("path", "")
         keys = self.server.keys
-        if path.startswith("/admin/") and not keys.is_admin(key):
-            return await self._reply(send, 403, "the admin key is required", "permission_error")
-        if path.startswith("/v1/") and keys.tenant(key) is None:
+        try:  # the database is read in a thread; if it cannot be read, nothing is served
+            if path.startswith("/admin/") and not await asyncio.to_thread(keys.is_admin, key):
+                return await self._reply(send, 403, "the admin key is required", "permission_error")
+            if path.startswith("/v1/"):
+                tenant = await asyncio.to_thread(keys.tenant, key)
+                if tenant is None:
+                    return await self._reply(
+                        send,
+                        401,
+                        "missing or unknown API key",
+                        "authentication_error",
+                        "invalid_api_key",
+                    )
+                scope["flexmoe.tenant"] = tenant
+        except Exception:
             return await self._reply(
-                send, 401, "missing or unknown API key", "authentication_error", "invalid_api_key"
+                send, 503, "the state database is unavailable: retry later", "server_error"
             )
         kind = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
         if scope.get("method") == "POST" and path in JSON_ROUTES and not _json(kind):

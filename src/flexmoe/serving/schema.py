@@ -286,10 +286,11 @@ class ApiError(Exception):
         kind: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.kind = status, message, kind
-        self.param, self.code = param, code
+        self.param, self.code, self.headers = param, code, headers
 
 
 def _safe(s: str | None) -> str | None:

@@ -13,6 +13,12 @@ The model loads only after the keys file has been accepted.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import logging
+import math
+import threading
+import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -23,14 +29,16 @@ from flexmoe.inference.preselect import default_preselect, preselect_mask
 from flexmoe.model.device import place
 from flexmoe.model.router import set_active_experts
 from flexmoe.selection import expert_mask, expert_names, unavailable
+from flexmoe.serving.db import StateDB, database_url
 from flexmoe.serving.engine import Engine, Job, Limits
-from flexmoe.serving.ledger import Ledger
 from flexmoe.serving.schema import ApiError, CompletionRequest, ExpertChoice
-from flexmoe.serving.tenants import Keys, Tenant
+from flexmoe.serving.tenants import Keys, Tenant, check_experts, read_keys_file
 from flexmoe.store import revocations
 from flexmoe.store.merged import experts_of, is_merged, load_model
+from flexmoe.store.signing import load_private_key
 
 __all__ = ["Limits", "Server"]
+log = logging.getLogger("flexmoe.serve")
 
 
 class Server:
@@ -43,31 +51,100 @@ class Server:
         state_dir: Path | None = None,
         limits: Limits | None = None,
         device: str = "auto",
+        db: str | None = None,
+        signing_key: Path | None = None,
+        checkpoint_every: int = 64,
+        checkpoint_seconds: float = 10.0,
     ):
         self.model_dir = Path(model_dir)
-        self.keys = Keys(keys)  # refused before the model loads
+        imported = read_keys_file(keys) if keys is not None else None  # before anything else
+        self.signer = load_private_key(signing_key) if signing_key is not None else None
+        self.checkpoint_every, self.checkpoint_seconds = checkpoint_every, checkpoint_seconds
         self.state_dir = revocations.state_dir(self.model_dir, state_dir)
-        self.revoked: dict[str, str] = revocations.read_revoked(self.state_dir)
         self.model = place(load_model(self.model_dir, self.state_dir), device).eval()
         self.tok = load_tokenizer(self.model_dir)
         self.merged = is_merged(self.model)
+        if self.merged and imported is not None:  # refused before anything is written
+            check_experts(imported[0], self.experts(), f"keys file {keys}")
+        self.db = StateDB(database_url(db, self.state_dir))
+        self.keys = Keys(self.db, imported, keys)
         if self.merged:
-            self.keys.check_experts(self.experts())
+            check_experts(self.db.all_tenants(), self.experts(), "the state database")
+        self.revoked = {}
+        for name, at in self._shared_revocations().items():
+            self._apply_revocation(name, at, lock=nullcontext())
         self.limits = limits or Limits()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.ledger = Ledger(self.state_dir / "ledger.jsonl")
         self.engine = Engine(self.model, self.tok, self.limits)
         self.name = self.model_dir.name
+        self.owners = self._owners()
         self._metrics()
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="flexmoe-state", daemon=True)
+
+    # -- lifecycle
+    def start(self) -> None:
+        self.engine.start()
+        self._watcher.start()
+
+    def close(self) -> None:
+        """Stop the engine and the watcher; sign a last checkpoint over every row written."""
+        self.engine.stop()
+        self._stop.set()
+        if self.signer is not None:
+            self.db.checkpoint(self.signer)
+
+    def _watch(self) -> None:
+        """Revocations made through other replicas reach the running rows within a second;
+        a checkpoint is signed every `checkpoint_seconds` while new rows arrive."""
+        last = time.monotonic()
+        while not self._stop.wait(1.0):
+            try:
+                self.sync_revocations()
+                if self.signer and time.monotonic() - last >= self.checkpoint_seconds:
+                    self.db.checkpoint(self.signer)
+                    last = time.monotonic()
+            except Exception as e:  # the database is down: requests fail closed meanwhile
+                log.warning("state database: %s", str(e).splitlines()[0][:300])
 
     # -- state
+    def _shared_revocations(self) -> dict[str, str]:
+        """The database's revocations and this state directory's `revoked.json`, united in
+        both (an older flexmoe's file is imported; offline commands read the file)."""
+        local = revocations.read_revoked(self.state_dir)
+        for name, at in local.items():
+            self.db.revoke(name, at)
+        shared = self.db.revoked()
+        for name, at in shared.items():
+            if local.get(name) != at:
+                local = revocations.revoke(self.state_dir, local, name, at)
+        return shared
+
+    def sync_revocations(self) -> None:
+        """Apply revocations another replica recorded (each request calls this first)."""
+        shared = self.db.revoked()
+        for name in set(shared) - set(self.revoked):
+            self._apply_revocation(name, shared[name])
+
     def revoke(self, name: str) -> None:
-        """Persist the revocation, then take the expert out of every row at the next step."""
-        with self.engine.step_lock:
-            self.revoked = revocations.revoke(self.state_dir, self.revoked, name)
+        """Persist the revocation (database, then this state directory), then take the expert
+        out of every row at the next step."""
+        self._apply_revocation(name, self.db.revoke(name, revocations.now()))
+
+    def _apply_revocation(self, name: str, at: str, lock=None) -> None:
+        with self.engine.step_lock if lock is None else lock:
+            if name in self.revoked:
+                return
+            self.revoked = revocations.revoke(self.state_dir, self.revoked, name, at)
+            if name not in self.experts():
+                return
             withheld = experts_of(self.model).withheld
-            withheld[name] = revocations.reason(self.revoked[name])
+            withheld[name] = revocations.reason(at)
             set_active_experts(self.model, [n not in withheld for n in self.experts()])
+
+    def _owners(self) -> dict[str, str]:
+        manifests = experts_of(self.model).manifests if self.merged else {}
+        return {n: (manifests[n].owner if n in manifests else n) for n in self.experts()}
 
     def _metrics(self) -> None:
         self.registry = CollectorRegistry()
@@ -136,8 +213,40 @@ class Server:
         pre = default_preselect(self.model)
         return mask, pre, excluded
 
+    # -- per-tenant limits
+    def admit(self, tenant: Tenant) -> None:
+        """429 with Retry-After when the tenant is over its requests per minute or tokens per
+        UTC day, counted in the database so the limits hold across replicas."""
+        now = dt.datetime.now(dt.UTC)
+        if tenant.tokens_per_day is not None:
+            used = self.db.tokens_today(tenant.name, now)
+            if used >= tenant.tokens_per_day:
+                midnight = (now + dt.timedelta(days=1)).replace(hour=0, minute=0, second=0)
+                wait = math.ceil((midnight - now).total_seconds())
+                raise ApiError(
+                    429,
+                    f"tenant '{tenant.name}' used its {tenant.tokens_per_day:,} tokens for today",
+                    "rate_limit_error",
+                    code="tokens_per_day",
+                    headers={"Retry-After": str(max(wait, 1))},
+                )
+        if tenant.requests_per_minute is not None:
+            n = self.db.count_request(tenant.name, now)
+            if n > tenant.requests_per_minute:
+                wait = 60 - now.second
+                raise ApiError(
+                    429,
+                    f"tenant '{tenant.name}' is over {tenant.requests_per_minute} requests "
+                    "per minute",
+                    "rate_limit_error",
+                    code="requests_per_minute",
+                    headers={"Retry-After": str(max(wait, 1))},
+                )
+
     # -- one request
     async def run(self, req: CompletionRequest, prompt: str, tenant: Tenant, deadline: float):
+        await asyncio.to_thread(self.sync_revocations)
+        await asyncio.to_thread(self.admit, tenant)
         if req.max_tokens > self.limits.max_tokens:
             raise ApiError(
                 400,
@@ -186,7 +295,11 @@ class Server:
         meta = {"active": active, "excluded": [{"name": n, "reason": r} for n, r in excluded]}
         return job, meta, len(ids)
 
-    def finish(self, job: Job, meta: dict, tenant: Tenant, prompt_tokens: int, req) -> dict:
+    def finish(
+        self, job: Job, meta: dict, tenant: Tenant, prompt_tokens: int, req, request_id: str
+    ) -> dict:
+        """The answer's `flexmoe` block; its ledger row is committed before this returns (the
+        caller sends the response after it)."""
         names = self.experts()
         gone = [n for n in meta["active"] if n in self.revoked]  # revoked while it ran: it
         if gone:  # was used up to that step only, and the attribution credits only that
@@ -214,5 +327,15 @@ class Server:
         for n, s in meta["attribution"].items():
             if s:
                 self.m_routed.labels(n).inc(s * n_out)
-        self.ledger.record(tenant.name, meta["active"], prompt_tokens, n_out, meta["attribution"])
+        record = {
+            "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+            "request_id": request_id,
+            "tenant": tenant.name,
+            "active": meta["active"],
+            "owners": self.owners,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": n_out,
+            "attribution": meta["attribution"],
+        }
+        self.db.append(record, prompt_tokens + n_out, self.signer, self.checkpoint_every)
         return meta

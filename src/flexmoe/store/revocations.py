@@ -47,11 +47,17 @@ def read_revoked(state: Path) -> dict[str, str]:
     return raw
 
 
-def revoke(state: Path, revoked: dict[str, str], name: str) -> dict[str, str]:
-    """`revoked` plus `name` (now), written atomically to the state directory."""
+def now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def revoke(
+    state: Path, revoked: dict[str, str], name: str, at: str | None = None
+) -> dict[str, str]:
+    """`revoked` plus `name` (at `at`, default now), written atomically to the state directory."""
     state = Path(state)
     state.mkdir(parents=True, exist_ok=True)
-    new = {**revoked, name: dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    new = {**revoked, name: at or now()}
     write_json(state / REVOKED, new)
     return new
 
