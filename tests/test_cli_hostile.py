@@ -147,6 +147,27 @@ CASES = [
         _text("l.jsonl", _line(GOOD | {"completion_tokens": "5"})),
     ),
     Case("ledger is a dir", [*LEDGER, "{d}"], "not a regular file"),
+    # the state database a data owner verifies: never created, upgraded or trusted blindly
+    Case("verify missing db", ["ledger", "verify", "{d}/none.db"], "state database is missing"),
+    Case("verify db is a dir", ["ledger", "verify", "{d}"], "not a regular file"),
+    Case(
+        "verify random bytes",
+        ["ledger", "verify", "x.db"],
+        "state database",
+        _text("x.db", os.urandom(8192)),
+    ),
+    Case("verify db url scheme", ["ledger", "verify", "mysql://u@h/db"], "unsupported database"),
+    Case(
+        "verify bad checkpoint",
+        ["ledger", "verify", "{d}/none.db", "--checkpoint", "cp.json"],
+        "not a ledger checkpoint",
+        _text("cp.json", '{"seq": 1}'),
+    ),
+    Case(
+        "serve --db scheme",
+        [*SERVE, "--db", "ftp://h/x", "--state", "{d}/s"],
+        "unsupported database",
+    ),
     Case("ledger is a fifo", [*LEDGER, "l.jsonl"], "not a regular file", _fifo("l.jsonl")),
     # outputs of the wrong kind, checked before the work
     Case(

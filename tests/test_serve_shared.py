@@ -89,9 +89,12 @@ class Postgres:
         r = subprocess.run([*self.as_user, *map(str, cmd)], capture_output=True, text=True)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 
-    def stop(self) -> None:
-        self._run(_pg_bin("pg_ctl"), "-D", self.dir / "data", "-m", "immediate", "stop")
-        shutil.rmtree(self.dir, ignore_errors=True)
+    def stop(self, remove: bool = True) -> None:
+        if (self.dir / "data" / "postmaster.pid").exists():  # not stopped yet
+            cmd = [_pg_bin("pg_ctl"), "-D", str(self.dir / "data"), "-m", "immediate", "stop"]
+            subprocess.run([*self.as_user, *cmd], capture_output=True)
+        if remove:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- two replicas
@@ -162,7 +165,7 @@ def shared(request, work, anchor_dir):
     try:
         for r in replicas:
             r.wait_up()
-        yield {"root": root, "db": db, "replicas": replicas, "backend": request.param}
+        yield {"root": root, "db": db, "replicas": replicas, "backend": request.param, "pg": pg}
     finally:
         for r in replicas:
             r.stop()
@@ -170,7 +173,7 @@ def shared(request, work, anchor_dir):
             pg.stop()
 
 
-def _complete(replica: Replica, key: str, body: dict):
+def _complete(replica: Replica, key: str | None, body: dict):
     return raw({"url": replica.url}, "/v1/completions", body, key=key)
 
 
@@ -360,3 +363,15 @@ def test_workers_share_one_ledger(shared, capsys):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def test_a_database_that_is_down_fails_closed(shared):
+    """PostgreSQL gone: no request is served (no key check, no unrecorded answer): 503."""
+    if shared["pg"] is None:
+        pytest.skip("a server process owns the SQLite file: it cannot go down alone")
+    b = shared["replicas"][1]
+    shared["pg"].stop(remove=False)
+    r = _complete(b, KEYS["alpha"], {"prompt": "x", "max_tokens": 2})
+    assert r.status_code == 503 and "database" in r.json()["error"]["message"]
+    r = _complete(b, None, {"prompt": "x", "max_tokens": 2})
+    assert r.status_code == 503  # not 200 as the anonymous tenant

@@ -56,7 +56,10 @@ def serve_cmd(
     import uvicorn
 
     from flexmoe.serving import Limits, Server, create_app
+    from flexmoe.serving.db import database_url
 
+    if db is not None:
+        database_url(db, Path("."))  # a bad URL is refused before the model loads
     if batching not in ("continuous", "static"):
         raise FlexmoeError(f"--batching must be continuous or static (got {batching[:40]!r})")
     try:  # the bind address, before the model loads
