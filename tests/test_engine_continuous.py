@@ -20,6 +20,7 @@ from flexmoe.model.router import NO_EXPERT, set_active_experts
 from flexmoe.selection import expert_mask, expert_names
 from flexmoe.serving.engine import Engine, Job, Limits
 from flexmoe.store.merged import is_merged, load_model
+from test_serve_fail_closed import PauseAt
 
 NAMES = ["a", "b", "c"]
 
@@ -185,25 +186,6 @@ def test_routes_and_attribution_joined_equal_alone(merged, loop, engines):
         share = (r.job.weights / r.job.weights.sum()).tolist()
         assert share == pytest.approx([ref.attribution[n] for n in names], abs=1e-6)
         assert used(prompt_rows + rows) <= {names.index("public"), names.index("b")}
-
-
-class PauseAt:
-    """The engine's step lock, pausing the engine thread before its n-th forward."""
-
-    def __init__(self, inner, n: int):
-        self.inner, self.n, self.count = inner, n, 0
-        self.paused, self.resume = threading.Event(), threading.Event()
-
-    def __enter__(self):
-        if threading.current_thread().name == "flexmoe-engine":
-            self.count += 1
-            if self.count == self.n:
-                self.paused.set()
-                self.resume.wait(30)
-        return self.inner.__enter__()
-
-    def __exit__(self, *exc):
-        return self.inner.__exit__(*exc)
 
 
 def test_revocation_reaches_running_rows_at_the_next_step(merged, loop, engines):
