@@ -18,7 +18,6 @@ import logging
 import math
 import threading
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -70,9 +69,8 @@ class Server:
         self.keys = Keys(self.db, imported, keys)
         if self.merged:
             check_experts(self.db.all_tenants(), self.experts(), "the state database")
-        self.revoked = {}
-        for name, at in self._shared_revocations().items():
-            self._apply_revocation(name, at, lock=nullcontext())
+        self.revoked = self._shared_revocations()  # the state directory's file holds them too
+        self._withhold(self.revoked)
         self.limits = limits or Limits()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.engine = Engine(self.model, self.tok, self.limits)
@@ -134,16 +132,20 @@ class Server:
         out of every row at the next step."""
         self._apply_revocation(name, self.db.revoke(name, revocations.now()))
 
-    def _apply_revocation(self, name: str, at: str, lock=None) -> None:
-        with self.engine.step_lock if lock is None else lock:
+    def _apply_revocation(self, name: str, at: str) -> None:
+        with self.engine.step_lock:
             if name in self.revoked:
                 return
             self.revoked = revocations.revoke(self.state_dir, self.revoked, name, at)
-            if name not in self.experts():
-                return
-            withheld = experts_of(self.model).withheld
-            withheld[name] = revocations.reason(at)
-            set_active_experts(self.model, [n not in withheld for n in self.experts()])
+            self._withhold({name: at})
+
+    def _withhold(self, revoked: dict[str, str]) -> None:
+        """Take the model's revoked experts out of routing (under the step lock when serving)."""
+        names = self.experts()
+        withheld = experts_of(self.model).withheld if self.merged else {}
+        withheld |= {n: revocations.reason(at) for n, at in revoked.items() if n in names}
+        if names:
+            set_active_experts(self.model, [n not in withheld for n in names])
 
     def _owners(self) -> dict[str, str]:
         manifests = experts_of(self.model).manifests if self.merged else {}
