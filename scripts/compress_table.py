@@ -75,20 +75,34 @@ def main() -> None:
                 "ffn_params_full": c["parameters_full"],
             }
         )
-    base = rows[0]["bpb"]
     print(f"{args.run}, expert '{args.domain}', held-out {args.tokens} tokens, owner's model\n")
-    print("| package | FFN params stored | package MB | energy kept | BPB | gain kept |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for row in rows:
-        gain = (base - row["bpb"]) / (base - full) if base != full else float("nan")
-        row["gain_kept"] = gain
-        share = f"{row['ffn_params'] / row['ffn_params_full']:.1%}" if "ffn_params" in row else ""
-        print(
-            f"| {row['package']} | {share} | {row.get('mb', float('nan')):.1f} | "
-            f"{row.get('energy', float('nan')):.3f} | {row['bpb']:.4f} | {gain:.0%} |"
-        )
+    print(render(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def render(rows: list[dict]) -> str:
+    """The markdown table; fills each row's "gain_kept" (the share of the full expert's gain
+    over the anchor that it keeps). Rows: the anchor first, then the full package."""
+    base, full = rows[0]["bpb"], rows[1]["bpb"]
+    lines = [
+        "| package | FFN params stored | package MB | energy kept | BPB | gain kept |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        row["gain_kept"] = (base - row["bpb"]) / (base - full) if base != full else float("nan")
+        share = row["ffn_params"] / row["ffn_params_full"] if "ffn_params" in row else None
+        share = 1.0 if row["package"] == "full" else share
+        cells = [
+            row["package"],
+            "–" if share is None else f"{share:.1%}",
+            f"{row['mb']:.1f}" if "mb" in row else "–",
+            f"{row['energy']:.3f}" if "energy" in row else "–",
+            f"{row['bpb']:.4f}",
+            f"{row['gain_kept']:.0%}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
