@@ -25,6 +25,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--json", type=Path)
+    ap.add_argument(
+        "--merged",
+        action="store_true",
+        help="also score the merged model of every expert in RUN/experts (this one compressed), "
+        "token routing, default top-k",
+    )
     args = ap.parse_args()
 
     import torch
@@ -54,12 +60,22 @@ def main() -> None:
         m, t = verify_package(package, record, extras, anchor)
         return bpb(build_merged(anchor, record, extras, [(m, t)], top_k=2).float().eval())
 
+    others = sorted(
+        p for p in (args.run / "experts").iterdir() if (p / "manifest.json").is_file() and p != pkg
+    )
+
+    def merged_bpb(package: Path) -> float:
+        pkgs = [verify_package(p, record, extras, anchor) for p in [*others, package]]
+        return bpb(build_merged(anchor, record, extras, pkgs).float().eval())
+
     def size(p: Path) -> int:
         return sum(f.stat().st_size for f in p.iterdir() if f.name == "expert.safetensors")
 
     rows = [{"package": "anchor (no expert)", "bpb": bpb(anchor)}]
     full = owner_bpb(pkg)
     rows.append({"package": "full", "bpb": full, "mb": size(pkg) / 1e6, "energy": 1.0})
+    if args.merged:
+        rows[1]["merged_bpb"] = merged_bpb(pkg)
     tmp = Path(tempfile.mkdtemp(prefix="flexmoe-compress-"))
     for r in map(int, args.ranks.split(",")):
         out = tmp / f"r{r}"
@@ -75,6 +91,8 @@ def main() -> None:
                 "ffn_params_full": c["parameters_full"],
             }
         )
+        if args.merged:
+            rows[-1]["merged_bpb"] = merged_bpb(out)
     print(f"{args.run}, expert '{args.domain}', held-out {args.tokens} tokens, owner's model\n")
     print(render(rows))
     if args.json:
@@ -85,9 +103,11 @@ def render(rows: list[dict]) -> str:
     """The markdown table; fills each row's "gain_kept" (the share of the full expert's gain
     over the anchor that it keeps). Rows: the anchor first, then the full package."""
     base, full = rows[0]["bpb"], rows[1]["bpb"]
+    merged = any("merged_bpb" in r for r in rows)
     lines = [
-        "| package | FFN params stored | package MB | energy kept | BPB | gain kept |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| package | FFN params stored | package MB | energy kept | BPB | gain kept |"
+        + (" merged BPB | merged gain kept |" if merged else ""),
+        "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if merged else ""),
     ]
     for row in rows:
         row["gain_kept"] = (base - row["bpb"]) / (base - full) if base != full else float("nan")
@@ -101,6 +121,14 @@ def render(rows: list[dict]) -> str:
             f"{row['bpb']:.4f}",
             f"{row['gain_kept']:.0%}",
         ]
+        if merged:
+            m = row.get("merged_bpb")
+            full_m = rows[1].get("merged_bpb")
+            row["merged_gain_kept"] = (base - m) / (base - full_m) if m and full_m else None
+            cells += [
+                "–" if m is None else f"{m:.4f}",
+                "–" if row["merged_gain_kept"] is None else f"{row['merged_gain_kept']:.0%}",
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
