@@ -114,6 +114,20 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, cap.out, cap.err
 
 
+def random_merged(
+    root: Path, anchor_dir: Path, names: list[str], seed: int, out: str = "merged", **merge_kw
+) -> Path:
+    """root/pkg-<name> random packages (seeds seed, seed+1, …) merged into root/out with
+    token routing alone (preselect 0): the serving tests' model."""
+    from flexmoe.lifecycle.merge import merge
+
+    pkgs = [
+        random_package(root / f"pkg-{n}", anchor_dir, n, seed=seed + i) for i, n in enumerate(names)
+    ]
+    merge(anchor_dir, pkgs, root / out, log=None, preselect=0, **merge_kw)
+    return root / out
+
+
 def random_package(
     out: Path, anchor_dir: Path, name: str, seed: int, embedding=None, **manifest
 ) -> Path:

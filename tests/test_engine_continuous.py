@@ -12,10 +12,9 @@ import time
 import pytest
 import torch
 
-from conftest import random_package
+from conftest import random_merged
 from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.inference.generate import generate
-from flexmoe.lifecycle.merge import merge
 from flexmoe.model.router import NO_EXPERT, set_active_experts
 from flexmoe.selection import expert_mask, expert_names
 from flexmoe.serving.engine import Engine, Job, Limits
@@ -40,10 +39,7 @@ def loop():
 def merged(work, anchor_dir):
     root = work / "engine-continuous"
     root.mkdir()
-    pkgs = [
-        random_package(root / f"pkg-{n}", anchor_dir, n, seed=40 + i) for i, n in enumerate(NAMES)
-    ]
-    merge(anchor_dir, pkgs, root / "merged", log=None, preselect=0)
+    random_merged(root, anchor_dir, NAMES, 40)
     model = load_model(root / "merged", root / "state").eval()
     return model, load_tokenizer(root / "merged")
 

@@ -18,9 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from conftest import random_package, run_cli
+from conftest import random_merged, run_cli
 from flexmoe.inference.generate import generate
-from flexmoe.lifecycle.merge import merge
 from flexmoe.model.router import (
     NO_EXPERT,
     RoutingTrace,
@@ -45,10 +44,7 @@ def env(work, anchor_dir) -> dict:
 
     root = work / "routed"
     root.mkdir()
-    pkgs = [
-        random_package(root / f"pkg-{n}", anchor_dir, n, seed=80 + i) for i, n in enumerate(NAMES)
-    ]
-    merge(anchor_dir, pkgs, root / "merged", top_k=TOP_K, log=None, preselect=0)
+    random_merged(root, anchor_dir, NAMES, 80, top_k=TOP_K)
     tok = load_tokenizer(root / "merged")
     tok.chat_template = TEMPLATE
     tok.save_pretrained(root / "merged")

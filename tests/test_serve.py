@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import random_package, run_cli
-from flexmoe.lifecycle.merge import merge
+from conftest import random_merged, run_cli
 from flexmoe.serving import Limits, Server, create_app, key_hash, summarize_ledger
 
 KEYS = {"alpha": "sk-alpha-123", "beta": "sk-beta-456", "admin": "sk-admin-789"}
@@ -60,10 +59,7 @@ class Running:
 def env(work, anchor_dir) -> dict:
     root = work / "serve"
     root.mkdir()
-    pkgs = [
-        random_package(root / f"pkg-{n}", anchor_dir, n, seed=20 + i) for i, n in enumerate(NAMES)
-    ]
-    merge(anchor_dir, pkgs, root / "merged", log=None, preselect=0)
+    random_merged(root, anchor_dir, NAMES, 20)
     keys = root / "keys.toml"
     keys.write_text(
         f'admin_key_sha256 = "{key_hash(KEYS["admin"])}"\n'

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import random_package, run_cli
+from conftest import random_merged, run_cli
 from flexmoe.errors import FlexmoeError
 from flexmoe.lifecycle.merge import merge
 from flexmoe.serving import Keys, Limits, Server, key_hash
@@ -38,10 +38,7 @@ ALPHA = f'[[tenants]]\nname = "alpha"\nkey_sha256 = "{key_hash(KEYS["alpha"])}"\
 def merged(work, anchor_dir):
     root = work / "fail-closed"
     root.mkdir()
-    pkgs = [
-        random_package(root / f"pkg-{n}", anchor_dir, n, seed=40 + i) for i, n in enumerate(NAMES)
-    ]
-    merge(anchor_dir, pkgs, root / "merged", log=None, preselect=0)
+    random_merged(root, anchor_dir, NAMES, 40)
     keys = root / "keys.toml"
     keys.write_text(ADMIN + ALPHA)
     return {"root": root, "model": root / "merged", "keys": keys}

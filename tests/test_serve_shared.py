@@ -27,8 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import random_package, run_cli
-from flexmoe.lifecycle.merge import merge
+from conftest import random_merged, run_cli
 from flexmoe.serving import db as statedb
 from flexmoe.serving import key_hash
 from test_serve import free_port
@@ -153,10 +152,7 @@ def shared(request, work, anchor_dir):
 
     root = work / f"shared-{request.param}"
     root.mkdir()
-    pkgs = [
-        random_package(root / f"pkg-{n}", anchor_dir, n, seed=40 + i) for i, n in enumerate(NAMES)
-    ]
-    merge(anchor_dir, pkgs, root / "merged", log=None, preselect=0)
+    random_merged(root, anchor_dir, NAMES, 40)
     _keys_file(root / "keys.toml")
     new_key(root / "op.key")
     pg = Postgres() if request.param == "postgresql" else None

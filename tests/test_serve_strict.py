@@ -17,8 +17,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import random_package
-from flexmoe.lifecycle.merge import merge
+from conftest import random_merged
 from flexmoe.serving import Server, key_hash
 from test_serve import KEYS, NAMES, Running
 
@@ -39,10 +38,7 @@ def srv(work, anchor_dir):
 
     root = work / "strict"
     root.mkdir()
-    pkgs = [
-        random_package(root / f"pkg-{n}", anchor_dir, n, seed=60 + i) for i, n in enumerate(NAMES)
-    ]
-    merge(anchor_dir, pkgs, root / MODEL, log=None, preselect=0)
+    random_merged(root, anchor_dir, NAMES, 60, out=MODEL)
     tok = load_tokenizer(root / MODEL)
     tok.chat_template = TEMPLATE
     tok.save_pretrained(root / MODEL)
