@@ -34,7 +34,7 @@ demo-scratch: $(STAMP)
 demo-full: $(STAMP) $(SMOLLM2)
 	$(BIN)/python scripts/demo.py --full
 
-# the evidence run on SmolLM2, in parts of a few hours each on 2 cores (PART=1, 2, 3; each
+# the evidence run on SmolLM2, in parts of a few hours each on 2 cores (PART=1, 2, 3, 4; each
 # reuses the earlier parts' stages and resumes where it stopped) → results/smollm2/
 PART ?= 1
 results: $(STAMP) $(SMOLLM2)

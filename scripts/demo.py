@@ -42,7 +42,7 @@ def main() -> int:
     p.add_argument("--tasks", action="store_true", help="also run downstream tasks")
     p.add_argument("--task-limit", type=int, help="documents per task (default 100)")
     p.add_argument("--out", type=Path, help="run directory")
-    p.add_argument("--part", type=int, default=1, help="with --results: the part (1-3)")
+    p.add_argument("--part", type=int, default=1, help="with --results: the part (1-4)")
     p.add_argument(
         "--until", choices=["models"], help="stop once the models are trained and merged"
     )

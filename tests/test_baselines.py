@@ -118,6 +118,18 @@ def test_demo_evaluation_is_redone_when_a_stage_or_setting_changes(tmp_path):
     assert _eval_spec(cfg) != spec
 
 
+def test_results_parts_add_tasks_without_redoing_the_evaluation():
+    """Parts 3 and 4 of `make results` only add downstream-task stages (bf16 like the held-out
+    evaluation; the opt-out rows in part 4): the held-out evaluation of part 2 is reused."""
+    from flexmoe.demo.config import DemoConfig
+    from flexmoe.demo.pipeline import _eval_spec
+
+    p2, p3, p4 = (DemoConfig.results(p) for p in (2, 3, 4))
+    assert not p2.tasks and p3.tasks and p4.tasks
+    assert not p3.task_optouts and p4.task_optouts and p3.eval_bf16
+    assert _eval_spec(p2) == _eval_spec(p3) == _eval_spec(p4)
+
+
 def test_unrestricted_moe_and_no_coordination_package(work, anchor_dir, shards):
     """The two ablation builders produce a loadable merged model and a verifiable package."""
     from flexmoe.lifecycle.baselines import package_from_dense, train_unrestricted

@@ -140,7 +140,8 @@ def synthetic_results(with_windows: bool = True) -> dict:
 
 
 def test_report_claims_tables_and_plots(tmp_path):
-    from flexmoe.demo.render import claim_lines, rebuild, tasks_md, write_report
+    from flexmoe.demo.render import claim_lines, rebuild, write_report
+    from flexmoe.demo.tasks_report import tasks_md
 
     res = synthetic_results()
     ivs = res["intervals"]
@@ -249,3 +250,63 @@ def test_control_claims_bias_comparison_and_training_curves(tmp_path):
     out = write_report(res, tmp_path / "report")
     assert (out / "curves.png").stat().st_size > 0
     assert f"| {iv.CONTROL} |" in (out / "report.md").read_text()
+
+
+def _task_row(rng, acc: float, ll_scale: float, n: int = 64) -> dict:
+    # the gold answers' bytes are the documents' own: the same for every model
+    """A run_tasks(..., per_doc=True) row: two multiple-choice tasks and one gold-answer task."""
+    row = {}
+    for t in ("arc", "piqa"):
+        hits = (rng.random(n) < acc).astype(float)
+        row[t] = {"acc": hits.mean(), "acc_norm": hits.mean(), "docs": float(n)}
+        row[t]["per_doc"] = {"acc": hits.tolist(), "acc_norm": hits.tolist()}
+    nbytes = np.random.default_rng(1).integers(50, 200, n)
+    ll = -nbytes * ll_scale * (1 + 0.05 * rng.standard_normal(n))
+    bpb = float(-ll.sum() / np.log(2) / nbytes.sum())
+    row["gsm8k_bpb"] = {"bits_per_byte": bpb, "docs": float(n)}
+    row["gsm8k_bpb"]["per_doc"] = {"loglikelihood": ll.tolist(), "bytes": nbytes.tolist()}
+    return row
+
+
+def test_task_intervals_are_paired_and_judge_each_claim():
+    from flexmoe.demo.tasks_report import tasks_md
+    from flexmoe.evaluation import task_intervals as ti
+
+    rng = np.random.default_rng(0)
+    anchor = _task_row(rng, 0.3, 0.50)
+    merged = _task_row(rng, 0.8, 0.40)  # clearly better on both kinds
+    soup = json.loads(json.dumps(merged))  # the same answers: a tie, exactly 0
+    worse = json.loads(json.dumps(merged))
+    worse["gsm8k_bpb"]["per_doc"]["loglikelihood"] = [
+        x * 1.2 for x in worse["gsm8k_bpb"]["per_doc"]["loglikelihood"]
+    ]
+    res = {
+        iv.ANCHOR: anchor,
+        iv.MERGED: merged,
+        "model soup (uniform)": soup,
+        "merged without math": worse,
+    }
+    ivs = ti.task_intervals(res, n_boot=500)
+    mv = ivs["merged_vs"]
+    assert mv[iv.ANCHOR][ti.MC_AVG]["verdict"] == iv.HOLDS
+    assert mv[iv.ANCHOR][ti.MC_AVG]["lo"] > 0.3  # ~+50 points
+    assert mv[iv.ANCHOR][ti.BPB_AVG]["verdict"] == iv.HOLDS
+    assert mv["model soup (uniform)"][ti.MC_AVG] == {
+        "diff": 0.0,
+        "lo": 0.0,
+        "hi": 0.0,
+        "verdict": iv.TIE,
+    }
+    opt = ivs["optout"]["math"]
+    assert opt["gsm8k_bpb"]["rel"] == pytest.approx(0.2) and opt["gsm8k_bpb"]["rel_lo"] > 0.19
+    # paired: the interval of a difference is far narrower than either model's own interval
+    d = mv["model soup (uniform)"]["gsm8k_bpb"]
+    assert d["hi"] - d["lo"] < 1e-12
+    md = tasks_md(res, 64)
+    assert "- The merged model beats the public anchor on tasks: multiple choice **holds**" in md
+    assert "uniform model soup on tasks: multiple choice **not distinguishable" in md
+    assert "BTM" not in md  # not measured: no sentence, no row
+    assert "| math | +0.0 points [+0.0, +0.0] | +20.0% [" in md
+    g = anchor["gsm8k_bpb"]["per_doc"]
+    lo, hi = iv.bpb_ci([[-x, b] for x, b in zip(g["loglikelihood"], g["bytes"], strict=True)])
+    assert f"{anchor['gsm8k_bpb']['bits_per_byte']:.3f} [{lo:.3f}, {hi:.3f}]" in md

@@ -66,6 +66,7 @@ def test_cli_tasks_table(tiny_model, capsys):
     [
         (["--tasks", "arc_easy,nope"], "unknown task"),
         (["--task-dir", "/nonexistent/tasks"], "no task dir"),
+        (["--autocast", "float16\x1b[31m"], "only bfloat16"),
     ],
 )
 def test_cli_tasks_bad_input(tiny_model, capsys, args, msg):
@@ -109,3 +110,22 @@ def test_btm_ensemble_on_tasks(tiny_model, tmp_path):
     assert mixed <= max(a, o) + 1e-6  # a mixture's log-loss is at most its worst member's
     with pytest.raises(FlexmoeError, match="merged model"):
         run_tasks(tiny_model, btm=[other], exclude=["code"], **kw)
+
+
+def test_per_doc_results_add_up_and_bf16_autocast_scores_close(tiny_model):
+    """per_doc (the paired task intervals' input) reproduces each task's metric; bf16 autocast
+    (the held-out evaluation's numerics) changes scores only by rounding."""
+    from flexmoe.evaluation.tasks import run_tasks
+
+    kw = dict(tasks=["arc_easy", "gsm8k_bpb"], task_dir=TASK_DIR, limit=6)
+    res = run_tasks(tiny_model, per_doc=True, **kw)
+    mc = res["arc_easy"]["per_doc"]
+    assert len(mc["acc_norm"]) == 6 and set(mc["acc_norm"]) <= {0.0, 1.0}
+    assert sum(mc["acc_norm"]) / 6 == pytest.approx(res["arc_easy"]["acc_norm"])
+    g = res["gsm8k_bpb"]["per_doc"]
+    bpb = -sum(g["loglikelihood"]) / math.log(2) / sum(g["bytes"])
+    assert bpb == pytest.approx(res["gsm8k_bpb"]["bits_per_byte"], rel=1e-9)
+    bf = run_tasks(tiny_model, autocast="bfloat16", per_doc=True, **kw)["gsm8k_bpb"]
+    assert bf["per_doc"]["bytes"] == g["bytes"]
+    assert bf["bits_per_byte"] == pytest.approx(bpb, rel=0.02)
+    assert bf["per_doc"]["loglikelihood"] != g["loglikelihood"]  # it did compute in bf16

@@ -95,6 +95,13 @@ def eval_tasks(
     allow_no_public: AllowNoPublicOption = False,
     device: DeviceOption = "auto",
     dtype: DtypeOption = None,
+    autocast: Annotated[
+        str | None,
+        typer.Option(
+            help="Compute under autocast in this dtype: bfloat16 (the held-out evaluation's "
+            "numerics; about 3× faster on CPUs with AMX)."
+        ),
+    ] = None,
 ) -> None:
     """Downstream OLMES tasks (MC acc/acc_norm, gold-answer bits per byte) via lm-eval, offline."""
     import time
@@ -102,6 +109,8 @@ def eval_tasks(
     from flexmoe.evaluation.tasks import resolve_tasks, run_tasks
 
     limit = limit or None  # 0 = all, as in build-tasks
+    if autocast not in (None, "bfloat16"):
+        raise FlexmoeError(f"--autocast {clean(autocast, 40)}: only bfloat16")
     names = resolve_tasks(split_names(tasks))
     if not task_dir.is_dir():
         raise FlexmoeError(f"no task dir {task_dir} (build it with `flexmoe eval build-tasks`)")
@@ -117,6 +126,7 @@ def eval_tasks(
         allow_no_public=allow_no_public,
         device=device,
         dtype=dtype,
+        autocast=autocast,
     )
     table = Table(title=f"downstream tasks: {model}" + (f" (limit {limit})" if limit else ""))
     found = {m for r in res.values() for m in r}

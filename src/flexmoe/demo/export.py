@@ -12,7 +12,7 @@ from pathlib import Path
 
 from flexmoe.store.fsutil import atomic_dir
 
-KEPT = ("report.md", "results.json", "tasks.md")  # plus every plot (*.png)
+KEPT = ("report.md", "results.json", "tasks.md", "tasks.json")  # plus every plot (*.png)
 
 
 def _commit() -> str:

@@ -25,7 +25,7 @@ from rich.console import Console
 from flexmoe.data.corpus import PUBLIC
 from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.demo.config import DemoConfig
-from flexmoe.demo.render import print_main_table, tasks_md, write_report
+from flexmoe.demo.render import print_main_table, write_report
 from flexmoe.demo.stages import (
     merge_stage,
     prepare_data,
@@ -35,6 +35,7 @@ from flexmoe.demo.stages import (
     train_ablations,
     train_models,
 )
+from flexmoe.demo.tasks_report import tasks_md
 from flexmoe.evaluation.demo_eval import evaluate_all
 from flexmoe.evaluation.tasks import DEFAULT_TASK_DIR, run_tasks
 from flexmoe.lifecycle.baselines import soup
@@ -53,11 +54,11 @@ def tasks_stage(cfg: DemoConfig, paths: dict[str, Path], merged: Path) -> dict:
     BTM (the ensemble through an lm-eval model, evaluation.tasks), cfg.task_limit documents per
     task."""
     root = cfg.out / "tasks"
-    runs: dict[str, tuple[Path, dict]] = {
-        "anchor (public only)": (paths["anchor"], {}),
-        "FlexOlmo merged": (merged, {}),
+    # (file stem, label) → (model, run_tasks options); the comparisons of the claims come first
+    runs: dict[tuple[str, str], tuple[Path, dict]] = {
+        ("anchor", "anchor (public only)"): (paths["anchor"], {}),
+        ("merged", "FlexOlmo merged"): (merged, {}),
     }
-    runs |= {f"merged without {d}": (merged, {"exclude": [d]}) for d in cfg.domains}
     if cfg.baselines:
         soup_dir = root / "soup"
 
@@ -78,18 +79,32 @@ def tasks_stage(cfg: DemoConfig, paths: dict[str, Path], merged: Path) -> dict:
             build_soup,
             "tasks: the uniform model soup as a model directory",
         )
-        runs["model soup (uniform)"] = (soup_dir, {})
+        runs[("soup", "model soup (uniform)")] = (soup_dir, {})
         dense = [str(paths[f"dense/{d}"]) for d in cfg.domains]
-        runs["BTM (top-2 ensemble)"] = (paths["anchor"], {"btm": dense})
+        runs[("btm", "BTM (top-2 ensemble)")] = (paths["anchor"], {"btm": dense})
+    if cfg.task_optouts:
+        runs |= {
+            (f"without-{d}", f"merged without {d}"): (merged, {"exclude": [d]}) for d in cfg.domains
+        }
     evaluated = spec_hash(_eval_spec(cfg)["stages"])  # redone when any model stage changes
+    autocast = "bfloat16" if cfg.eval_bf16 else None  # the held-out evaluation's numerics
     results = {}
-    for i, (label, (model, kw)) in enumerate(runs.items()):
-        out = root / f"{i:02d}.json"
+    for (stem, label), (model, kw) in runs.items():
+        out = root / f"{stem}.json"
+        spec = {"model": str(model), "kw": kw, "limit": cfg.task_limit, "models": evaluated}
         run_stage(
-            root / f".{i:02d}.json",
-            {"model": str(model), "kw": kw, "limit": cfg.task_limit, "models": evaluated, "v": 1},
+            root / f".{stem}.json",
+            spec | {"autocast": autocast, "v": 2},
             lambda out=out, model=model, kw=kw: write_json(
-                out, run_tasks(model, task_dir=DEFAULT_TASK_DIR, limit=cfg.task_limit, **kw)
+                out,
+                run_tasks(
+                    model,
+                    task_dir=DEFAULT_TASK_DIR,
+                    limit=cfg.task_limit,
+                    autocast=autocast,
+                    per_doc=True,
+                    **kw,
+                ),
             ),
             f"tasks: {label} ({cfg.task_limit} docs per task)",
         )
@@ -127,6 +142,7 @@ def run_demo(cfg: DemoConfig, until: str | None = None) -> dict:
     results = json.loads((report_dir / "results.json").read_text())
     if cfg.tasks:
         tasks = tasks_stage(cfg, paths, merged)
+        write_json(report_dir / "tasks.json", {"limit": cfg.task_limit, "results": tasks})
         (report_dir / "tasks.md").write_text(tasks_md(tasks, cfg.task_limit))
     print_main_table(results)
     console.print(f"report → {report_dir / 'report.md'}   total {time.perf_counter() - t0:.0f} s")
@@ -194,6 +210,6 @@ def _eval_spec(cfg: DemoConfig) -> dict:
         for m in sorted(cfg.out.rglob(".*.json"))
         if m.name != ".report.json" and m.relative_to(cfg.out).parts[0] != "tasks"  # after it
     }
-    after = ("out", "tasks", "task_limit")  # the tasks stage runs after the evaluation
+    after = ("out", "tasks", "task_limit", "task_optouts")  # the tasks stage runs after it
     settings = {k: str(v) for k, v in vars(cfg).items() if k not in after}
     return {"stages": stages, "settings": settings, "context": cfg.preselect_context, "v": 3}

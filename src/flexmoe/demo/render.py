@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flexmoe.data.corpus import PUBLIC
+from flexmoe.demo.tasks_report import tasks_md
 from flexmoe.errors import FlexmoeError
 from flexmoe.evaluation import intervals as iv
 from flexmoe.store.fsutil import atomic_file, write_json
@@ -716,33 +717,8 @@ def rebuild(run_dir: Path) -> Path:
         seq_len = (results.get("config") or {}).get("seq_len")
         results["intervals"] = iv.demo_intervals(results["windows"], results["domains"], seq_len)
         write_json(res, results)
+    tasks = res.parent / "tasks.json"  # per-document task results: tasks.md re-rendered
+    if tasks.is_file():
+        t = json.loads(tasks.read_text())
+        (res.parent / "tasks.md").write_text(tasks_md(t["results"], t["limit"]))
     return write_report(results, res.parent)
-
-
-def tasks_md(results: dict[str, dict[str, dict[str, float]]], limit: int) -> str:
-    """Table-1-style markdown: one row per model, one column per task (acc_norm for multiple
-    choice, bits per byte of the gold answer for generative tasks)."""
-    tasks = list(next(iter(results.values())))
-
-    def cell(m: dict) -> str:
-        v = m.get("acc_norm", m.get("acc", m.get("bits_per_byte")))
-        if v is None or v != v:
-            return "–"
-        n = int(m.get("docs") or 0)
-        if n > 0 and ("acc_norm" in m or "acc" in m):  # a proportion of n documents
-            lo, hi = iv.wilson(round(v * n), n)
-            return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
-        return f"{v:.3f}"
-
-    md = [
-        "# Downstream tasks",
-        "",
-        f"`flexmoe eval tasks`, {limit} documents per task; multiple choice: acc_norm (higher is "
-        "better) with its 95% Wilson interval over the documents scored, gold-answer tasks: bits "
-        "per byte (lower is better, no interval).",
-        "",
-        "| model | " + " | ".join(tasks) + " |",
-        "|---|" + "---:|" * len(tasks),
-    ]
-    md += [f"| {m} | " + " | ".join(cell(r[t]) for t in tasks) + " |" for m, r in results.items()]
-    return "\n".join(md) + "\n"
