@@ -115,14 +115,23 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 
 
 def random_merged(
-    root: Path, anchor_dir: Path, names: list[str], seed: int, out: str = "merged", **merge_kw
+    root: Path,
+    anchor_dir: Path,
+    names: list[str],
+    seed: int,
+    out: str = "merged",
+    embeddings: dict | None = None,
+    **merge_kw,
 ) -> Path:
-    """root/pkg-<name> random packages (seeds seed, seed+1, …) merged into root/out with
-    token routing alone (preselect 0): the serving tests' model."""
+    """root/pkg-<name> random packages (seeds seed, seed+1, …; `embeddings`: {name: (384,)}
+    domain embeddings) merged into root/out with token routing alone (preselect 0): the serving
+    tests' model."""
     from flexmoe.lifecycle.merge import merge
 
+    emb = embeddings or {}
     pkgs = [
-        random_package(root / f"pkg-{n}", anchor_dir, n, seed=seed + i) for i, n in enumerate(names)
+        random_package(root / f"pkg-{n}", anchor_dir, n, seed=seed + i, embedding=emb.get(n))
+        for i, n in enumerate(names)
     ]
     merge(anchor_dir, pkgs, root / out, log=None, preselect=0, **merge_kw)
     return root / out

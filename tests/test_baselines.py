@@ -83,6 +83,9 @@ def test_demo_smoke_end_to_end(tmp_path):
     assert "math.flexmix-mathgen" in report and "Top-k renormalisation" in report
     tasks = (out / "report" / "tasks.md").read_text()
     assert "| merged without code |" in tasks and "| model soup (uniform) |" in tasks
+    assert "## Claims on tasks" in tasks and "## Opt-out" in tasks  # paired, per document
+    presel = (out / "report" / "preselect.md").read_text()
+    assert "## 64 tokens" in presel and "| router |" in presel
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "▶" not in again.stderr  # every stage, the evaluation included, was reused

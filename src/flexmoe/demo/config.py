@@ -50,6 +50,7 @@ class DemoConfig:
     )
     task_limit: int = 100
     task_optouts: bool = True  # tasks also for the merged model with each expert excluded
+    preselect_bench: bool = True  # top-1 accuracy of each preselection method (report)
     recipe: str = "flexmoe"  # the default recipe; see flexmoe.expert
     recipe_overrides: dict = field(default_factory=dict)  # settings changed from the recipe's
     compare_paper: bool = True  # also train and merge the paper recipe's experts, side by side

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from flexmoe.store.fsutil import atomic_dir
 
-KEPT = ("report.md", "results.json", "tasks.md", "tasks.json")  # plus every plot (*.png)
+# plus every plot (*.png)
+KEPT = ("report.md", "results.json", "tasks.md", "tasks.json", "preselect.md", "preselect.json")
 
 
 def _commit() -> str:

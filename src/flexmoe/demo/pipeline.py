@@ -113,6 +113,27 @@ def tasks_stage(cfg: DemoConfig, paths: dict[str, Path], merged: Path) -> dict:
     return results
 
 
+def preselect_stage(cfg: DemoConfig, paths: dict[str, Path], merged: Path) -> Path:
+    """Top-1 accuracy of each way of preselecting a request's expert (MiniLM centroids, anchor
+    hidden-state centroids, the merged model's routers) on held-out and hand-written prompts."""
+    from flexmoe.evaluation.heldout import load_for_eval
+    from flexmoe.evaluation.preselect_bench import bench_md, run_bench
+
+    out = cfg.out / "preselect"
+
+    def build():
+        model, tok = load_for_eval(merged)
+        anchor, _ = load_for_eval(paths["anchor"])
+        res = run_bench(model, anchor, tok, cfg.domains, root=cfg.corpus)
+        with atomic_dir(out, overwrite=True) as tmp:
+            write_json(tmp / "bench.json", res)
+            (tmp / "bench.md").write_text(bench_md(res))
+
+    spec = {"models": spec_hash(_eval_spec(cfg)["stages"]), "corpus": str(cfg.corpus), "v": 1}
+    run_stage(cfg.out / ".preselect.json", spec, build, "preselection benchmark")
+    return out
+
+
 def run_demo(cfg: DemoConfig, until: str | None = None) -> dict:
     """`until="models"`: stop once every model is trained and merged (a part of a long run that
     must end inside a working session; the next call reuses them and evaluates)."""
@@ -140,6 +161,10 @@ def run_demo(cfg: DemoConfig, until: str | None = None) -> dict:
         "evaluation and report",
     )
     results = json.loads((report_dir / "results.json").read_text())
+    if cfg.preselect_bench:
+        bench = preselect_stage(cfg, paths, merged)
+        shutil.copyfile(bench / "bench.md", report_dir / "preselect.md")
+        shutil.copyfile(bench / "bench.json", report_dir / "preselect.json")
     if cfg.tasks:
         tasks = tasks_stage(cfg, paths, merged)
         write_json(report_dir / "tasks.json", {"limit": cfg.task_limit, "results": tasks})
@@ -210,6 +235,6 @@ def _eval_spec(cfg: DemoConfig) -> dict:
         for m in sorted(cfg.out.rglob(".*.json"))
         if m.name != ".report.json" and m.relative_to(cfg.out).parts[0] != "tasks"  # after it
     }
-    after = ("out", "tasks", "task_limit", "task_optouts")  # the tasks stage runs after it
+    after = ("out", "tasks", "task_limit", "task_optouts", "preselect_bench")  # stages after it
     settings = {k: str(v) for k, v in vars(cfg).items() if k not in after}
     return {"stages": stages, "settings": settings, "context": cfg.preselect_context, "v": 3}
