@@ -52,6 +52,14 @@ def test_btm_single_model_and_causality(anchor_dir):
     changed = ids.clone()
     changed[:, 15:] = (changed[:, 15:] + 7) % 512  # future tokens must not affect the past
     assert torch.allclose(ens(changed)[:, :15], out[:, :15], atol=1e-6)
+    # rows one at a time (bounded memory) = the whole batch at once
+    assert torch.allclose(ens(ids, max_elems=1), out, atol=1e-6)
+    # = the mixture written out: log Σ_m w_m p_m, w from the same prefix scores
+    lp = torch.stack([F.log_softmax(m(ids).logits, -1) for m in (a, b)])
+    nll = -lp[:, :, :-1].gather(-1, ids[None, :, 1:, None].expand(2, -1, -1, 1))[..., 0]
+    cum = torch.cat([torch.zeros_like(nll[:, :, :1]), nll.cumsum(-1)], -1)
+    w = torch.softmax(-(cum / torch.arange(24).clamp(min=1)) / 0.1, dim=0)
+    assert torch.allclose(out, torch.logsumexp(lp + torch.log(w)[..., None], 0), atol=1e-5)
 
 
 def test_token_stream_concat(shards):

@@ -66,7 +66,9 @@ def tasks_md(results: dict[str, dict[str, dict]], limit: int) -> str:
     """Table-1-style markdown: one row per model, one column per task (acc_norm for multiple
     choice, bits per byte of the gold answer for generative tasks), then the paired comparisons
     where the rows carry per-document results."""
-    tasks = list(next(iter(results.values())))
+    first = next(iter(results.values()))
+    order = {"mc": 0, "bpb": 1, None: 2}  # multiple choice, then gold answers
+    tasks = sorted(first, key=lambda t: order[ti._kind(first[t])])
     ivs = ti.task_intervals(results)
     md = [
         "# Downstream tasks",
@@ -74,7 +76,8 @@ def tasks_md(results: dict[str, dict[str, dict]], limit: int) -> str:
         f"`flexmoe eval tasks`, the first {limit} documents of each task, the same for every "
         "model. Multiple choice: acc_norm (higher is better) with its 95% Wilson interval; gold "
         "answers: bits per byte of the gold answer (lower is better) with a bootstrap interval "
-        f"over documents. Comparisons: {ti.METHOD}.",
+        "over documents. Comparisons resample the same documents for both models (paired); the "
+        "averages resample documents within each task.",
         "",
     ]
     claims = claim_lines(ivs)
@@ -108,7 +111,7 @@ def tasks_md(results: dict[str, dict[str, dict]], limit: int) -> str:
                 f"{_bpb_text(bp) if bp else '–'} | {bp['verdict'] if bp else '–'} |"
             )
     if ivs["optout"]:
-        bpb_tasks = [t for t in tasks if ti._kind(next(iter(results.values()))[t]) == "bpb"]
+        bpb_tasks = [t for t in tasks if ti._kind(first[t]) == "bpb"]
         md += [
             "",
             "## Opt-out: the merged model without each expert − with all (paired 95% intervals)",

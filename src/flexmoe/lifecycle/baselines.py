@@ -83,19 +83,29 @@ class BTMEnsemble:
         self.models, self.top_k, self.temperature = list(models), top_k, temperature
 
     @torch.no_grad()
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        logps = torch.stack([F.log_softmax(m(ids).logits.float(), -1) for m in self.models])
+    def __call__(self, ids: torch.Tensor, max_elems: int = 1 << 28) -> torch.Tensor:
+        """(B, T) → (B, T, V) log-probabilities, rows taken a few at a time so that the members'
+        (rows, T, V) log-probabilities stay under about `max_elems` floats (lm-eval sends batches
+        of 5-shot prompts: all at once, five members' full-vocabulary outputs need tens of GB)."""
+        vocab = self.models[0].config.vocab_size
+        rows = max(1, max_elems // (len(self.models) * ids.shape[1] * vocab))
+        return torch.cat([self._ensemble(ids[i : i + rows]) for i in range(0, len(ids), rows)])
+
+    def _ensemble(self, ids: torch.Tensor) -> torch.Tensor:
+        logps = [F.log_softmax(m(ids).logits.float(), -1) for m in self.models]
         # NLL each model gave to the observed tokens; position t may only use tokens < t.
-        tok_nll = -logps[:, :, :-1].gather(
-            -1, ids[None, :, 1:, None].expand(len(self.models), -1, -1, 1)
-        )[..., 0]
+        tok_nll = torch.stack([-lp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] for lp in logps])
         cum = torch.cat([torch.zeros_like(tok_nll[:, :, :1]), tok_nll.cumsum(-1)], dim=-1)
         count = torch.arange(ids.shape[1], dtype=cum.dtype).clamp(min=1)
         score = -(cum / count) / self.temperature  # (M, B, T); equal at t = 0 → uniform
         k = min(self.top_k, len(self.models))
         top, idx = score.topk(k, dim=0)
         w = torch.zeros_like(score).scatter(0, idx, torch.softmax(top, dim=0))
-        return torch.logsumexp(logps + torch.log(w.clamp(min=1e-30))[..., None], dim=0)
+        out = None  # log Σ_m w_m p_m, one member at a time (no (M, B, T, V) temporaries)
+        for lp, wm in zip(logps, torch.log(w.clamp(min=1e-30)), strict=True):
+            lp.add_(wm[..., None])
+            out = lp if out is None else torch.logaddexp(out, lp, out=out)
+        return out
 
 
 # ---------------------------------------------------------------- ablations
