@@ -121,7 +121,8 @@ def test_demo_evaluation_is_redone_when_a_stage_or_setting_changes(tmp_path):
     write_json(tmp_path / "experts" / ".code.json", {"spec_hash": "b"})
     spec = _eval_spec(cfg)
     write_json(tmp_path / ".report.json", {"spec_hash": "r"})
-    assert _eval_spec(cfg) == spec  # the evaluation's own record does not count
+    write_json(tmp_path / ".preselect.json", {"spec_hash": "p"})
+    assert _eval_spec(cfg) == spec  # the evaluation's own record and later stages' do not count
     write_json(tmp_path / "experts" / ".code.json", {"spec_hash": "c"})
     assert _eval_spec(cfg) != spec
     spec = _eval_spec(cfg)

@@ -233,7 +233,8 @@ def _eval_spec(cfg: DemoConfig) -> dict:
     stages = {
         str(m.relative_to(cfg.out)): json.loads(m.read_text())["spec_hash"]
         for m in sorted(cfg.out.rglob(".*.json"))
-        if m.name != ".report.json" and m.relative_to(cfg.out).parts[0] != "tasks"  # after it
+        if m.name not in (".report.json", ".preselect.json")  # the evaluation's own and stages
+        and m.relative_to(cfg.out).parts[0] != "tasks"  # after it
     }
     after = ("out", "tasks", "task_limit", "task_optouts", "preselect_bench")  # stages after it
     settings = {k: str(v) for k, v in vars(cfg).items() if k not in after}
