@@ -70,7 +70,7 @@ def tasks_stage(cfg: DemoConfig, paths: dict[str, Path], merged: Path) -> dict:
                 load_tokenizer(paths["anchor"]).save_pretrained(tmp)
 
         run_stage(
-            root / ".soup.json",
+            root / ".soup-model.json",  # not .soup.json: the soup row's marker
             {
                 "members": [
                     sha256_file(paths[f"dense/{d}"] / "model.safetensors") for d in cfg.domains
