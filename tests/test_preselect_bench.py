@@ -35,3 +35,13 @@ def test_preselect_bench_counts_every_prompt_and_minilm_finds_the_domain(
     md = bench_md(res)
     assert "## 64 tokens" in md and "| minilm |" in md and "| router |" in md
     assert torch.isfinite(torch.tensor(res["layer"], dtype=torch.float))
+
+
+def test_preselect_bench_without_domain_embeddings_leaves_minilm_out(anchor_dir, tmp_path):
+    from flexmoe.evaluation.heldout import load_for_eval
+    from flexmoe.evaluation.preselect_bench import run_bench
+
+    merged, tok = load_for_eval(random_merged(tmp_path, anchor_dir, ["code", "math"], seed=5))
+    anchor, _ = load_for_eval(anchor_dir)
+    res = run_bench(merged, anchor, tok, ["code", "math"], n=2, centroid_docs=2)
+    assert set(res["sets"]["64 tokens"]) == {"hidden", "router"}

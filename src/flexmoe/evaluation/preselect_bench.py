@@ -6,7 +6,7 @@ Each method ranks the merged model's owner experts (the public expert is always 
 accuracy is counted per domain:
 
 - `minilm`: today's default: cosine of the prompt's all-MiniLM-L6-v2 embedding with each owner's
-  stored mean document embedding (inference.preselect).
+  stored mean document embedding (inference.preselect); left out when a package stores none.
 - `hidden`: cosine of the anchor's mean hidden state over the prompt (middle layer) with each
   owner's mean over its TRAINING documents, the statistic a package would store (both centred
   on the owners' mean, see `_nearest`).
@@ -29,6 +29,7 @@ from flexmoe.evaluation.intervals import wilson
 from flexmoe.inference.preselect import preselect_mask
 from flexmoe.model.router import capture_router_logits
 from flexmoe.selection import expert_names
+from flexmoe.store.merged import experts_of
 
 PROMPTS = Path(__file__).resolve().parents[3] / "data" / "preselect-prompts.json"
 LENGTHS = (32, 64)
@@ -150,10 +151,11 @@ def run_bench(
     for name, items in sets.items():
         texts = [t for _, t in items]
         picks = {}
-        mask = preselect_mask(merged, texts, 1)
-        picks["minilm"] = [
-            next((names[i] for i in idx if mask[b, i]), "?") for b in range(len(texts))
-        ]
+        if all(d in experts_of(merged).domain_embeddings for d in owners):
+            mask = preselect_mask(merged, texts, 1)
+            picks["minilm"] = [
+                next((names[i] for i in idx if mask[b, i]), "?") for b in range(len(texts))
+            ]
         h = _mean_hidden(anchor, tokenizer, texts, layer)
         picks["hidden"] = [owners[j] for j in _nearest(h, cent)]
         scores = _router_scores(merged, tokenizer, texts)[:, idx]
