@@ -59,20 +59,19 @@ def heldout_prompts(
 
 
 def _batches(tokenizer, texts: Sequence[str], max_len: int, size: int = 16):
-    """(ids, mask) batches, right-padded, each text cut to max_len tokens."""
+    """(ids, mask) batches, right-padded (the first position is a text's first token), each text
+    cut to max_len tokens."""
     for i in range(0, len(texts), size):
-        eos = [tokenizer.eos_token_id]
-        rows = [
-            tokenizer(t, add_special_tokens=False)["input_ids"][:max_len] or eos
-            for t in texts[i : i + size]
-        ]
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id or 0)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, r in enumerate(rows):
-            ids[b, : len(r)] = torch.tensor(r)
-            mask[b, : len(r)] = 1
-        yield ids, mask
+        enc = tokenizer(
+            [t or " " for t in texts[i : i + size]],
+            add_special_tokens=False,
+            padding=True,
+            padding_side="right",
+            truncation=True,
+            max_length=max_len,
+            return_tensors="pt",
+        )
+        yield enc["input_ids"], enc["attention_mask"]
 
 
 @torch.no_grad()
