@@ -89,7 +89,7 @@ def test_proxy_cli_writes_public_ids_only(env, capsys) -> None:
     rec = json.loads(p.read_text())
     public_ids = {i for i, _ in env["public"]}
     assert len(rec["ids"]) == 5 == len(set(rec["ids"])) and set(rec["ids"]) <= public_ids
-    assert set(rec) == {"format", "owner", "public_source_sha256", "ids"}
+    assert set(rec) == {"format", "owner", "public_source_sha256", "selection", "ids"}
     text = p.read_text()
     assert not any(t[:40] in text for t in env["owner"])  # no owner text leaves the owner
     assert load_proxies(p)["ids"] == rec["ids"]
@@ -99,6 +99,28 @@ def test_proxy_cli_writes_public_ids_only(env, capsys) -> None:
         capsys,
     )  # fmt: skip
     assert code == 2 and "--k" in err
+
+
+def test_diverse_proxies_do_not_spend_the_budget_on_near_duplicates(env, capsys) -> None:
+    """Six near-copies of one code document top the owner-likeness ranking: relevance selection
+    spends most of the budget on them, diverse selection one slot (one cluster)."""
+    base = env["owner"][0]  # public text that is a near-copy of owner-like text
+    dups = [(f"dup-{i}", f"{base}\n# revision {i}") for i in range(6)]
+    public = [*env["public"], *dups]
+    rel = select_proxies(env["owner"], public, k=3, seed=0)
+    div = select_proxies(env["owner"], public, k=3, seed=0, selection="diverse")
+    assert sum(i.startswith("dup-") for i in rel) >= 2  # the test can tell them apart
+    assert sum(i.startswith("dup-") for i in div) == 1
+    assert len(set(div)) == 3 and set(div) <= {i for i, _ in public}
+    assert select_proxies(env["owner"], public, k=3, seed=0, selection="diverse") == div
+    p = env["root"] / "diverse.json"
+    args = ["expert", "proxy", "--data", env["owner_path"], "--public", env["pub_path"], "--out", p]
+    code, _, err = run_cli([*args, "--k", "3", "--selection", "diverse"], capsys)
+    assert code == 0, err
+    assert json.loads(p.read_text())["selection"] == "diverse"
+    bad = env["root"] / "bad.json"
+    code, _, err = run_cli([*args[:-1], bad, "--selection", "nearest"], capsys)
+    assert code == 2 and "--selection" in err and not bad.exists()
 
 
 def test_router_tune_changes_only_routers(env, tuned, capsys) -> None:

@@ -244,6 +244,53 @@ def test_gate_calibration_separates_owner_from_public_and_touches_only_the_gate(
     assert all(float(r.bias[OWNER].detach()) < 0 for r in routers(model))
 
 
+def test_calibration_can_keep_the_owners_routing_and_decline_public_text(anchor_dir, shards):
+    """owner_target "trained" (for pre-norm anchors): the owner's tokens keep the mixing weight
+    the owner's FFN was trained under while public text moves to the public expert; the default
+    target moves the owner's tokens toward the owner's expert."""
+    import copy
+
+    import numpy as np
+
+    from flexmoe.lifecycle.expert import calibrate_gate
+    from flexmoe.lifecycle.gate import _router_inputs
+
+    torch.manual_seed(0)
+    _, base = _two_expert(anchor_dir)
+    owner, public = TokenStream(shards["code/train"]), TokenStream(shards["public/train"])
+
+    def gate(model, stream) -> np.ndarray:  # per layer, mean p_owner on 8 fresh windows
+        rng = np.random.default_rng(7)
+        starts = rng.integers(0, len(stream) - 65, size=8)
+        ids = torch.from_numpy(np.stack([stream.window(int(s), 64) for s in starts]))
+        xs = _router_inputs(model, ids)
+        with torch.no_grad():
+            return np.array(
+                [
+                    float((x @ r.weight.T.float() + r.bias.float()).softmax(-1)[:, OWNER].mean())
+                    for r, x in zip(routers(model), xs, strict=True)
+                ]
+            )
+
+    own0, pub0 = gate(base, owner), gate(base, public)
+    after = {}
+    for target in ("owner", "trained"):
+        model = copy.deepcopy(base)
+        rec = make_recipe(
+            "flexmoe", calibrate=True, calibrate_windows=8, calibrate_owner_target=target
+        )
+        res = calibrate_gate(model, owner, public, rec, seq_len=64, seed=0)
+        assert res["owner_target"] == target
+        after[target] = gate(model, owner), gate(model, public)
+    kept_own, kept_pub = after["trained"]
+    pushed_own, _ = after["owner"]
+    assert (pushed_own > own0 + 0.1).all()  # the default target moves the owner's text
+    # "trained" keeps it far closer (a random router separates the two texts poorly, so
+    # declining public text costs the owner's some weight) and still declines public text
+    assert np.abs(kept_own - own0).mean() < 0.5 * np.abs(pushed_own - own0).mean()
+    assert (kept_pub < pub0 - 0.05).all()
+
+
 def test_preselection_keeps_opt_out_exact(work, anchor_dir, shards, capsys):
     """Excluding an expert under preselection is the model merged without it: preselection
     chooses among the experts that are still allowed."""
@@ -312,3 +359,9 @@ def test_expert_calibrate_cli_writes_a_verified_package(work, anchor_dir, shards
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and "calibrate_public_weight" in lines[0], err
     assert not (work / "cal-bad").exists()
+    code, out, err = run_cli([*args, "--owner-target", "nobody", "-o", work / "cal-bad"], capsys)
+    assert code == 2 and "calibrate_owner_target" in err and not (work / "cal-bad").exists()
+    code, out, err = run_cli([*args, "--owner-target", "trained", "-o", work / "cal-kept"], capsys)
+    assert code == 0, err
+    m, _ = verify_package(work / "cal-kept", rec, extras, anchor.config)
+    assert m.training.model_dump()["gate_calibration"]["owner_target"] == "trained"

@@ -175,6 +175,13 @@ def expert_calibrate(
         float, typer.Option(help="Cost of a public token routed to the owner.")
     ] = 1.0,
     windows: Annotated[int, typer.Option(help="Owner and public windows to fit on.")] = 32,
+    owner_target: Annotated[
+        str,
+        typer.Option(
+            help="owner: push the owner's tokens to its expert; trained: keep their routing as "
+            "trained (pre-norm anchors: Llama, Qwen3)."
+        ),
+    ] = "owner",
     seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed for the windows.")] = 0,
     overwrite: OverwriteOption = False,
@@ -183,7 +190,11 @@ def expert_calibrate(
     from flexmoe.lifecycle.expert import calibrate_package, make_recipe
 
     rec = make_recipe(
-        "flexmoe", calibrate=True, calibrate_public_weight=public_weight, calibrate_windows=windows
+        "flexmoe",
+        calibrate=True,
+        calibrate_public_weight=public_weight,
+        calibrate_windows=windows,
+        calibrate_owner_target=owner_target,
     )
     m = calibrate_package(
         anchor, package, data, public, out_dir, rec, seq_len=seq_len, seed=seed, overwrite=overwrite
@@ -268,12 +279,22 @@ def expert_proxy(
         Path | None, typer.Option(help="FlexMix-mini root, when --data is a domain.")
     ] = None,
     max_owner_docs: Annotated[int, typer.Option(help="Owner documents to embed.")] = 1000,
+    selection: Annotated[
+        str,
+        typer.Option(
+            help="relevance: the k most owner-like; diverse: the most owner-like of k clusters "
+            "of the 4k most owner-like."
+        ),
+    ] = "relevance",
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Choose proxy documents from PUBLIC data for router tuning; writes public ids only."""
+    from flexmoe.cli import clean
+    from flexmoe.errors import FlexmoeError
     from flexmoe.lifecycle.router_tune import (
         PROXY_FORMAT,
+        SELECTIONS,
         read_owner_texts,
         read_public,
         select_proxies,
@@ -281,11 +302,13 @@ def expert_proxy(
     )
     from flexmoe.store.fsutil import guard_file
 
+    if selection not in SELECTIONS:
+        raise FlexmoeError(f"--selection {clean(selection, 40)}: one of {', '.join(SELECTIONS)}")
     guard_file(out_path, "--out", PROXY_FORMAT, overwrite)
     label, texts = read_owner_texts(data, corpus, max_owner_docs, seed)
     docs = read_public(public)
-    ids = select_proxies(texts, docs, k, seed)
-    write_proxies(out_path, owner or label, public, ids)
+    ids = select_proxies(texts, docs, k, seed, selection)
+    write_proxies(out_path, owner or label, public, ids, selection)
     out.print(f"{len(ids)} proxy ids from {len(docs)} public documents → {out_path}")
 
 

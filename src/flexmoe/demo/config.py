@@ -40,6 +40,7 @@ class DemoConfig:
     router_tuning: bool = False
     rt_proxies: int = 64
     rt_steps: int = 40
+    rt_selection: str = "relevance"  # proxy selection (router_tune.SELECTIONS)
     ablation_variants: tuple[str, ...] = ("random", "hidden")  # + "no-bias" in --full
     unrestricted: bool = False  # the unrestricted-MoE reference (--full)
     control: bool = False  # the anchor continued on the public split with one expert's budget

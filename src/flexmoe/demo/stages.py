@@ -366,9 +366,12 @@ def train_ablations(cfg: DemoConfig, paths: dict[str, Path], tokens: Path) -> di
 
 def router_tune_stage(cfg: DemoConfig, paths: dict[str, Path], merged: Path) -> Path:
     """Optional RT: each owner picks proxies from the public train split with its classifier;
-    the merged model's routers are tuned on their union plus a public sample."""
+    the merged model's routers are tuned on their union plus a public sample. A selection other
+    than the default builds beside it (router-tuned-<selection>/), for comparison."""
     public = split_path(cfg.corpus, PUBLIC, "train")
-    root = cfg.out / "router-tuned"
+    sel = cfg.rt_selection
+    root = cfg.out / ("router-tuned" if sel == "relevance" else f"router-tuned-{sel}")
+    extra = {} if sel == "relevance" else {"selection": sel}  # old runs' markers stay valid
     proxy_files = []
     pub_docs = None
     for d in cfg.domains:
@@ -387,12 +390,12 @@ def router_tune_stage(cfg: DemoConfig, paths: dict[str, Path], merged: Path) -> 
                     iter_docs(cfg.corpus, d, "train"), range(cfg.router_docs), strict=False
                 )
             ]
-            ids = select_proxies(owner, pub_docs, cfg.rt_proxies, cfg.seed)
-            write_proxies(pf, f"{d}-owner", public, ids)
+            ids = select_proxies(owner, pub_docs, cfg.rt_proxies, cfg.seed, sel)
+            write_proxies(pf, f"{d}-owner", public, ids, sel)
 
         run_stage(
             root / "proxies" / f".{d}.json",
-            {"public": sha256_file(public), "k": cfg.rt_proxies, "v": 1},
+            {"public": sha256_file(public), "k": cfg.rt_proxies, "v": 1, **extra},
             pick,
             f"router tuning: owner '{d}' picks {cfg.rt_proxies} public proxies",
         )

@@ -5,8 +5,11 @@ layers and per-sample inputs). For training only, each layer's 2-expert MoE is r
 `OwnerGateMLP`: the public FFN and router row as frozen buffers, the owner's FFN as three
 `nn.Linear`s and the owner's router row plus bias as one `nn.Linear(H, 1)`. With 2 experts and
 top-2 it computes exactly what the FlexOlmo block computes: softmax([r_pub·x, r_own·x + b]) mixing
-the two FFNs (tested). Opacus (hooks mode) computes per-sample gradients for those Linears only;
-everything else is frozen. After training the weights go back into the package layout.
+the two FFNs (tested). Only those Linears train; everything else is frozen. Opacus clips per
+document with ghost clipping (two backward passes; per-document gradient NORMS from activations and
+output gradients, never the per-document gradients themselves): hooks mode would hold one gradient
+copy per document, 64 × 80M floats = 20 GB for a SmolLM2 owner. Tested equal to clipping each
+document's gradient by hand. After training the weights go back into the package layout.
 
 Privacy unit: one document of the owner's data (the first seq_len+1 tokens of each document; a
 longer document contributes only that window). Batches are Poisson-sampled over documents, each
@@ -114,6 +117,28 @@ def documents(stream, seq_len: int, pad: int) -> tuple[torch.Tensor, torch.Tenso
     return torch.from_numpy(np.stack(rows)), torch.from_numpy(np.stack(masks))
 
 
+IGNORE = -100  # target of a padding position: not scored (PyTorch's ignore_index)
+
+
+def dp_step(model, opt, criterion, x: torch.Tensor, m: torch.Tensor) -> float:
+    """One DP-SGD step on Poisson-sampled documents `x` (B, T+1) with loss masks `m` (B, T): each
+    document's loss is its mean over scored tokens, its gradient is clipped, noise is added by
+    `opt.step()`. Returns the batch's mean loss (0 for an empty draw, a noise-only step)."""
+    drawn = len(x)
+    if drawn == 0:  # no document drawn: one unscored row gives a zero gradient, so the step
+        x = x.new_zeros((1, x.shape[1]))  # adds noise only, as the accountant assumes (HF
+        m = m.new_zeros((1, m.shape[1]))  # attention cannot run on an empty batch)
+    opt.zero_grad(set_to_none=True)
+    logits = model(x[:, :-1]).logits
+    with warnings.catch_warnings():  # frozen inputs: Opacus's hooks fire on outputs
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        target = x[:, 1:].masked_fill(~m, IGNORE)
+        loss = criterion(logits.float().flatten(0, 1), target.flatten(), shape=logits.shape[:2])
+        loss.backward()
+    opt.step()
+    return float(loss.item()) if drawn else 0.0
+
+
 def train_dp(
     model,
     stream,
@@ -129,10 +154,14 @@ def train_dp(
     pad: int,
     log=None,
     device: str = "auto",
+    physical_batch: int = 16,
 ) -> dict:
     """DP-SGD (Opacus, Poisson sampling over documents) on the owner's Linears, on `device`
-    (model.device); returns the privacy record for the manifest. The model is left on CPU."""
+    (model.device), at most `physical_batch` documents per forward pass (memory only: the
+    guarantee and the update are the batch's); returns the privacy record for the manifest. The
+    model is left on CPU."""
     from opacus import PrivacyEngine
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
     from torch.utils.data import DataLoader, TensorDataset
 
     if not 0 < epsilon <= 100:
@@ -158,44 +187,34 @@ def train_dp(
     engine = PrivacyEngine(accountant="rdp", secure_mode=False)  # secure RNG: see README
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, opt, loader = engine.make_private_with_epsilon(
+        model, opt, criterion, loader = engine.make_private_with_epsilon(
             module=model,
             optimizer=opt,
+            criterion=nn.CrossEntropyLoss(ignore_index=IGNORE),
             data_loader=loader,
             target_epsilon=epsilon,
             target_delta=delta,
             epochs=epochs,
             max_grad_norm=max_grad_norm,
             poisson_sampling=True,
-            grad_sample_mode="hooks",
+            grad_sample_mode="ghost",
         )
     steps, loss_sum, seen = 0, 0.0, 0
     for epoch in range(epochs):
-        for x, m in loader:
-            x, m = x.to(dev), m.to(dev)
-            logits = model(x[:, :-1]).logits
-            if len(x) == 0:  # Poisson sampling drew no document: a noise-only step, as analysed
-                opt.zero_grad(set_to_none=True)
-                (logits.sum() * 0).backward()
-                opt.step()
+        # a Poisson batch is processed `physical_batch` documents at a time, one noised step
+        with BatchMemoryManager(
+            data_loader=loader, max_physical_batch_size=physical_batch, optimizer=opt
+        ) as physical:
+            for x, m in physical:
+                loss = dp_step(model, opt, criterion, x.to(dev), m.to(dev))
+                loss_sum += loss * len(x)
+                seen += len(x)
+                if opt._is_last_step_skipped:  # the Poisson batch continues
+                    continue
+                with torch.no_grad():
+                    for layer in model._module.model.layers:
+                        layer.mlp.router.bias.clamp_(max=0.0)
                 steps += 1
-                continue
-            nll = F.cross_entropy(
-                logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="none"
-            ).view(len(x), -1)
-            per_doc = (nll * m).sum(1) / m.sum(1).clamp(min=1)
-            loss = per_doc.mean()
-            opt.zero_grad(set_to_none=True)
-            with warnings.catch_warnings():  # frozen inputs: Opacus's hooks fire on outputs
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                loss.backward()
-            opt.step()
-            with torch.no_grad():
-                for layer in model._module.model.layers:
-                    layer.mlp.router.bias.clamp_(max=0.0)
-            steps += 1
-            loss_sum += float(loss.detach()) * len(x)
-            seen += len(x)
         if log:
             log(f"DP epoch {epoch + 1}/{epochs}: ε so far {engine.get_epsilon(delta):.2f}")
     spent = engine.get_epsilon(delta)

@@ -49,6 +49,11 @@ class Recipe(BaseModel):
     calibrate_public_weight: float = Field(
         1.0, gt=0, description="calibration: cost of a public token routed to the owner"
     )
+    calibrate_owner_target: Literal["owner", "trained"] = Field(
+        "owner",
+        description="calibration on the owner's tokens: push them to the owner's expert | keep "
+        "the routing they had after training (only public text is re-routed)",
+    )
 
     def describe(self) -> dict:
         d = self.model_dump()
@@ -179,13 +184,18 @@ def _fit_gate(x_own, x_pub, w_pub, w0, b0: float, rec: Recipe):
     w = w0.clone().requires_grad_(True)
     beta = torch.tensor(float(np.log(np.expm1(max(-b0, 1e-4)))), requires_grad=True)
 
-    def objective() -> torch.Tensor:
-        def logp(x):
-            return torch.stack([x @ w_pub, x @ w - F.softplus(beta)], -1).log_softmax(-1)
+    def logp(x, w, b):
+        return torch.stack([x @ w_pub, x @ w + b], -1).log_softmax(-1)
 
+    if rec.calibrate_owner_target == "trained":
+        target = logp(x_own, w0, b0).exp()  # the trained gate's mixing on the owner's tokens
+    else:
+        target = torch.zeros(len(x_own), 2).index_fill_(1, torch.tensor(OWNER), 1.0)
+
+    def objective() -> torch.Tensor:
         return (
-            -logp(x_own)[:, OWNER].mean()
-            - rec.calibrate_public_weight * logp(x_pub)[:, PUBLIC].mean()
+            -(target * logp(x_own, w, -F.softplus(beta))).sum(-1).mean()
+            - rec.calibrate_public_weight * logp(x_pub, w, -F.softplus(beta))[:, PUBLIC].mean()
             + 1e-3 * (w - w0).square().sum()
         )
 
@@ -212,8 +222,11 @@ def calibrate_gate(
     over the owner's row r and β (b = −softplus(β)) with full-batch L-BFGS,
       mean_owner[−log p_owner] + calibrate_public_weight · mean_public[−log p_public]
       + 1e-3 · ‖r − r_trained‖²
-    where p = softmax(r_public·x, r·x + b). The FFNs and the public row are untouched; only the
-    owner's data and public data are read, so opt-out stays exact."""
+    where p = softmax(r_public·x, r·x + b). With calibrate_owner_target = "trained" the owner
+    term is the cross-entropy to the trained gate's own p instead: the owner's FFN was trained
+    under that mixing weight, and on a pre-norm block (Llama, Qwen3) moving it rescales what the
+    FFN adds to the residual stream on the owner's own text. The FFNs and the public row are
+    untouched; only the owner's data and public data are read, so opt-out stays exact."""
     from torch.nn.utils import parametrize
 
     rng = np.random.default_rng([seed, 0xCA1])
@@ -250,10 +263,13 @@ def calibrate_gate(
             }
         )
     return {
-        "objective": "per layer: mean_owner[−log p_owner] + public_weight · mean_public[−log "
-        "p_public] + 1e-3·‖r − r_trained‖², full-batch L-BFGS over the owner's row and β",
+        "objective": "per layer: mean_owner[cross-entropy(target, p)] + public_weight · "
+        "mean_public[−log p_public] + 1e-3·‖r − r_trained‖², full-batch L-BFGS over the owner's "
+        "row and β; target: the owner's expert (owner_target 'owner') or the trained gate's p "
+        "('trained')",
         "windows": rec.calibrate_windows,
         "seq_len": seq_len,
         "public_weight": rec.calibrate_public_weight,
+        "owner_target": rec.calibrate_owner_target,
         "layers": report,
     }

@@ -51,17 +51,28 @@ from flexmoe.train.loop import make_train_config, train
 PROXY_FORMAT = "flexmoe-proxies"
 
 
+SELECTIONS = ("relevance", "diverse")
+DIVERSE_POOL = 4  # "diverse" clusters the DIVERSE_POOL × k most owner-like public documents
+
+
 def select_proxies(
     owner_texts: Sequence[str],
     public_docs: Sequence[tuple[str, str]],
     k: int,
     seed: int = 0,
+    selection: str = "relevance",
 ) -> list[str]:
-    """Ids of the k public documents an owner-vs-public classifier finds most owner-like.
+    """Ids of k public documents an owner-vs-public classifier finds owner-like.
 
-    Public scores are out-of-fold (2 folds): a document is never scored by a classifier that saw
-    it labelled "public", which would push exactly the candidates we want down the ranking.
+    "relevance": the k highest-scored. "diverse" (after MetaMoE's relevance + diversity
+    selection): the DIVERSE_POOL × k highest-scored are clustered into k groups (k-means on their
+    MiniLM embeddings) and each group gives its highest-scored document, so near-duplicates of
+    one topic do not fill the budget. Public scores are out-of-fold (2 folds): a document is
+    never scored by a classifier that saw it labelled "public", which would push exactly the
+    candidates we want down the ranking.
     """
+    if selection not in SELECTIONS:
+        raise FlexmoeError(f"--selection must be one of {', '.join(SELECTIONS)}, not {selection!r}")
     try:
         from sklearn.linear_model import LogisticRegression
     except ImportError:
@@ -85,8 +96,18 @@ def select_proxies(
         clf = LogisticRegression(C=1.0, class_weight="balanced", max_iter=1000, random_state=seed)
         clf.fit(x, y)
         scores[fold == f] = clf.decision_function(pub[fold == f])
-    order = np.argsort(-scores, kind="stable")[:k]
-    return [public_docs[i][0] for i in order.tolist()]
+    order = np.argsort(-scores, kind="stable")
+    if selection == "relevance" or k == len(pub):
+        return [public_docs[i][0] for i in order[:k].tolist()]
+    from sklearn.cluster import KMeans
+
+    pool = order[: min(len(pub), DIVERSE_POOL * k)]
+    labels = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(pub[pool])
+    best = {}  # cluster → its highest-scored member (pool is in score order)
+    for i, c in zip(pool.tolist(), labels.tolist(), strict=True):
+        best.setdefault(c, i)
+    picked = sorted(best.values(), key=lambda i: (-scores[i], i))
+    return [public_docs[i][0] for i in picked]
 
 
 def read_public(path: Path) -> list[tuple[str, str]]:
@@ -144,12 +165,15 @@ def read_owner_texts(
     return label, texts
 
 
-def write_proxies(out: Path, owner: str, public_path: Path, ids: Sequence[str]) -> dict:
+def write_proxies(
+    out: Path, owner: str, public_path: Path, ids: Sequence[str], selection: str = "relevance"
+) -> dict:
     """proxies.json: public ids and the public file's hash only — never owner text."""
     rec = {
         "format": PROXY_FORMAT,
         "owner": owner,
         "public_source_sha256": sha256_file(public_path),
+        "selection": selection,
         "ids": list(ids),
     }
     write_json(out, rec)

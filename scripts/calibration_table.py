@@ -1,0 +1,213 @@
+"""Gate calibration on a finished demo run: none vs the default target vs "trained" (issue 23).
+
+    python scripts/calibration_table.py --run runs/demo --out results/calibration/demo-smollm2
+
+Each owner's package in RUN/experts is calibrated twice (`expert calibrate`, public weight 4 as in
+the flexmoe recipe): --owner-target owner (the owner's tokens pushed to its expert) and
+--owner-target trained (their routing kept as trained; only public text re-routed). Packages that
+were calibrated during training are taken as they are for the "owner" row and the comparison
+needs uncalibrated packages for the others; the script says which it had. The three sets are
+merged like the run's merged model (same top-k and preselection) and scored on the run's held-out
+windows (bf16 autocast, the model's default mode): the merged model, each owner's 2-expert model
+on its own domain and on public text, and the routing weight each domain's text gives its own
+expert. Writes calibration.md / calibration.json with 95% intervals (paired, over windows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+VARIANTS = ("none", "owner", "trained")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", type=Path, default=Path("runs/demo"))
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tokens", type=int, default=4096, help="held-out tokens per domain")
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--public-weight", type=float, default=4.0)
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+
+    from flexmoe.data.shards import TokenStream
+    from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
+    from flexmoe.evaluation import intervals as iv
+    from flexmoe.evaluation.demo_eval import EvalSettings, routing_diagonal, routing_matrix
+    from flexmoe.inference.bpb import evaluate_bpb
+    from flexmoe.inference.preselect import preselect_hook
+    from flexmoe.lifecycle.expert import calibrate_package, make_recipe
+    from flexmoe.lifecycle.merge import merge
+    from flexmoe.model.router import routing
+    from flexmoe.selection import expert_mask, expert_names
+    from flexmoe.store.merged import experts_of, load_model, read_merged_meta
+    from flexmoe.store.package import read_manifest
+
+    t0 = time.perf_counter()
+    run, work = args.run, args.run / "calibration"
+    anchor = run / "anchor"
+    pkgs = {
+        p.name: p
+        for p in sorted((run / "experts").iterdir())
+        if p.is_dir() and not p.name.endswith(".train")
+    }
+    domains = list(pkgs)
+    calibrated = {
+        d: read_manifest(p).training.model_dump().get("gate_calibration") is not None
+        for d, p in pkgs.items()
+    }
+    if any(calibrated.values()):
+        raise SystemExit(
+            f"{run}: packages {[d for d, c in calibrated.items() if c]} were calibrated during "
+            "training; this comparison needs uncalibrated packages (recipe calibrate=False)"
+        )
+    meta = read_merged_meta(run / "merged")
+    sets = {"none": pkgs}
+    for target in VARIANTS[1:]:
+        sets[target] = {}
+        for d, p in pkgs.items():
+            dst = work / target / d
+            if not (dst / "manifest.json").is_file():
+                rec = make_recipe(
+                    "flexmoe",
+                    calibrate=True,
+                    calibrate_public_weight=args.public_weight,
+                    calibrate_owner_target=target,
+                )
+                calibrate_package(
+                    anchor, p, run / "tokens" / d / "train", run / "tokens" / "public" / "train",
+                    dst, rec, seq_len=args.seq_len, seed=0, overwrite=True,
+                )  # fmt: skip
+            sets[target][d] = dst
+    merged_dirs = {"none": run / "merged"}
+    for target in VARIANTS[1:]:
+        dst = work / f"merged-{target}"
+        if not (dst / "flexmoe_merged.json").is_file():
+            merge(
+                anchor, list(sets[target].values()), dst, top_k=meta["top_k"],
+                preselect=meta["preselect"], log=None, overwrite=True,
+            )  # fmt: skip
+        merged_dirs[target] = dst
+    t_build = time.perf_counter() - t0
+
+    tok = load_tokenizer(anchor)
+    tb = token_byte_lengths(tok)
+    all_domains = ["public", *domains]
+    streams = {d: TokenStream(run / "tokens" / d / "heldout") for d in all_domains}
+    settings = EvalSettings(
+        domains=tuple(domains), seq_len=args.seq_len, eval_tokens=args.tokens,
+        baselines=False, prompt="",
+    )  # fmt: skip
+    windows: dict[str, dict[str, dict]] = {}
+    own_weight: dict[str, dict[str, float]] = {}
+    for v, path in merged_dirs.items():
+        model = load_model(path)
+        pre = experts_of(model).preselect
+
+        def before(s, model=model, pre=pre):
+            return preselect_hook(model, tok, s, pre) if pre else None
+
+        def score(d, model=model, before=before, hook=True):
+            return evaluate_bpb(
+                lambda ids: model(ids).logits, streams[d], tb, args.seq_len,
+                max_tokens=args.tokens, before_batch=before(streams[d]) if hook else None,
+            )["windows"]  # fmt: skip
+
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            windows[f"merged ({v})"] = {d: score(d) for d in all_domains}
+            two = windows.setdefault(f"2-expert ({v})", {})
+            for d in domains:  # the owner's 2-expert model: public + d (nothing to preselect)
+                with routing(model, mask=expert_mask(model, include=[d])):
+                    two[d], two[f"public|{d}"] = score(d, hook=False), score("public", hook=False)
+            shares = routing_matrix(model, streams, settings, before if pre else None)
+        own_weight[v] = routing_diagonal(shares, expert_names(model))
+        own_weight[v]["public"] = float(np.mean(shares["public"], axis=0)[0])
+        print(v, "done", f"{time.perf_counter() - t0:.0f} s", flush=True)
+
+    def cell(w) -> str:
+        lo, hi = iv.bpb_ci(w)
+        return f"{iv.bpb_of(w):.3f} [{lo:.3f}, {hi:.3f}]"
+
+    def delta(a, b) -> str:
+        c = iv.paired_diff(a, b)
+        return f"{100 * c['rel']:+.1f}% [{100 * c['rel_lo']:+.1f}%, {100 * c['rel_hi']:+.1f}%]"
+
+    md = [
+        f"# Gate calibration: none vs target 'owner' vs target 'trained' ({run})",
+        "",
+        f"Public weight {args.public_weight:g}; held-out BPB (lower is better) on the first "
+        f"{args.tokens:,} tokens per domain in {args.seq_len}-token windows, bf16 autocast, "
+        "each merged model in its default mode (stored preselection); 95% bootstrap intervals "
+        "over windows, differences paired. Build (calibration + merges) "
+        f"{t_build:.0f} s.",
+        "",
+        "## Merged model",
+        "",
+        "| calibration | " + " | ".join([*all_domains, "mean"]) + " |",
+        "|---|" + "---:|" * (len(all_domains) + 1),
+    ]
+    res: dict = {"windows_bpb": {}, "diffs": {}, "own_weight": own_weight}
+    for v in VARIANTS:
+        w = windows[f"merged ({v})"]
+        mean = sum(iv.bpb_of(w[d]) for d in all_domains) / len(all_domains)
+        lo, hi = iv.mean_ci(w)
+        md.append(
+            f"| {v} | " + " | ".join(cell(w[d]) for d in all_domains) + f" | {mean:.3f} "
+            f"[{lo:.3f}, {hi:.3f}] |"
+        )
+        res["windows_bpb"][f"merged ({v})"] = {d: iv.bpb_of(w[d]) for d in all_domains}
+    for v in VARIANTS[1:]:
+        a, b = windows[f"merged ({v})"], windows["merged (none)"]
+        m = iv.paired_mean_diff(a, b)
+        md.append(
+            f"| Δ {v} − none | " + " | ".join(delta(a[d], b[d]) for d in all_domains) + " | "
+            f"{100 * m['rel']:+.1f}% [{100 * m['rel_lo']:+.1f}%, {100 * m['rel_hi']:+.1f}%] |"
+        )
+        res["diffs"][f"merged {v} − none"] = {"mean": m} | {
+            d: iv.paired_diff(a[d], b[d]) for d in all_domains
+        }
+    md += [
+        "",
+        "## Each owner's 2-expert model (public + owner)",
+        "",
+        "| calibration | " + " | ".join(f"{d} on {d} | {d} on public" for d in domains) + " |",
+        "|---|" + "---:|" * (2 * len(domains)),
+    ]
+    for v in VARIANTS:
+        w = windows[f"2-expert ({v})"]
+        md.append(
+            f"| {v} | " + " | ".join(f"{cell(w[d])} | {cell(w[f'public|{d}'])}" for d in domains)
+            + " |"
+        )  # fmt: skip
+        res["windows_bpb"][f"2-expert ({v})"] = {k: iv.bpb_of(x) for k, x in w.items()}
+    for v in VARIANTS[1:]:
+        a, b = windows[f"2-expert ({v})"], windows["2-expert (none)"]
+        md.append(
+            f"| Δ {v} − none | "
+            + " | ".join(f"{delta(a[d], b[d])} | {delta(a[f'public|{d}'], b[f'public|{d}'])}"
+                         for d in domains)
+            + " |"
+        )  # fmt: skip
+    md += [
+        "",
+        "## Routing weight on the text's own expert (merged model, default mode)",
+        "",
+        "| calibration | " + " | ".join(all_domains) + " |",
+        "|---|" + "---:|" * len(all_domains),
+    ]
+    for v in VARIANTS:
+        md.append(f"| {v} | " + " | ".join(f"{own_weight[v][d]:.2f}" for d in all_domains) + " |")
+    md += ["", f"Total {time.perf_counter() - t0:.0f} s."]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "calibration.md").write_text("\n".join(md) + "\n")
+    (args.out / "calibration.json").write_text(json.dumps(res, indent=1, default=float))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
