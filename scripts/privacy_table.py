@@ -29,6 +29,11 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=100)
     ap.add_argument("--eps", type=float, nargs="+", default=[8.0, 1.0])
     ap.add_argument("--eval-tokens", type=int, default=32768)
+    ap.add_argument(
+        "--dp-lr", type=float, help="DP experts' learning rate (default: the run's expert's)"
+    )
+    ap.add_argument("--control-steps", type=int, default=1000)
+    ap.add_argument("--control-lr", type=float, default=3e-3)
     args = ap.parse_args()
 
     from flexmoe.data.shards import TokenStream
@@ -52,6 +57,8 @@ def main() -> None:
     # DP experts (the paper's recipe under DP-SGD), merged with the other owners' experts
     others = [p for p in sorted((run / "experts").iterdir()) if p.is_dir() and p.name != d]
     others = [p for p in others if not p.name.endswith(".train")]
+    own = json.loads((run / "experts" / d / "manifest.json").read_text())["training"]
+    dp_lr = args.dp_lr or own["hyperparameters"]["lr"]
     dp_models = {}
     for eps in args.eps:
         pkg, merged = out / f"dp-eps{eps:g}", out / f"merged-dp-eps{eps:g}"
@@ -65,7 +72,7 @@ def main() -> None:
                 router_docs=200,
                 batch_size=64,
                 seq_len=128,
-                lr=2e-3,
+                lr=dp_lr,
                 restart=True,
                 overwrite=True,
                 dp={"epsilon": eps, "max_grad_norm": 1.0, "epochs": 1},
@@ -73,7 +80,9 @@ def main() -> None:
         if not (merged / "flexmoe_merged.json").is_file():
             merge(anchor_dir, [*others, pkg], merged, log=None, overwrite=True)
         dp_models[eps] = merged
-    control_dir, control_docs = train_control(anchor_dir, train, out / "control")
+    control_dir, control_docs = train_control(
+        anchor_dir, train, out / "control", steps=args.control_steps, lr=args.control_lr
+    )
     print(f"models ready in {time.perf_counter() - t0:.0f} s", flush=True)
 
     merged = load_model(run / "merged")
@@ -118,6 +127,15 @@ def main() -> None:
         )["training"]["dp"]
 
     lines = [
+        f"# Privacy table: the {d} owner ({run})",
+        "",
+        f"DP experts: the paper's recipe under DP-SGD (Opacus, Poisson sampling, ghost clipping), "
+        f"1 epoch over the owner's documents (first 129 tokens each), expected batch 64, lr "
+        f"{dp_lr:g}, clip 1.0. Overfit control: the anchor trained densely for "
+        f"{args.control_steps} steps (batch 8, lr {args.control_lr:g}) on 50 of the owner's "
+        f"documents. Audit on {args.docs} member / non-member documents; BPB on the first "
+        f"{args.eval_tokens:,} held-out {d} tokens.",
+        "",
         f"| model ({d} owner) | extraction % (95% CI) | MIA AUC loss | MIA AUC ref | {d} BPB |",
         "|---|---:|---:|---:|---:|",
     ]

@@ -34,6 +34,7 @@ def test_preselect_bench_counts_every_prompt_and_minilm_finds_the_domain(
     assert len(res["picks"]["texts"]) == 16 and res["picks"]["texts"][0] == "def fibonacci(n):"
     md = bench_md(res)
     assert "## 64 tokens" in md and "| minilm |" in md and "| router |" in md
+    assert "| minilm+hidden |" in md
     assert torch.isfinite(torch.tensor(res["layer"], dtype=torch.float))
 
 

@@ -9,9 +9,12 @@ accuracy is counted per domain:
   stored mean document embedding (inference.preselect); left out when a package stores none.
 - `hidden`: cosine of the anchor's mean hidden state over the prompt (middle layer) with each
   owner's mean over its TRAINING documents, the statistic a package would store (both centred
-  on the owners' mean, see `_nearest`).
+  on the owners' mean, see `_hidden_cos`).
 - `router`: the merged model's own routers over the prompt: softmax router probability of each
   owner expert, averaged over layers and tokens.
+- `minilm+hidden`: both cosines, each standardised over the owners for the prompt, summed: the
+  MiniLM centroids know the owners' distribution, the anchor's hidden states generalise to short
+  prompts unlike any document (a code signature).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from flexmoe.store.merged import experts_of
 
 PROMPTS = Path(__file__).resolve().parents[3] / "data" / "preselect-prompts.json"
 LENGTHS = (32, 64)
-METHODS = ("minilm", "hidden", "router")
+METHODS = ("minilm", "hidden", "router", "minilm+hidden")
 
 
 def heldout_prompts(
@@ -104,12 +107,27 @@ def hidden_centroids(
     return torch.stack(rows), layer
 
 
-def _nearest(x: torch.Tensor, cent: torch.Tensor) -> list[int]:
+def _hidden_cos(x: torch.Tensor, cent: torch.Tensor) -> torch.Tensor:
     """Cosine after removing what all owners share (the centroids' mean): hidden states of a
     pretrained LM share a large common direction that otherwise decides every cosine."""
     mu = cent.mean(0)
     c = torch.nn.functional.normalize(cent - mu, dim=-1)
-    return (torch.nn.functional.normalize(x - mu, dim=-1) @ c.T).argmax(-1).tolist()
+    return torch.nn.functional.normalize(x - mu, dim=-1) @ c.T
+
+
+def _standardised(s: torch.Tensor) -> torch.Tensor:
+    """Scores per prompt (row) as z-scores over the owners, so two methods add on one scale."""
+    return (s - s.mean(-1, keepdim=True)) / s.std(-1, keepdim=True).clamp(min=1e-6)
+
+
+def _minilm_cos(merged, owners: Sequence[str], texts: Sequence[str]) -> torch.Tensor:
+    """(n, owners) cosine of each text's MiniLM embedding with each owner's stored one (what
+    preselect_mask ranks by)."""
+    from flexmoe.model.embedding import embed_texts
+
+    emb = experts_of(merged).domain_embeddings
+    keys = torch.nn.functional.normalize(torch.stack([emb[d].float() for d in owners]), dim=-1)
+    return torch.from_numpy(embed_texts([t or " " for t in texts])).float() @ keys.T
 
 
 @torch.no_grad()
@@ -155,10 +173,13 @@ def run_bench(
             picks["minilm"] = [
                 next((names[i] for i in idx if mask[b, i]), "?") for b in range(len(texts))
             ]
-        h = _mean_hidden(anchor, tokenizer, texts, layer)
-        picks["hidden"] = [owners[j] for j in _nearest(h, cent)]
+        h = _hidden_cos(_mean_hidden(anchor, tokenizer, texts, layer), cent)
+        picks["hidden"] = [owners[j] for j in h.argmax(-1).tolist()]
         scores = _router_scores(merged, tokenizer, texts)[:, idx]
         picks["router"] = [owners[j] for j in scores.argmax(-1).tolist()]
+        if "minilm" in picks:
+            both = _standardised(_minilm_cos(merged, owners, texts)) + _standardised(h)
+            picks["minilm+hidden"] = [owners[j] for j in both.argmax(-1).tolist()]
         if name == "hand-written":
             res["picks"] = {"texts": texts, **picks}
         res["sets"][name] = {}
