@@ -233,6 +233,7 @@ def train_dp(
         "accountant": "opacus rdp",
         "privacy_unit": f"one document (its first {seq_len + 1} tokens)",
         "sampling": "Poisson",
+        "clipping": "per document, Opacus ghost clipping",
         "mean_train_loss": loss_sum / max(seen, 1),
         "opacus": _version("opacus"),
     }
