@@ -138,10 +138,11 @@ def random_merged(
 
 
 def random_package(
-    out: Path, anchor_dir: Path, name: str, seed: int, embedding=None, **manifest
+    out: Path, anchor_dir: Path, name: str, seed: int, embedding=None, centroid=None, **manifest
 ) -> Path:
     """A well-formed expert package with seeded random weights (for merge/routing mechanics);
-    `embedding` (384,) is stored as its domain embedding."""
+    `embedding` (384,) is stored as its domain embedding, `centroid` (H,) as its hidden
+    centroid."""
     import torch
 
     from flexmoe.store.anchor_dir import load_anchor
@@ -152,6 +153,8 @@ def random_package(
     h, i, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
     g = torch.Generator().manual_seed(seed)
     tensors = {} if embedding is None else {"domain_embedding": embedding / embedding.norm()}
+    if centroid is not None:
+        tensors["hidden_centroid"] = centroid.float()
     for layer in range(n):
         p = f"layers.{layer}"
         tensors |= {

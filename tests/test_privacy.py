@@ -159,6 +159,7 @@ def test_dp_training_records_epsilon_and_merge_enforces_it(work, anchor_dir, dp_
     assert 0 < dp["epsilon"] <= 8.0 + 1e-6 and dp["accountant"] == "opacus rdp"
     assert dp["noise_multiplier"] > 0 and dp["sampling"] == "Poisson" and dp["steps"] > 0
     assert "domain_embedding" not in m["tensors"]  # nothing from owner data outside DP-SGD
+    assert "hidden_centroid" not in m["tensors"]
     code, out, err = run_cli(["expert", "verify", dp_pkg, "--anchor", anchor_dir], capsys)
     assert code == 0 and "DP-SGD: ε = " in out, err
     plain = random_package(work / "dp-plain", anchor_dir, "plain", 3)

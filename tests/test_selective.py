@@ -323,6 +323,49 @@ def test_preselection_keeps_opt_out_exact(work, anchor_dir, shards, capsys):
     assert any(abs(a["bpb"] - b["bpb"]) > 1e-4 for a, b in zip(token, full, strict=True))
 
 
+def test_hidden_centroids_join_preselection_and_keep_opt_out_exact(work, anchor_dir):
+    """Packages with hidden centroids: preselection adds the anchor's hidden states (computed by
+    the merged model on its public expert alone) to the MiniLM scores; excluding an expert
+    still gives exactly the choice of a model merged without it."""
+    from conftest import random_package, sample_texts
+    from flexmoe.evaluation.heldout import load_for_eval
+    from flexmoe.inference.preselect import preselect_mask
+    from flexmoe.lifecycle.merge import merge
+    from flexmoe.model.hidden import centred_cosine, centroid, mean_hidden
+    from flexmoe.model.router import routing
+    from flexmoe.selection import expert_mask
+    from flexmoe.store.merged import experts_of, load_merged
+
+    anchor, tok = load_for_eval(anchor_dir)
+    doms = ["code", "math", "news"]
+    cents = {d: centroid(anchor, tok, sample_texts(d, "train", 8)) for d in doms}
+    same = torch.nn.functional.normalize(torch.randn(384), dim=0)  # MiniLM cannot tell them apart
+    pkgs = {
+        d: random_package(work / f"hc-{d}", anchor_dir, d, i, embedding=same, centroid=cents[d])
+        for i, d in enumerate(doms)
+    }
+    merge(anchor_dir, list(pkgs.values()), work / "hc-all", log=None)
+    merge(anchor_dir, [pkgs["math"], pkgs["news"]], work / "hc-nocode", log=None)
+    full, never = load_merged(work / "hc-all"), load_merged(work / "hc-nocode")
+    assert set(experts_of(full).hidden_centroids) == set(doms)
+    prompts = [t for d in doms for t in sample_texts(d, "heldout", 3, 300)] + ["def f(n):"]
+
+    public_only = torch.tensor([True, False, False, False])
+    with routing(full, mask=public_only):
+        h = mean_hidden(full, tok, prompts)
+    assert torch.allclose(h, mean_hidden(anchor, tok, prompts), atol=2e-2)  # = the anchor's
+
+    # MiniLM ties, so the pick is the hidden-state ranking, from the stored centroids
+    want = centred_cosine(mean_hidden(anchor, tok, prompts), torch.stack(list(cents.values())))
+    picks = preselect_mask(full, prompts, 1, tokenizer=tok)[:, 1:].float().argmax(-1)
+    assert picks.tolist() == want.argmax(-1).tolist()
+    assert len(set(picks.tolist())) > 1  # the texts are told apart
+
+    a = preselect_mask(full, prompts, 1, expert_mask(full, exclude=["code"]), tok)
+    b = preselect_mask(never, prompts, 1, tokenizer=tok)
+    assert torch.equal(a[:, [0, 2, 3]], b)  # (the caller ANDs the result with the allowed set)
+
+
 def test_merge_stores_preselection_only_when_every_package_can_be_scored(work, anchor_dir):
     import json
 

@@ -242,6 +242,26 @@ def test_finite_but_absurd_weight_is_rejected(env, capsys):
     assert not (env["root"] / "m-absurd").exists()
 
 
+@pytest.mark.parametrize(
+    "value, expect",
+    [("long", "has norm"), ("short", "expected ["), ("wide", "expected [")],
+)
+def test_bad_hidden_centroid_is_rejected(env, capsys, value, expect):
+    import torch
+
+    pkg = copy_pkg(env, f"centroid-{value}")
+    t = load_file(pkg / WEIGHTS)
+    h = t["layers.0.router"].shape[0]
+    t["hidden_centroid"] = {
+        "long": torch.ones(h),  # a mean of unit vectors has norm ≤ 1
+        "short": torch.zeros(h - 1),
+        "wide": torch.zeros(h, 2),
+    }[value]
+    rewrite(pkg, t)
+    code, _, err = run_cli(["expert", "verify", pkg, "--anchor", env["anchor"]], capsys)
+    one_line_error(code, err, expect)
+
+
 def test_probe_refuses_a_merged_model_with_non_finite_logits(env):
     from flexmoe.store.merged import load_merged
 

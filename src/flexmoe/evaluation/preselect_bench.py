@@ -9,10 +9,11 @@ accuracy is counted per domain:
   stored mean document embedding (inference.preselect); left out when a package stores none.
 - `hidden`: cosine of the anchor's mean hidden state over the prompt (middle layer) with each
   owner's mean over its TRAINING documents, the statistic a package would store (both centred
-  on the owners' mean, see `_hidden_cos`).
+  on the owners' mean, model/hidden.py).
 - `router`: the merged model's own routers over the prompt: softmax router probability of each
   owner expert, averaged over layers and tokens.
-- `minilm+hidden`: both cosines, each standardised over the owners for the prompt, summed: the
+- `minilm+hidden`: both cosines, each standardised over the owners for the prompt, summed
+  (inference.preselect.combined_scores, the default when packages store hidden centroids): the
   MiniLM centroids know the owners' distribution, the anchor's hidden states generalise to short
   prompts unlike any document (a code signature).
 """
@@ -29,7 +30,14 @@ import torch
 
 from flexmoe.data.corpus import DEFAULT_ROOT, iter_docs
 from flexmoe.evaluation.intervals import wilson
-from flexmoe.inference.preselect import preselect_mask
+from flexmoe.inference.preselect import combined_scores, preselect_mask
+from flexmoe.model.hidden import (
+    centred_cosine,
+    centroid,
+    hidden_layer,
+    mean_hidden,
+    token_batches,
+)
 from flexmoe.model.router import capture_router_logits
 from flexmoe.selection import expert_names
 from flexmoe.store.merged import experts_of
@@ -61,63 +69,16 @@ def heldout_prompts(
     return out
 
 
-def _batches(tokenizer, texts: Sequence[str], max_len: int, size: int = 16):
-    """(ids, mask) batches, right-padded (the first position is a text's first token), each text
-    cut to max_len tokens."""
-    for i in range(0, len(texts), size):
-        enc = tokenizer(
-            [t or " " for t in texts[i : i + size]],
-            add_special_tokens=False,
-            padding=True,
-            padding_side="right",
-            truncation=True,
-            max_length=max_len,
-            return_tensors="pt",
-        )
-        yield enc["input_ids"], enc["attention_mask"]
-
-
-@torch.no_grad()
-def _mean_hidden(model, tokenizer, texts: Sequence[str], layer: int, max_len: int = 256):
-    """(n, hidden) mean over tokens of the L2-normalised hidden state after `layer` blocks,
-    the first token left out: a pretrained LM's first position carries a massive activation
-    (an attention sink) that would weigh 8× more in a 32-token prompt than in a 256-token
-    document and decide every comparison."""
-    out = []
-    for ids, mask in _batches(tokenizer, texts, max_len):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            h = model(ids, attention_mask=mask, output_hidden_states=True).hidden_states[layer]
-        h = torch.nn.functional.normalize(h.float(), dim=-1)
-        m = mask.unsqueeze(-1).float()
-        m[:, 0] = 0.0 if ids.shape[1] > 1 else 1.0
-        out.append((h * m).sum(1) / m.sum(1).clamp(min=1))
-    return torch.cat(out)
-
-
 def hidden_centroids(
     anchor, tokenizer, domains: Sequence[str], docs: int, root: Path = DEFAULT_ROOT
-) -> tuple[torch.Tensor, int]:
-    """(len(domains), hidden) mean hidden state of each owner's first `docs` training documents
-    (first 256 tokens), and the layer used (the middle one)."""
-    layer = anchor.config.num_hidden_layers // 2
+) -> torch.Tensor:
+    """(len(domains), hidden): each owner's centroid (model/hidden.py) over its first `docs`
+    training documents, what a package stores as `hidden_centroid`."""
     rows = []
     for d in domains:
         texts = [doc["text"] for doc in islice(iter_docs(root, d, "train"), docs)]
-        rows.append(_mean_hidden(anchor, tokenizer, texts, layer).mean(0))
-    return torch.stack(rows), layer
-
-
-def _hidden_cos(x: torch.Tensor, cent: torch.Tensor) -> torch.Tensor:
-    """Cosine after removing what all owners share (the centroids' mean): hidden states of a
-    pretrained LM share a large common direction that otherwise decides every cosine."""
-    mu = cent.mean(0)
-    c = torch.nn.functional.normalize(cent - mu, dim=-1)
-    return torch.nn.functional.normalize(x - mu, dim=-1) @ c.T
-
-
-def _standardised(s: torch.Tensor) -> torch.Tensor:
-    """Scores per prompt (row) as z-scores over the owners, so two methods add on one scale."""
-    return (s - s.mean(-1, keepdim=True)) / s.std(-1, keepdim=True).clamp(min=1e-6)
+        rows.append(centroid(anchor, tokenizer, texts))
+    return torch.stack(rows)
 
 
 def _minilm_cos(merged, owners: Sequence[str], texts: Sequence[str]) -> torch.Tensor:
@@ -134,7 +95,7 @@ def _minilm_cos(merged, owners: Sequence[str], texts: Sequence[str]) -> torch.Te
 def _router_scores(merged, tokenizer, texts: Sequence[str]) -> torch.Tensor:
     """(n, experts): softmax router probability averaged over layers and the text's tokens."""
     out = []
-    for ids, mask in _batches(tokenizer, texts, 256):
+    for ids, mask in token_batches(tokenizer, texts):
         with (
             capture_router_logits(merged) as logits,
             torch.autocast("cpu", dtype=torch.bfloat16),
@@ -161,7 +122,8 @@ def run_bench(
     names = expert_names(merged)
     owners = [d for d in domains if d in names]
     idx = [names.index(d) for d in owners]
-    cent, layer = hidden_centroids(anchor, tokenizer, owners, centroid_docs, root)
+    cent = hidden_centroids(anchor, tokenizer, owners, centroid_docs, root)
+    layer = hidden_layer(anchor.config)
     sets = heldout_prompts(tokenizer, owners, n, root)
     res: dict = {"layer": layer, "n": n, "centroid_docs": centroid_docs}
     res |= {"sets": {}, "confusion": {}}
@@ -173,12 +135,12 @@ def run_bench(
             picks["minilm"] = [
                 next((names[i] for i in idx if mask[b, i]), "?") for b in range(len(texts))
             ]
-        h = _hidden_cos(_mean_hidden(anchor, tokenizer, texts, layer), cent)
+        h = centred_cosine(mean_hidden(anchor, tokenizer, texts), cent)
         picks["hidden"] = [owners[j] for j in h.argmax(-1).tolist()]
         scores = _router_scores(merged, tokenizer, texts)[:, idx]
         picks["router"] = [owners[j] for j in scores.argmax(-1).tolist()]
         if "minilm" in picks:
-            both = _standardised(_minilm_cos(merged, owners, texts)) + _standardised(h)
+            both = combined_scores(_minilm_cos(merged, owners, texts), h)
             picks["minilm+hidden"] = [owners[j] for j in both.argmax(-1).tolist()]
         if name == "hand-written":
             res["picks"] = {"texts": texts, **picks}

@@ -90,7 +90,7 @@ def generate(
     mask = expert_mask(model, include, exclude, allow_no_public) if is_merged(model) else None
     preselect = default_preselect(model) if preselect is None else preselect
     if preselect:  # request-level: a function of the active set, so opt-out stays exact
-        mask = mask & preselect_mask(model, [prompt], preselect, allowed=mask)[0]
+        mask = mask & preselect_mask(model, [prompt], preselect, mask, tokenizer)[0]
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
         ids = torch.tensor([[tokenizer.eos_token_id]])

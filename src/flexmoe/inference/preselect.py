@@ -1,5 +1,14 @@
-"""Request-level preselection: the public expert plus the M allowed experts whose domain embedding
-is closest to the text. A function of the allowed set only, so opt-out stays exact."""
+"""Request-level preselection: the public expert plus the M allowed experts whose stored
+statistics are closest to the text. A function of the allowed set only, so opt-out stays exact.
+
+Scores: the cosine of the text's MiniLM embedding with each owner's domain embedding; when every
+scored package also stores a hidden centroid (model/hidden.py) and the caller gives the
+tokenizer, plus the centred cosine of the anchor's mid-layer hidden states (the merged model
+routed to its public expert = the anchor), the two standardised over the scored experts and
+summed, ties going to MiniLM's ranking. Measured (results/preselect/): top-1 on SmolLM2 1.00 /
+1.00 / 0.97 on 32-token / 64-token held-out / hand-written prompts against MiniLM's 0.99 / 1.00 /
+0.78; on the 5.5M scratch anchor 0.94 / 0.99 / 0.84 against 1.00 / 0.99 / 0.78.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +18,7 @@ import torch
 
 from flexmoe.errors import FlexmoeError
 from flexmoe.model.embedding import embed_texts
+from flexmoe.model.hidden import centred_cosine, mean_hidden
 from flexmoe.model.router import current_mask, routing
 from flexmoe.selection import expert_names
 from flexmoe.store.merged import experts_of
@@ -26,9 +36,33 @@ def preselect_hook(model, tokenizer, stream, m: int, context: int = PRESELECT_CO
             tokenizer.decode(stream.window(max(x - n, 0), min(x, n)).tolist()) if x else ""
             for x in starts
         ]
-        return routing(model, rows=preselect_mask(model, texts, m))
+        return routing(model, rows=preselect_mask(model, texts, m, tokenizer=tokenizer))
 
     return choose
+
+
+def standardised(s: torch.Tensor) -> torch.Tensor:
+    """Scores per text (row) as z-scores over the experts, so two kinds add on one scale."""
+    return (s - s.mean(-1, keepdim=True)) / s.std(-1, keepdim=True).clamp(min=1e-6)
+
+
+def combined_scores(minilm: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """(n, k) MiniLM and hidden-state scores standardised and summed; a tie (possible with two
+    experts) goes to MiniLM's ranking."""
+    z = standardised(minilm)
+    return z + standardised(hidden) + 1e-3 * z
+
+
+def hidden_scores(model, tokenizer, texts: Sequence[str], experts: Sequence[int]) -> torch.Tensor:
+    """(n, len(experts)) centred cosine of each text's anchor hidden state (the merged model on
+    its public expert alone) with the experts' stored hidden centroids."""
+    table = experts_of(model)
+    public_only = torch.zeros(len(table.names), dtype=torch.bool)
+    public_only[0] = True
+    with routing(model, mask=public_only):
+        x = mean_hidden(model, tokenizer, texts)
+    cent = torch.stack([table.hidden_centroids[table.names[i]].float() for i in experts])
+    return centred_cosine(x, cent)
 
 
 def default_preselect(model) -> int | None:
@@ -37,7 +71,11 @@ def default_preselect(model) -> int | None:
 
 
 def preselect_mask(
-    model, texts: Sequence[str], m: int, allowed: torch.Tensor | None = None
+    model,
+    texts: Sequence[str],
+    m: int,
+    allowed: torch.Tensor | None = None,
+    tokenizer=None,
 ) -> torch.Tensor:
     """(len(texts), E) bool: per text, the public expert plus the m ALLOWED experts whose domain
     embedding is most similar (cosine, all-MiniLM-L6-v2) to the text's embedding. Choosing among
@@ -59,7 +97,11 @@ def preselect_mask(
         return mask
     keys = torch.nn.functional.normalize(torch.stack([emb[names[i]] for i in scored]), dim=-1)
     q = torch.from_numpy(embed_texts([t or " " for t in texts]))
-    top = (q @ keys.T).topk(m, dim=-1).indices
+    scores = q @ keys.T
+    cents = experts_of(model).hidden_centroids
+    if tokenizer is not None and all(names[i] in cents for i in scored):
+        scores = combined_scores(scores, hidden_scores(model, tokenizer, texts, scored))
+    top = scores.topk(m, dim=-1).indices
     for b, t in enumerate(texts):
         if t.strip():
             mask[b, scored] = False

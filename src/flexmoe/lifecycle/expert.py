@@ -55,12 +55,14 @@ from flexmoe.lifecycle.router_init import (
 from flexmoe.model.arch import family_of
 from flexmoe.model.device import to_storage
 from flexmoe.model.freezing import merge_owner_params, owner_only, parametrize_bias
+from flexmoe.model.hidden import CENTROID_DOCS, centroid, hidden_layer
 from flexmoe.model.moe import upcycle
 from flexmoe.model.router import routers
 from flexmoe.store.anchor_dir import load_anchor, write_anchor
 from flexmoe.store.fsutil import FILES_RECORD, guard_output, sha256_file
 from flexmoe.store.package import (
     MAX_TEXT,
+    STATISTICS,
     USES,
     dp_record,
     tensor_sha256,
@@ -176,8 +178,10 @@ def project_bias(model) -> None:
                 r.bias.clamp_(max=0.0)
 
 
-def extract_package_tensors(model, domain_embedding: torch.Tensor | None = None) -> dict:
-    tensors = {} if domain_embedding is None else {"domain_embedding": domain_embedding.float()}
+def extract_package_tensors(model, statistics: dict[str, torch.Tensor] | None = None) -> dict:
+    """The package's tensors from the owner's 2-expert model, plus the statistics of the owner's
+    data it ships (STATISTICS: domain embedding, hidden centroid)."""
+    tensors = {k: v.float() for k, v in (statistics or {}).items() if k in STATISTICS}
     inter = model.config.intermediate_size
     for i, layer in enumerate(model.model.layers):
         gate_up = layer.mlp.experts.gate_up_proj[OWNER].detach()
@@ -270,12 +274,17 @@ def train_expert(
         )  # fmt: skip
     if dp is None:
         # the owner's mean document embedding: router init, and request-level preselection later
-        embedding = embed_documents(sample_documents(stream, tok, router_docs, cfg.seed))
+        texts = sample_documents(stream, tok, router_docs, cfg.seed)
+        embedding = embed_documents(texts)
+        statistics = {
+            "domain_embedding": embedding,
+            "hidden_centroid": centroid(anchor, tok, texts[:CENTROID_DOCS]),
+        }
         owner_rows = owner_router_rows(
             router_init, anchor, extras, tok, stream, cfg.seed, router_docs, cfg.seq_len, embedding
         )
     else:  # DP: nothing computed from the owner's data outside the accountant (dp.py)
-        embedding = None
+        embedding, statistics = None, {}
         owner_rows = extras[f"public.{router_init}"].clone()
 
     def build():
@@ -315,7 +324,7 @@ def train_expert(
         )
         if result.get("stopped") or model is None:
             return result
-        tensors = extract_package_tensors(model, embedding)
+        tensors = extract_package_tensors(model, statistics)
     manifest = {
         "name": name,
         "domain": domain or name,
@@ -358,6 +367,14 @@ def train_expert(
             else (
                 f"mean all-MiniLM-L6-v2 embedding of {router_docs} of the owner's documents (a "
                 "statistic of the owner's data, used for request-level preselection)"
+            ),
+            "hidden_centroid": None
+            if embedding is None
+            else (
+                f"mean of the anchor's layer-{hidden_layer(anchor.config)} hidden states (each "
+                f"token normalised, the first left out) over {min(router_docs, CENTROID_DOCS)} of "
+                "the owner's documents (a statistic of the owner's data, used for request-level "
+                "preselection)"
             ),
         },
         "created_with": library_versions(),
@@ -466,7 +483,7 @@ def calibrate_package(
         "recalibrated": True,
     }
     manifest["created_with"] = library_versions()
-    new = extract_package_tensors(model, tensors.get("domain_embedding"))
+    new = extract_package_tensors(model, tensors)
     return write_package(Path(out), new, manifest).model_dump(mode="json")
 
 

@@ -55,13 +55,13 @@ from flexmoe.store.package import (
     MANIFEST,
     MAX_HEADER_BYTES,
     MAX_MANIFEST_BYTES,
-    OPTIONAL_TENSORS,
     WEIGHTS,
     Architecture,
     Manifest,
     dp_record,
     expected_bytes,
     expected_shapes,
+    optional_shapes,
     verify_package,
 )
 from flexmoe.store.records import library_versions
@@ -283,7 +283,8 @@ def stage_package(src: Path, dst: Path, config) -> Path:
         intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers,
     )
-    weights = expected_bytes(expected_shapes(arch) | OPTIONAL_TENSORS) + MAX_HEADER_BYTES + 8
+    optional = optional_shapes(arch.hidden_size)
+    weights = expected_bytes(expected_shapes(arch) | optional) + MAX_HEADER_BYTES + 8
     dst.mkdir(parents=True)
     for f, limit, required in (
         (MANIFEST, MAX_MANIFEST_BYTES, True),

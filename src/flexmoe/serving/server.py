@@ -275,7 +275,9 @@ class Server:
                 param=field,
             )
         if mask is not None and pre:  # request-level preselection, as `generate` does
-            chosen = await asyncio.to_thread(preselect_mask, self.model, [prompt], pre, mask)
+            chosen = await asyncio.to_thread(
+                preselect_mask, self.model, [prompt], pre, mask, self.tok
+            )
             mask = mask & chosen[0]
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])  # checked
         loop = asyncio.get_running_loop()

@@ -22,9 +22,9 @@ from flexmoe.store.model_card import CARD, merged_card
 from flexmoe.store.package import (
     MANIFEST,
     NAME_RE,
-    OPTIONAL_TENSORS,
     WEIGHTS,
     Manifest,
+    optional_shapes,
 )
 from flexmoe.store.signing import SIGNATURE
 
@@ -42,13 +42,15 @@ MAX_EXPERTS = 256
 @dataclass
 class ExpertTable:
     """What flexmoe knows about a loaded model's experts, beside the HF object (never attributes
-    set on it): names in router order, stored manifests and domain embeddings, the stored
+    set on it): names in router order, stored manifests, domain embeddings and hidden
+    centroids (preselection), the stored
     preselection default, whether routers were tuned, and the experts withheld at load
     (name → reason: consent lapsed or revoked), which no expert choice can bring back."""
 
     names: list[str]
     manifests: dict[str, Manifest] = field(default_factory=dict)
     domain_embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
+    hidden_centroids: dict[str, torch.Tensor] = field(default_factory=dict)
     preselect: int | None = None
     router_tuned: bool = False
     withheld: dict[str, str] = field(default_factory=dict)
@@ -200,7 +202,9 @@ def load_merged(path: Path, state: Path | None = None) -> PreTrainedModel:
                 if b is None or tuple(b.shape) != (n,) or not torch.isfinite(b).all():
                     raise FlexmoeError(f"{path / BIAS}: bad or missing layers.{i}.bias")
                 r.bias.copy_(b.float())
-    embeddings = _domain_embeddings(path, names)
+    shapes = optional_shapes(model.config.hidden_size)
+    embeddings = _statistic(path, names, "domain_embedding", shapes["domain_embedding"])
+    centroids = _statistic(path, names, "hidden_centroid", shapes["hidden_centroid"])
     pre = meta.get("preselect")
     manifests = {k: Manifest.model_validate(v) for k, v in (meta.get("manifests") or {}).items()}
     lapsed = {n: m.consent.permits(None) for n, m in manifests.items()}
@@ -208,6 +212,7 @@ def load_merged(path: Path, state: Path | None = None) -> PreTrainedModel:
         names,
         manifests,
         embeddings,
+        centroids,
         preselect=pre if pre and embeddings else None,
         router_tuned=bool(meta.get("router_tuned")),  # RT: see lifecycle/router_tune.py
         withheld={
@@ -220,8 +225,8 @@ def load_merged(path: Path, state: Path | None = None) -> PreTrainedModel:
     return model.eval()
 
 
-def _domain_embeddings(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
-    """Each stored package's `domain_embedding` (the owner's mean document embedding), if any."""
+def _statistic(path: Path, names: list[str], key: str, shape: list[int]) -> dict[str, torch.Tensor]:
+    """Each stored package's statistic `key` (domain_embedding, hidden_centroid), if any."""
     from safetensors import safe_open
 
     out = {}
@@ -231,15 +236,14 @@ def _domain_embeddings(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
             continue
         try:
             with safe_open(f, framework="pt") as st:
-                if "domain_embedding" not in st.keys():
+                if key not in st.keys():
                     continue
-                shape = st.get_slice("domain_embedding").get_shape()
-                if list(shape) != OPTIONAL_TENSORS["domain_embedding"]:
-                    raise FlexmoeError(f"{f}: bad domain_embedding")
-                t = st.get_tensor("domain_embedding").float()
+                if list(st.get_slice(key).get_shape()) != shape:
+                    raise FlexmoeError(f"{f}: bad {key}")
+                t = st.get_tensor(key).float()
         except Exception as e:  # a corrupt stored package: refuse, naming it
             raise FlexmoeError(f"{f}: unreadable ({type(e).__name__})") from None
-        if list(t.shape) != OPTIONAL_TENSORS["domain_embedding"] or not torch.isfinite(t).all():
-            raise FlexmoeError(f"{f}: bad domain_embedding")
+        if list(t.shape) != shape or not torch.isfinite(t).all():
+            raise FlexmoeError(f"{f}: bad {key}")
         out[n] = t
     return out
