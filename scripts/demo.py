@@ -83,7 +83,9 @@ def main() -> int:
         if args.task_limit < 1:
             p.error("--task-limit must be at least 1")
         cfg.task_limit = args.task_limit
-    t0 = time.perf_counter()
+    from flexmoe.demo.export import code_commit
+
+    t0, commit = time.perf_counter(), code_commit()  # the code that runs, not the code at the end
     try:
         run_demo(cfg, until=args.until)
     except FlexmoeError as e:
@@ -92,7 +94,10 @@ def main() -> int:
     if args.results and args.until is None:  # the committed evidence (small files only)
         from flexmoe.demo.export import export_results
 
-        dest = export_results(cfg.out / "report", RESULTS, "make results", time.perf_counter() - t0)
+        command = f"make results PART={args.part}"
+        dest = export_results(
+            cfg.out / "report", RESULTS, command, time.perf_counter() - t0, commit
+        )
         print(f"results → {dest}", file=sys.stderr)
     if args.full:  # the privacy section: math owner (scripts/privacy_table.py)
         import subprocess

@@ -16,7 +16,9 @@ from flexmoe.store.fsutil import atomic_dir
 KEPT = ("report.md", "results.json", "tasks.md", "tasks.json", "preselect.md", "preselect.json")
 
 
-def _commit() -> str:
+def code_commit() -> str:
+    """HEAD (and whether the tracked tree differs from it): read when a run STARTS, since the
+    checkout may move while it runs."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
@@ -32,7 +34,16 @@ def _commit() -> str:
     return sha + (" with uncommitted changes" if dirty else "")
 
 
-def run_md(results: dict, command: str, total_seconds: float | None) -> str:
+def stage_seconds(out: Path) -> dict[str, float]:
+    """Wall seconds of every stage of the run (its markers), for the record of a results run."""
+    return {
+        str(m.relative_to(out)): round(json.loads(m.read_text()).get("seconds", 0.0), 1)
+        for m in sorted(out.rglob(".*.json"))
+        if "eval-cache" not in m.parts
+    }
+
+
+def run_md(results: dict, command: str, total_seconds: float | None, commit: str) -> str:
     """RUN.md: how the committed files were produced."""
     cfg = results.get("config") or {}
     stages = results.get("stage_seconds") or {}
@@ -40,7 +51,7 @@ def run_md(results: dict, command: str, total_seconds: float | None) -> str:
         "# How these results were produced",
         "",
         f"- Command: `{command}` (run directory `{cfg.get('out', '?')}`), seed {cfg.get('seed')}.",
-        f"- Code: commit {_commit()}.",
+        f"- Code: commit {commit}.",
         f"- Machine: {platform.machine()}, {platform.system()}, Python "
         f"{platform.python_version()}; CPU only (timings vary with the machine's load).",
         f"- Evaluation: {cfg.get('eval_tokens', 0):,} held-out tokens per domain in windows of "
@@ -60,14 +71,20 @@ def run_md(results: dict, command: str, total_seconds: float | None) -> str:
 
 
 def export_results(
-    report_dir: Path, dest: Path, command: str, total_seconds: float | None = None
+    report_dir: Path,
+    dest: Path,
+    command: str,
+    total_seconds: float | None = None,
+    commit: str | None = None,
 ) -> Path:
     """Replace dest with report_dir's small files and a RUN.md (atomically; dest is flexmoe's
-    own output, recorded like every other)."""
+    own output, recorded like every other). `commit`: code_commit() from the run's start."""
     results = json.loads((report_dir / "results.json").read_text())
     with atomic_dir(dest, overwrite=True) as tmp:
         for p in sorted(report_dir.iterdir()):
             if p.name in KEPT or p.suffix == ".png":
                 shutil.copy2(p, tmp / p.name)
-        (tmp / "RUN.md").write_text(run_md(results, command, total_seconds))
+        results["stage_seconds"] = stage_seconds(report_dir.parent)  # the stages after the
+        run = run_md(results, command, total_seconds, commit or code_commit())  # evaluation too
+        (tmp / "RUN.md").write_text(run)
     return dest

@@ -25,6 +25,7 @@ from rich.console import Console
 from flexmoe.data.corpus import PUBLIC
 from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.demo.config import DemoConfig
+from flexmoe.demo.export import stage_seconds
 from flexmoe.demo.render import print_main_table, write_report
 from flexmoe.demo.stages import (
     merge_stage,
@@ -217,15 +218,6 @@ def training_curves(paths: dict[str, Path]) -> dict[str, list[list[float]]]:
         pts = [[r["tokens"], r["loss"]] for r in lines if "loss" in r and "tokens" in r]
         out[f"{kind}/{dom}"] = pts
     return out
-
-
-def stage_seconds(out: Path) -> dict[str, float]:
-    """Wall seconds of every stage of the run (its markers), for the record of a results run."""
-    return {
-        str(m.relative_to(out)): round(json.loads(m.read_text()).get("seconds", 0.0), 1)
-        for m in sorted(out.rglob(".*.json"))
-        if "eval-cache" not in m.parts
-    }
 
 
 def _eval_spec(cfg: DemoConfig) -> dict:
