@@ -107,3 +107,23 @@ def test_public_ffn_swaps_the_public_expert_only_and_restores_it(anchor_dir, mer
                     assert torch.equal(v, start[k])  # attention, norms, routers: the anchor's
         assert not torch.allclose(swapped, before)
         assert torch.equal(m(ids).logits, before)  # restored exactly on exit
+
+
+def test_export_keeps_small_files_and_records_the_commit_and_every_stage(tmp_path):
+    """results/ gets the report's small files and RUN.md with the commit read when the run
+    started (passed in) and the wall time of every stage, the ones after the evaluation too."""
+    from flexmoe.demo.export import export_results
+
+    run = tmp_path / "run"
+    (run / "report").mkdir(parents=True)
+    (run / "tasks").mkdir()
+    (run / "report" / "results.json").write_text(json.dumps({"config": {"out": str(run)}}))
+    (run / "report" / "tasks.md").write_text("# tasks\n")
+    (run / "report" / "scratch.bin").write_bytes(b"x")
+    (run / ".anchor.json").write_text(json.dumps({"seconds": 95.0}))
+    (run / "tasks" / ".btm.json").write_text(json.dumps({"seconds": 5515.2}))
+    dest = export_results(run / "report", tmp_path / "results", "make results PART=3", 60.0, "abc")
+    assert (dest / "tasks.md").read_text() == "# tasks\n" and not (dest / "scratch.bin").exists()
+    md = (dest / "RUN.md").read_text()
+    assert "commit abc." in md and "`make results PART=3`" in md and "1.0 min" in md
+    assert "| .anchor.json | 95 |" in md and "| tasks/.btm.json | 5,515 |" in md
