@@ -364,6 +364,9 @@ def test_hidden_centroids_join_preselection_and_keep_opt_out_exact(work, anchor_
     a = preselect_mask(full, prompts, 1, expert_mask(full, exclude=["code"]), tok)
     b = preselect_mask(never, prompts, 1, tokenizer=tok)
     assert torch.equal(a[:, [0, 2, 3]], b)  # (the caller ANDs the result with the allowed set)
+    no_public = torch.tensor([False, True, True, True])  # the anchor's FFN excluded: MiniLM alone
+    minilm_only = preselect_mask(full, prompts, 1, no_public)
+    assert torch.equal(preselect_mask(full, prompts, 1, no_public, tok), minilm_only)
 
 
 def test_merge_stores_preselection_only_when_every_package_can_be_scored(work, anchor_dir):

@@ -21,7 +21,7 @@ from flexmoe.model.embedding import embed_texts
 from flexmoe.model.hidden import centred_cosine, mean_hidden
 from flexmoe.model.router import current_mask, routing
 from flexmoe.selection import expert_names
-from flexmoe.store.merged import experts_of
+from flexmoe.store.merged import PUBLIC, experts_of
 
 PRESELECT_CONTEXT = 256  # tokens before a scored window that preselection reads (64 measured worse)
 
@@ -99,7 +99,9 @@ def preselect_mask(
     q = torch.from_numpy(embed_texts([t or " " for t in texts]))
     scores = q @ keys.T
     cents = experts_of(model).hidden_centroids
-    if tokenizer is not None and all(names[i] in cents for i in scored):
+    # the hidden states are the public expert's (the anchor's): only while it is allowed
+    anchor_ok = names[0] == PUBLIC and bool(allowed[0])
+    if tokenizer is not None and anchor_ok and all(names[i] in cents for i in scored):
         scores = combined_scores(scores, hidden_scores(model, tokenizer, texts, scored))
     top = scores.topk(m, dim=-1).indices
     for b, t in enumerate(texts):
