@@ -411,3 +411,35 @@ def test_expert_calibrate_cli_writes_a_verified_package(work, anchor_dir, shards
     assert code == 0, err
     m, _ = verify_package(work / "cal-kept", rec, extras, anchor.config)
     assert m.training.model_dump()["gate_calibration"]["owner_target"] == "trained"
+
+
+def test_expert_centroid_adds_what_training_would_have_stored(work, anchor_dir, shards, capsys):
+    """An older package (no hidden centroid) gains the centroid `expert train` computes from the
+    manifest's documents; the weights are unchanged; compressed packages are refused."""
+    from conftest import random_package
+    from flexmoe.data.tokenizer import load_tokenizer
+    from flexmoe.lifecycle.router_init import sample_documents
+    from flexmoe.model.hidden import CENTROID_DOCS, centroid
+    from flexmoe.store.package import verify_package
+
+    pkg = random_package(work / "hc-old", anchor_dir, "code", 5, embedding=torch.randn(384))
+    args = ["expert", "centroid", pkg, "--anchor", anchor_dir, "--data", shards["code/train"]]
+    code, out, err = run_cli([*args, "-o", work / "hc-new"], capsys)
+    assert code == 0, err
+    anchor, rec, extras = load_anchor(anchor_dir)
+    old_m, old = verify_package(pkg, rec, extras, anchor)
+    m, new = verify_package(work / "hc-new", rec, extras, anchor)
+    assert set(new) - set(old) == {"hidden_centroid"}
+    assert all(torch.equal(old[k], new[k]) for k in old)
+    tok = load_tokenizer(anchor_dir)
+    texts = sample_documents(TokenStream(shards["code/train"]), tok, 1000, 5)[:CENTROID_DOCS]
+    assert torch.allclose(new["hidden_centroid"], centroid(anchor, tok, texts), atol=1e-6)
+    assert "added after training" in m.training.model_dump()["hidden_centroid"]
+    small = work / "hc-small"
+    code, _, err = run_cli(
+        ["expert", "compress", pkg, "--anchor", anchor_dir, "--rank", 2, "-o", small], capsys
+    )
+    assert code == 0, err
+    code, _, err = run_cli([*args[:2], small, *args[3:], "-o", work / "hc-bad"], capsys)
+    assert code == 2 and "compressed" in err and len(err.strip().splitlines()) == 1
+    assert not (work / "hc-bad").exists()

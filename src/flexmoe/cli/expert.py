@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from flexmoe.cli import out
+from flexmoe.cli import clean, out
 from flexmoe.cli.options import (
     BatchSizeOption,
     Bf16Option,
@@ -207,6 +207,22 @@ def expert_calibrate(
     out.print(f"calibrated package → {out_dir}")
 
 
+@expert_app.command("centroid")
+def expert_centroid(
+    package: Annotated[Path, typer.Argument(help="The expert package (trained without one).")],
+    anchor: Annotated[Path, typer.Option(help="The anchor it was built on.")],
+    data: Annotated[Path, typer.Option(help="Token shards of the owner's training data.")],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Package directory to write.")],
+    overwrite: OverwriteOption = False,
+) -> None:
+    """Add the hidden-state centroid preselection uses to an older package (weights unchanged;
+    written unsigned: sign it again)."""
+    from flexmoe.lifecycle.expert import add_centroid
+
+    m = add_centroid(anchor, package, data, out_dir, overwrite=overwrite)
+    out.print(f"hidden centroid added to expert '{clean(m['name'], 64)}' → {out_dir}")
+
+
 @expert_app.command("compress")
 def expert_compress(
     package: Annotated[Path, typer.Argument(help="Expert package directory.")],
@@ -290,7 +306,6 @@ def expert_proxy(
     overwrite: OverwriteOption = False,
 ) -> None:
     """Choose proxy documents from PUBLIC data for router tuning; writes public ids only."""
-    from flexmoe.cli import clean
     from flexmoe.errors import FlexmoeError
     from flexmoe.lifecycle.router_tune import (
         PROXY_FORMAT,

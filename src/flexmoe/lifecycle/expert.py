@@ -487,6 +487,38 @@ def calibrate_package(
     return write_package(Path(out), new, manifest).model_dump(mode="json")
 
 
+def add_centroid(
+    anchor_dir: Path, package: Path, data: Path, out: Path, overwrite: bool = False
+) -> dict:
+    """`flexmoe expert centroid`: give a package trained before packages carried one its hidden
+    centroid (model/hidden.py), from the same documents `expert train` would have used (the
+    manifest's router_docs and seed); the weights are unchanged. Writes a new, unsigned package."""
+    guard_output(out, "expert package", [anchor_dir, package, data], overwrite)
+    anchor, record, extras = load_anchor(anchor_dir)
+    m, tensors = verify_package(package, record, extras, anchor)
+    if dp_record(m) is not None:
+        raise FlexmoeError(
+            f"{package} was trained with DP: a statistic of the owner's data computed outside "
+            "the accountant would void its ε"
+        )
+    if m.compression is not None:
+        raise FlexmoeError(f"{package} is compressed: add the centroid before `expert compress`")
+    training = m.training.model_dump()
+    docs, seed = int(training.get("router_docs") or 1000), int(training.get("seed") or 0)
+    tok = load_tokenizer(anchor_dir)
+    texts = sample_documents(TokenStream(data), tok, docs, seed)[:CENTROID_DOCS]
+    new = dict(tensors) | {"hidden_centroid": centroid(anchor, tok, texts).float()}
+    manifest = json.loads(m.model_dump_json(exclude={"tensors"}))
+    manifest["training"]["hidden_centroid"] = (
+        f"mean of the anchor's layer-{hidden_layer(anchor.config)} hidden states (each token "
+        f"normalised, the first left out) over {len(texts)} of the owner's documents (a statistic "
+        "of the owner's data, used for request-level preselection); added after training from "
+        f"data {shards_sha256(data)[:16]}…"
+    )
+    manifest["created_with"] = library_versions()
+    return write_package(Path(out), new, manifest).model_dump(mode="json")
+
+
 def _train_dense(
     anchor_dir, anchor, tok, extras, record, stream, cfg, work, evals, tb, out,
     name, domain, resume, restart, anchor_bpb,
