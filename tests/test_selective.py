@@ -324,10 +324,12 @@ def test_preselection_keeps_opt_out_exact(work, anchor_dir, shards, capsys):
 
 
 def test_hidden_centroids_join_preselection_and_keep_opt_out_exact(work, anchor_dir):
-    """Packages with hidden centroids: preselection adds the anchor's hidden states (computed by
+    """Merged with --preselect-hidden: preselection adds the anchor's hidden states (computed by
     the merged model on its public expert alone) to the MiniLM scores; excluding an expert
-    still gives exactly the choice of a model merged without it."""
+    still gives exactly the choice of a model merged without it. Without the flag the stored
+    centroids are not read."""
     from conftest import random_package, sample_texts
+    from flexmoe.errors import FlexmoeError
     from flexmoe.evaluation.heldout import load_for_eval
     from flexmoe.inference.preselect import preselect_mask
     from flexmoe.lifecycle.merge import merge
@@ -344,8 +346,10 @@ def test_hidden_centroids_join_preselection_and_keep_opt_out_exact(work, anchor_
         d: random_package(work / f"hc-{d}", anchor_dir, d, i, embedding=same, centroid=cents[d])
         for i, d in enumerate(doms)
     }
-    merge(anchor_dir, list(pkgs.values()), work / "hc-all", log=None)
-    merge(anchor_dir, [pkgs["math"], pkgs["news"]], work / "hc-nocode", log=None)
+    kw = dict(log=None, preselect_hidden=True)
+    merge(anchor_dir, list(pkgs.values()), work / "hc-all", **kw)
+    merge(anchor_dir, [pkgs["math"], pkgs["news"]], work / "hc-nocode", **kw)
+    merge(anchor_dir, list(pkgs.values()), work / "hc-default", log=None)
     full, never = load_merged(work / "hc-all"), load_merged(work / "hc-nocode")
     assert set(experts_of(full).hidden_centroids) == set(doms)
     prompts = [t for d in doms for t in sample_texts(d, "heldout", 3, 300)] + ["def f(n):"]
@@ -367,6 +371,13 @@ def test_hidden_centroids_join_preselection_and_keep_opt_out_exact(work, anchor_
     no_public = torch.tensor([False, True, True, True])  # the anchor's FFN excluded: MiniLM alone
     minilm_only = preselect_mask(full, prompts, 1, no_public)
     assert torch.equal(preselect_mask(full, prompts, 1, no_public, tok), minilm_only)
+    default = load_merged(work / "hc-default")  # merged without --preselect-hidden: MiniLM alone
+    assert torch.equal(
+        preselect_mask(default, prompts, 1, tokenizer=tok), preselect_mask(default, prompts, 1)
+    )
+    with pytest.raises(FlexmoeError, match="hidden centroid"):
+        plain = random_package(work / "hc-plain", anchor_dir, "plain", 9, embedding=same)
+        merge(anchor_dir, [pkgs["code"], plain], work / "hc-bad", **kw)
 
 
 def test_merge_stores_preselection_only_when_every_package_can_be_scored(work, anchor_dir):

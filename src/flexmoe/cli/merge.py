@@ -58,6 +58,13 @@ def merge_cmd(
             "(0 = token routing alone; default 1 when every package has a domain embedding)."
         ),
     ] = None,
+    preselect_hidden: Annotated[
+        bool,
+        typer.Option(
+            help="Preselection also compares the anchor's hidden states with the packages' "
+            "hidden centroids (better on short prompts, worse on math windows: README)."
+        ),
+    ] = False,
     trusted_keys: Annotated[
         Path | None,
         typer.Option(help="Admit only packages signed by a key in this file (keys new → .pub)."),
@@ -92,6 +99,7 @@ def merge_cmd(
         remove=split_names(remove) or [],
         log=lambda msg: console.print(msg, style="yellow"),
         preselect=-1 if preselect is None else preselect,
+        preselect_hidden=preselect_hidden,
         overwrite=overwrite,
         trusted_keys=trusted_keys,
         max_epsilon=max_epsilon,

@@ -13,7 +13,7 @@ accuracy is counted per domain:
 - `router`: the merged model's own routers over the prompt: softmax router probability of each
   owner expert, averaged over layers and tokens.
 - `minilm+hidden`: both cosines, each standardised over the owners for the prompt, summed
-  (inference.preselect.combined_scores, the default when packages store hidden centroids): the
+  (inference.preselect.combined_scores, what `merge --preselect-hidden` serves): the
   MiniLM centroids know the owners' distribution, the anchor's hidden states generalise to short
   prompts unlike any document (a code signature).
 """

@@ -1,13 +1,14 @@
 """Request-level preselection: the public expert plus the M allowed experts whose stored
 statistics are closest to the text. A function of the allowed set only, so opt-out stays exact.
 
-Scores: the cosine of the text's MiniLM embedding with each owner's domain embedding; when every
-scored package also stores a hidden centroid (model/hidden.py) and the caller gives the
-tokenizer, plus the centred cosine of the anchor's mid-layer hidden states (the merged model
-routed to its public expert = the anchor), the two standardised over the scored experts and
-summed, ties going to MiniLM's ranking. Measured (results/preselect/): top-1 on SmolLM2 1.00 /
-1.00 / 0.97 on 32-token / 64-token held-out / hand-written prompts against MiniLM's 0.99 / 1.00 /
-0.78; on the 5.5M scratch anchor 0.94 / 0.99 / 0.84 against 1.00 / 0.99 / 0.78.
+Scores: the cosine of the text's MiniLM embedding with each owner's domain embedding. A model
+merged with --preselect-hidden (every package storing a hidden centroid, model/hidden.py) adds,
+when the caller gives the tokenizer, the centred cosine of the anchor's mid-layer hidden states
+(the merged model routed to its public expert = the anchor), the two standardised over the
+scored experts and summed, ties going to MiniLM's ranking. Measured (results/preselect/): top-1
+on SmolLM2 1.00 / 1.00 / 0.97 on 32-token / 64-token held-out / hand-written prompts against
+MiniLM's 0.99 / 1.00 / 0.78 (0.94 / 0.99 / 0.84 against 1.00 / 0.99 / 0.78 on the 5.5M scratch
+anchor), but held-out BPB +0.5% [+0.2%, +0.9%] (math +3.2%) on the results run: opt-in.
 """
 
 from __future__ import annotations
@@ -98,10 +99,11 @@ def preselect_mask(
     keys = torch.nn.functional.normalize(torch.stack([emb[names[i]] for i in scored]), dim=-1)
     q = torch.from_numpy(embed_texts([t or " " for t in texts]))
     scores = q @ keys.T
-    cents = experts_of(model).hidden_centroids
+    table = experts_of(model)
     # the hidden states are the public expert's (the anchor's): only while it is allowed
     anchor_ok = names[0] == PUBLIC and bool(allowed[0])
-    if tokenizer is not None and anchor_ok and all(names[i] in cents for i in scored):
+    wanted = table.preselect_hidden and tokenizer is not None and anchor_ok
+    if wanted and all(names[i] in table.hidden_centroids for i in scored):
         scores = combined_scores(scores, hidden_scores(model, tokenizer, texts, scored))
     top = scores.topk(m, dim=-1).indices
     for b, t in enumerate(texts):

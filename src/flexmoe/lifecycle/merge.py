@@ -150,6 +150,7 @@ def merge(
     remove: Sequence[str] = (),
     log: Callable[[str], None] | None = _stderr,
     preselect: int | None = -1,
+    preselect_hidden: bool = False,
     overwrite: bool = False,
     trusted_keys: Path | None = None,
     max_epsilon: float | None = None,
@@ -242,6 +243,11 @@ def merge(
             preselect = DEFAULT_PRESELECT if embedded else None
         elif preselect and not embedded:
             raise FlexmoeError("--preselect needs every expert package to store a domain embedding")
+        if preselect_hidden and not (preselect and all("hidden_centroid" in t for _, _, t in kept)):
+            raise FlexmoeError(
+                "--preselect-hidden needs preselection and every package to store a hidden "
+                "centroid (`expert centroid` adds one)"
+            )
         meta = {
             "format": "flexmoe-merged",
             "schema_version": 1,
@@ -249,6 +255,7 @@ def merge(
             "anchor_fingerprint": record["fingerprint"],
             "top_k": model.config.num_experts_per_tok,
             "preselect": preselect or None,
+            "preselect_hidden": preselect_hidden,
             "router_init": kept[0][1].router_init if kept else None,
             "manifests": {m.name: json.loads(m.model_dump_json()) for _, m, _ in kept},
             "signers": {n: s for n, s in signers.items() if n in expert_names},

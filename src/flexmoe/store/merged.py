@@ -52,6 +52,7 @@ class ExpertTable:
     domain_embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
     hidden_centroids: dict[str, torch.Tensor] = field(default_factory=dict)
     preselect: int | None = None
+    preselect_hidden: bool = False  # preselection also reads hidden centroids (merge option)
     router_tuned: bool = False
     withheld: dict[str, str] = field(default_factory=dict)
 
@@ -214,6 +215,7 @@ def load_merged(path: Path, state: Path | None = None) -> PreTrainedModel:
         embeddings,
         centroids,
         preselect=pre if pre and embeddings else None,
+        preselect_hidden=bool(meta.get("preselect_hidden")),
         router_tuned=bool(meta.get("router_tuned")),  # RT: see lifecycle/router_tune.py
         withheld={
             **{n: revocations.reason(t) for n, t in revoked.items() if n in names},
