@@ -30,7 +30,7 @@ import torch
 
 from flexmoe.data.corpus import DEFAULT_ROOT, iter_docs
 from flexmoe.evaluation.intervals import wilson
-from flexmoe.inference.preselect import combined_scores, preselect_mask
+from flexmoe.inference.preselect import combined_scores, minilm_scores, preselect_mask
 from flexmoe.model.hidden import (
     centred_cosine,
     centroid,
@@ -79,16 +79,6 @@ def hidden_centroids(
         texts = [doc["text"] for doc in islice(iter_docs(root, d, "train"), docs)]
         rows.append(centroid(anchor, tokenizer, texts))
     return torch.stack(rows)
-
-
-def _minilm_cos(merged, owners: Sequence[str], texts: Sequence[str]) -> torch.Tensor:
-    """(n, owners) cosine of each text's MiniLM embedding with each owner's stored one (what
-    preselect_mask ranks by)."""
-    from flexmoe.model.embedding import embed_texts
-
-    emb = experts_of(merged).domain_embeddings
-    keys = torch.nn.functional.normalize(torch.stack([emb[d].float() for d in owners]), dim=-1)
-    return torch.from_numpy(embed_texts([t or " " for t in texts])).float() @ keys.T
 
 
 @torch.no_grad()
@@ -140,7 +130,7 @@ def run_bench(
         scores = _router_scores(merged, tokenizer, texts)[:, idx]
         picks["router"] = [owners[j] for j in scores.argmax(-1).tolist()]
         if "minilm" in picks:
-            both = combined_scores(_minilm_cos(merged, owners, texts), h)
+            both = combined_scores(minilm_scores(merged, texts, idx), h)
             picks["minilm+hidden"] = [owners[j] for j in both.argmax(-1).tolist()]
         if name == "hand-written":
             res["picks"] = {"texts": texts, **picks}

@@ -54,6 +54,15 @@ def combined_scores(minilm: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     return z + standardised(hidden) + 1e-3 * z
 
 
+def minilm_scores(model, texts: Sequence[str], experts: Sequence[int]) -> torch.Tensor:
+    """(n, len(experts)) cosine of each text's MiniLM embedding with the experts' stored domain
+    embeddings."""
+    table = experts_of(model)
+    emb = torch.stack([table.domain_embeddings[table.names[i]].float() for i in experts])
+    q = torch.from_numpy(embed_texts([t or " " for t in texts])).float()
+    return q @ torch.nn.functional.normalize(emb, dim=-1).T
+
+
 def hidden_scores(model, tokenizer, texts: Sequence[str], experts: Sequence[int]) -> torch.Tensor:
     """(n, len(experts)) centred cosine of each text's anchor hidden state (the merged model on
     its public expert alone) with the experts' stored hidden centroids."""
@@ -96,9 +105,7 @@ def preselect_mask(
     mask = torch.ones(len(texts), len(names), dtype=torch.bool)
     if m >= len(scored):
         return mask
-    keys = torch.nn.functional.normalize(torch.stack([emb[names[i]] for i in scored]), dim=-1)
-    q = torch.from_numpy(embed_texts([t or " " for t in texts]))
-    scores = q @ keys.T
+    scores = minilm_scores(model, texts, scored)
     table = experts_of(model)
     # the hidden states are the public expert's (the anchor's): only while it is allowed
     anchor_ok = names[0] == PUBLIC and bool(allowed[0])
