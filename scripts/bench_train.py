@@ -9,10 +9,13 @@
 Prints tokens/s per configuration (the first `--warmup` steps are excluded), each expert
 configuration's ratio to dense at the same precision beside its FLOP-ideal, and, on CUDA, MFU.
 `expertneg` adds the flexmoe recipe's public negatives (one public row per four owner rows, gate
-loss; their tokens are not counted as training tokens). FLOP-ideal per token, with F_a the
+loss; their tokens are not counted as training tokens). `expertlr` trains the owner's FFN as a
+rank-`--rank` delta on the frozen anchor FFN (`expert train --rank`, model/lowrank.py).
+FLOP-ideal per token, with F_a the
 matmul FLOPs outside the FFNs (attention, lm_head) and F_f one FFN's: dense 3(F_a + F_f); expert
 2F_a + 5F_f (forward with both FFNs, activation gradients through everything, weight gradients
-of the owner's FFN only); a public-negative row 2F_a + 4F_f (no FFN weight gradients).
+of the owner's FFN only); low rank 2F_a + 4F_f (+ the rank-r terms); a public-negative row
+2F_a + 4F_f (no FFN weight gradients).
 Token ids are random: throughput does not depend on the text.
 """
 
@@ -61,7 +64,7 @@ def flops_per_token(config, seq_len: int) -> tuple[float, float]:
 
 def ideal_ratio(kind: str, fa: float, ff: float, public_ratio: float = 0.25) -> float:
     dense = 3 * (fa + ff)
-    expert = 2 * fa + 5 * ff
+    expert = 2 * fa + (4 if kind == "expertlr" else 5) * ff  # low rank: no FFN weight gradient
     if kind == "expertneg":
         expert += public_ratio * (2 * fa + 4 * ff)
     return dense / expert
@@ -123,6 +126,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 2)))
     ap.add_argument("--only", default="dense-fp32,dense-bf16,expert-fp32,expert-bf16")
+    ap.add_argument("--rank", type=int, default=128, help="expertlr: the owner's delta rank")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     p = PRESETS[args.preset]
@@ -154,7 +158,7 @@ def main() -> None:
             if kind == "dense":
                 model = anchor
                 n_params = sum(x.numel() for x in model.parameters())
-            if kind in ("expert", "expertneg"):
+            if kind in ("expert", "expertneg", "expertlr"):
                 L, H = cfg0.num_hidden_layers, cfg0.hidden_size
                 rows = torch.randn(L, H, generator=torch.Generator().manual_seed(1)) * 0.02
                 model = build_two_expert(anchor, extras, rows, "domain")
@@ -162,6 +166,10 @@ def main() -> None:
                 named = dict(model.named_parameters())
                 masks = [(named[k], m) for k, m in fmasks.items()]
                 n_params = sum(x.numel() for x in anchor.parameters())  # per-token: both FFNs
+                if kind == "expertlr":
+                    from flexmoe.model.lowrank import low_rank_owner
+
+                    low_rank_owner(model, args.rank, owner=1, seed=0)
                 if kind == "expertneg":
                     pre = PublicNegatives(stream, max(1, round(batch_size / 4)), seq_len, 0, 1.0)
             model.to(dev)

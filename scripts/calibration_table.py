@@ -4,9 +4,10 @@
 
 Each owner's package in RUN/experts is calibrated twice (`expert calibrate`, public weight 4 as in
 the flexmoe recipe): --owner-target owner (the owner's tokens pushed to its expert) and
---owner-target trained (their routing kept as trained; only public text re-routed). Packages that
-were calibrated during training are taken as they are for the "owner" row and the comparison
-needs uncalibrated packages for the others; the script says which it had. The three sets are
+--owner-target trained (their routing kept as trained; only public text re-routed). Where the
+run's packages were calibrated during training (the scratch demo: post-norm blocks), uncalibrated
+copies are trained first with the same recipe, settings and seed, and all three rows start from
+them. The three sets are
 merged like the run's merged model (same top-k and preselection) and scored on the run's held-out
 windows (bf16 autocast, the model's default mode): the merged model, each owner's 2-expert model
 on its own domain and on public text, and the routing weight each domain's text gives its own
@@ -41,7 +42,7 @@ def main() -> None:
     from flexmoe.evaluation.demo_eval import EvalSettings, routing_diagonal, routing_matrix
     from flexmoe.inference.bpb import evaluate_bpb
     from flexmoe.inference.preselect import preselect_hook
-    from flexmoe.lifecycle.expert import calibrate_package, make_recipe
+    from flexmoe.lifecycle.expert import calibrate_package, make_recipe, train_expert
     from flexmoe.lifecycle.merge import merge
     from flexmoe.model.router import routing
     from flexmoe.selection import expert_mask, expert_names
@@ -61,12 +62,37 @@ def main() -> None:
         d: read_manifest(p).training.model_dump().get("gate_calibration") is not None
         for d, p in pkgs.items()
     }
-    if any(calibrated.values()):
-        raise SystemExit(
-            f"{run}: packages {[d for d, c in calibrated.items() if c]} were calibrated during "
-            "training; this comparison needs uncalibrated packages (recipe calibrate=False)"
-        )
     meta = read_merged_meta(run / "merged")
+    merged_dirs = {"none": run / "merged"}
+    if any(calibrated.values()):
+        # the run's packages were calibrated at the end of training: train uncalibrated copies
+        # with the same recipe, settings and seed (calibration is a separate last step, so the
+        # copies are what training had before it), and build all three rows from them
+        print(f"{run}: packages calibrated during training; training uncalibrated copies")
+        copies = {}
+        for d, p in pkgs.items():
+            dst = work / "uncalibrated" / d
+            if not (dst / "manifest.json").is_file():
+                tr = read_manifest(p).training.model_dump()
+                hp = tr["hyperparameters"]
+                rec = {k: v for k, v in tr["recipe"].items() if not k.endswith("_objective")}
+                train_expert(
+                    anchor, run / "tokens" / d / "train", dst, d,
+                    heldout=run / "tokens" / d / "heldout", domain=d,
+                    router_docs=tr["router_docs"], train_bias=tr["train_bias"],
+                    recipe=make_recipe(**{**rec, "calibrate": False}),
+                    public=run / "tokens" / "public" / "train", overwrite=True, restart=True,
+                    **{k: hp[k] for k in ("steps", "warmup", "bf16", "batch_size", "seq_len",
+                                          "seed", "lr", "eval_tokens")},
+                )  # fmt: skip
+            copies[d] = dst
+        pkgs = copies
+        merged_dirs["none"] = work / "merged-none"
+        if not (merged_dirs["none"] / "flexmoe_merged.json").is_file():
+            merge(
+                anchor, list(pkgs.values()), merged_dirs["none"], top_k=meta["top_k"],
+                preselect=meta["preselect"], log=None, overwrite=True,
+            )  # fmt: skip
     sets = {"none": pkgs}
     for target in VARIANTS[1:]:
         sets[target] = {}
@@ -84,7 +110,6 @@ def main() -> None:
                     dst, rec, seq_len=args.seq_len, seed=0, overwrite=True,
                 )  # fmt: skip
             sets[target][d] = dst
-    merged_dirs = {"none": run / "merged"}
     for target in VARIANTS[1:]:
         dst = work / f"merged-{target}"
         if not (dst / "flexmoe_merged.json").is_file():

@@ -138,11 +138,18 @@ def random_merged(
 
 
 def random_package(
-    out: Path, anchor_dir: Path, name: str, seed: int, embedding=None, centroid=None, **manifest
+    out: Path,
+    anchor_dir: Path,
+    name: str,
+    seed: int,
+    embedding=None,
+    centroid=None,
+    prototypes=None,
+    **manifest,
 ) -> Path:
     """A well-formed expert package with seeded random weights (for merge/routing mechanics);
     `embedding` (384,) is stored as its domain embedding, `centroid` (H,) as its hidden
-    centroid."""
+    centroid, `prototypes` (8, 384) as its MiniLM prototypes (rows normalised)."""
     import torch
 
     from flexmoe.store.anchor_dir import load_anchor
@@ -155,6 +162,8 @@ def random_package(
     tensors = {} if embedding is None else {"domain_embedding": embedding / embedding.norm()}
     if centroid is not None:
         tensors["hidden_centroid"] = centroid.float()
+    if prototypes is not None:
+        tensors["domain_prototypes"] = torch.nn.functional.normalize(prototypes.float(), dim=-1)
     for layer in range(n):
         p = f"layers.{layer}"
         tensors |= {

@@ -121,7 +121,10 @@ def test_expert_beats_anchor_on_its_domain_and_package_contents(expert_pkg, anch
     assert m.consent.allowed_uses == ["research"] and m.owner == "PSF"
     tensors = load_file(expert_pkg / WEIGHTS)
     L = json.loads((anchor_dir / "config.json").read_text())["num_hidden_layers"]
-    assert len(tensors) == 5 * L + 2 and tensors["domain_embedding"].shape == (384,)
+    assert len(tensors) == 5 * L + 3 and tensors["domain_embedding"].shape == (384,)
+    protos = tensors["domain_prototypes"]
+    assert protos.shape == (8, 384) and torch.allclose(protos.norm(dim=-1), torch.ones(8))
+    assert "k-means" in m.training.model_dump()["domain_prototypes"]
     H = json.loads((anchor_dir / "config.json").read_text())["hidden_size"]
     assert tensors["hidden_centroid"].shape == (H,) and 0 < tensors["hidden_centroid"].norm() <= 1
     assert "layer-" in m.training.model_dump()["hidden_centroid"]

@@ -380,6 +380,59 @@ def test_hidden_centroids_join_preselection_and_keep_opt_out_exact(work, anchor_
         merge(anchor_dir, [pkgs["code"], plain], work / "hc-bad", **kw)
 
 
+def test_preselection_scores_the_closest_prototype_and_keeps_opt_out_exact(work, anchor_dir):
+    """Packages storing MiniLM prototypes are scored by their closest prototype, not their
+    mean; when any scored expert stores none, every expert is scored by its mean (one scale);
+    excluding an expert gives exactly the choice of a model merged without it."""
+    from conftest import random_package
+    from flexmoe.errors import FlexmoeError
+    from flexmoe.inference.preselect import minilm_scores, preselect_mask
+    from flexmoe.lifecycle.merge import merge
+    from flexmoe.model.embedding import embed_texts
+    from flexmoe.selection import expert_mask
+    from flexmoe.store.merged import load_merged
+
+    code = "import os\ndef main(argv):\n    for path in argv:\n        print(os.stat(path))\n"
+    news = "Mr. Speaker, Members of the Congress, my fellow Americans: the state of our Union"
+    q = torch.from_numpy(embed_texts([code, news])).float()
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(3, 7, 384, generator=g)
+    # the code owner's mean is unrelated to code; the news owner's mean sits on the code text
+    means = {"code": torch.randn(384, generator=g), "news": q[0], "social": -q[0]}
+    protos = {
+        "code": torch.cat([q[:1], noise[0]]),
+        "news": torch.cat([q[1:], noise[1]]),
+        "social": torch.cat([-q[:1], noise[2]]),
+    }
+    pkgs = {
+        d: random_package(
+            work / f"pt-{d}", anchor_dir, d, i, embedding=means[d], prototypes=protos[d]
+        )
+        for i, d in enumerate(means)
+    }
+    merge(anchor_dir, list(pkgs.values()), work / "pt-all", log=None)
+    merge(anchor_dir, [pkgs["news"], pkgs["social"]], work / "pt-nocode", log=None)
+    full, never = load_merged(work / "pt-all"), load_merged(work / "pt-nocode")
+    names = experts_of(full).names
+    assert set(experts_of(full).domain_prototypes) == set(means)
+    picked = preselect_mask(full, [code, news], 1)
+    assert [n for n, k in zip(names, picked[0], strict=True) if k] == ["public", "code"]
+    assert [n for n, k in zip(names, picked[1], strict=True) if k] == ["public", "news"]
+    by_mean = minilm_scores(full, [code], [1, 2, 3], prototypes=False)
+    assert names[1 + int(by_mean.argmax())] == "news"  # what the mean alone would pick
+    a = preselect_mask(full, [code, news, "a forum post"], 1, expert_mask(full, exclude=["code"]))
+    b = preselect_mask(never, [code, news, "a forum post"], 1)
+    assert torch.equal(a[:, [0, 2, 3]], b)
+
+    plain = random_package(work / "pt-plain", anchor_dir, "plain", 7, embedding=q[1])
+    merge(anchor_dir, [pkgs["code"], pkgs["news"], plain], work / "pt-mixed", log=None)
+    mixed = load_merged(work / "pt-mixed")
+    auto = minilm_scores(mixed, [code], [1, 2, 3])
+    assert torch.allclose(auto, minilm_scores(mixed, [code], [1, 2, 3], prototypes=False))
+    with pytest.raises(FlexmoeError, match="prototypes"):
+        minilm_scores(mixed, [code], [1, 2, 3], prototypes=True)
+
+
 def test_merge_stores_preselection_only_when_every_package_can_be_scored(work, anchor_dir):
     import json
 
@@ -429,7 +482,7 @@ def test_expert_centroid_adds_what_training_would_have_stored(work, anchor_dir, 
     manifest's documents; the weights are unchanged; compressed packages are refused."""
     from conftest import random_package
     from flexmoe.data.tokenizer import load_tokenizer
-    from flexmoe.lifecycle.router_init import sample_documents
+    from flexmoe.lifecycle.router_init import document_statistics, sample_documents
     from flexmoe.model.hidden import CENTROID_DOCS, centroid
     from flexmoe.store.package import verify_package
 
@@ -440,12 +493,17 @@ def test_expert_centroid_adds_what_training_would_have_stored(work, anchor_dir, 
     anchor, rec, extras = load_anchor(anchor_dir)
     old_m, old = verify_package(pkg, rec, extras, anchor)
     m, new = verify_package(work / "hc-new", rec, extras, anchor)
-    assert set(new) - set(old) == {"hidden_centroid"}
+    assert set(new) - set(old) == {"hidden_centroid", "domain_prototypes"}
     assert all(torch.equal(old[k], new[k]) for k in old)
     tok = load_tokenizer(anchor_dir)
-    texts = sample_documents(TokenStream(shards["code/train"]), tok, 1000, 5)[:CENTROID_DOCS]
-    assert torch.allclose(new["hidden_centroid"], centroid(anchor, tok, texts), atol=1e-6)
+    texts = sample_documents(TokenStream(shards["code/train"]), tok, 1000, 5)
+    heads = texts[:CENTROID_DOCS]
+    assert torch.allclose(new["hidden_centroid"], centroid(anchor, tok, heads), atol=1e-6)
     assert "added after training" in m.training.model_dump()["hidden_centroid"]
+    want = document_statistics(texts, 5)["domain_prototypes"]
+    assert torch.allclose(new["domain_prototypes"], want, atol=1e-5)
+    code, _, err = run_cli([*args[:2], work / "hc-new", *args[3:], "-o", work / "hc-again"], capsys)
+    assert code == 2 and "already stores" in err and not (work / "hc-again").exists()
     small = work / "hc-small"
     code, _, err = run_cli(
         ["expert", "compress", pkg, "--anchor", anchor_dir, "--rank", 2, "-o", small], capsys

@@ -262,6 +262,21 @@ def test_bad_hidden_centroid_is_rejected(env, capsys, value, expect):
     one_line_error(code, err, expect)
 
 
+@pytest.mark.parametrize("value, expect", [("long", "has norm"), ("few", "expected [8, 384]")])
+def test_bad_domain_prototypes_are_rejected(env, capsys, value, expect):
+    import torch
+
+    pkg = copy_pkg(env, f"prototypes-{value}")
+    t = load_file(pkg / WEIGHTS)
+    unit = torch.nn.functional.normalize(torch.randn(8, 384), dim=-1)
+    t["domain_prototypes"] = {"long": unit * torch.tensor([1.0] * 7 + [1.5])[:, None]}.get(
+        value, unit[:7]
+    )
+    rewrite(pkg, t)
+    code, _, err = run_cli(["expert", "verify", pkg, "--anchor", env["anchor"]], capsys)
+    one_line_error(code, err, expect)
+
+
 def test_probe_refuses_a_merged_model_with_non_finite_logits(env):
     from flexmoe.store.merged import load_merged
 
@@ -382,20 +397,31 @@ def test_usage_errors_are_one_line(capsys):
 
 
 # ---------------------------------------------------------------- 7. resume
-def test_resume_after_the_final_checkpoint_writes_the_package(env, shards, capsys):
+def test_resume_after_the_final_checkpoint_writes_the_package(env, shards, capsys, monkeypatch):
+    import flexmoe.lifecycle.expert as lifecycle
     from flexmoe.lifecycle.expert import train_expert
 
     out = env["root"] / "resumed"
     kw = dict(recipe="paper", steps=4, batch_size=2, seq_len=32, router_docs=4)
     full = train_expert(env["anchor"], shards["code/train"], out, "r", **kw)
-    shutil.rmtree(out)  # a kill between the final checkpoint and the package write
-    again = train_expert(env["anchor"], shards["code/train"], out, "r", resume=True, **kw)
-    assert again["training"]["tokens"] == full["training"]["tokens"]
-    assert again["tensors"] == full["tensors"]  # same weights (sha256 of every tensor)
+    shutil.rmtree(out)
+    assert not (out.with_name("resumed.train") / "checkpoints").exists()  # dropped once packaged
+
+    def killed(*a, **k):  # a kill between the final checkpoint and the package write
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(lifecycle, "write_package", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train_expert(env["anchor"], shards["code/train"], out, "r", **kw)
+    assert not out.exists()
     with pytest.raises(FlexmoeError, match="different settings.*seed"):
         train_expert(env["anchor"], shards["code/train"], out, "r", resume=True, seed=1, **kw)
     with pytest.raises(FlexmoeError, match="different settings.*lr"):
         train_expert(env["anchor"], shards["code/train"], out, "r", resume=True, lr=0.3, **kw)
+    again = train_expert(env["anchor"], shards["code/train"], out, "r", resume=True, **kw)
+    assert again["training"]["tokens"] == full["training"]["tokens"]
+    assert again["tensors"] == full["tensors"]  # same weights (sha256 of every tensor)
 
 
 def test_metrics_log_has_each_step_once_after_resume(env, shards):

@@ -101,6 +101,10 @@ def expert_train(
     ] = None,
     max_grad_norm: Annotated[float, typer.Option(help="DP per-document clipping norm.")] = 1.0,
     dp_epochs: Annotated[int, typer.Option(help="DP passes over the documents.")] = 1,
+    rank: Annotated[
+        int | None,
+        typer.Option(help="Train the FFN as a rank-R delta on the anchor's (low-rank expert)."),
+    ] = None,
 ) -> None:
     """Train an expert on private data against the frozen anchor; write its package."""
 
@@ -147,6 +151,7 @@ def expert_train(
         overwrite=overwrite,
         restart=restart,
         stop_after=stop_after,
+        rank=rank,
         dp=None
         if dp_epsilon is None
         else {
@@ -215,12 +220,12 @@ def expert_centroid(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Package directory to write.")],
     overwrite: OverwriteOption = False,
 ) -> None:
-    """Add the hidden-state centroid preselection uses to an older package (weights unchanged;
-    written unsigned: sign it again)."""
+    """Add the preselection statistics (hidden centroid, MiniLM prototypes) to an older package
+    (weights unchanged; written unsigned: sign it again)."""
     from flexmoe.lifecycle.expert import add_centroid
 
     m = add_centroid(anchor, package, data, out_dir, overwrite=overwrite)
-    out.print(f"hidden centroid added to expert '{clean(m['name'], 64)}' → {out_dir}")
+    out.print(f"preselection statistics added to expert '{clean(m['name'], 64)}' → {out_dir}")
 
 
 @expert_app.command("compress")

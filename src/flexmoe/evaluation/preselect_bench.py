@@ -5,8 +5,12 @@ hand-written prompts of data/preselect-prompts.json; the right answer is the dom
 Each method ranks the merged model's owner experts (the public expert is always kept) and top-1
 accuracy is counted per domain:
 
-- `minilm`: today's default: cosine of the prompt's all-MiniLM-L6-v2 embedding with each owner's
-  stored mean document embedding (inference.preselect); left out when a package stores none.
+- `minilm`: the default: cosine of the prompt's all-MiniLM-L6-v2 embedding with each owner's
+  closest stored prototype (k-means centres of its documents' embeddings; the mean document
+  embedding for packages without prototypes, inference.preselect); left out when a package
+  stores no embedding.
+- `minilm-mean`: the same with each owner's mean document embedding (what packages stored
+  before prototypes), shown when every package stores prototypes.
 - `hidden`: cosine of the anchor's mean hidden state over the prompt (middle layer) with each
   owner's mean over its TRAINING documents, the statistic a package would store (both centred
   on the owners' mean, model/hidden.py).
@@ -44,7 +48,7 @@ from flexmoe.store.merged import experts_of
 
 PROMPTS = Path(__file__).resolve().parents[3] / "data" / "preselect-prompts.json"
 LENGTHS = (32, 64)
-METHODS = ("minilm", "hidden", "router", "minilm+hidden")
+METHODS = ("minilm", "minilm-mean", "hidden", "router", "minilm+hidden")
 
 
 def heldout_prompts(
@@ -125,6 +129,9 @@ def run_bench(
             picks["minilm"] = [
                 next((names[i] for i in idx if mask[b, i]), "?") for b in range(len(texts))
             ]
+            if all(d in experts_of(merged).domain_prototypes for d in owners):
+                by_mean = minilm_scores(merged, texts, idx, prototypes=False)
+                picks["minilm-mean"] = [owners[j] for j in by_mean.argmax(-1).tolist()]
         h = centred_cosine(mean_hidden(anchor, tokenizer, texts), cent)
         picks["hidden"] = [owners[j] for j in h.argmax(-1).tolist()]
         scores = _router_scores(merged, tokenizer, texts)[:, idx]

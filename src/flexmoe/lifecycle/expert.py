@@ -46,6 +46,7 @@ from flexmoe.lifecycle.gate import (
 from flexmoe.lifecycle.merge import build_merged
 from flexmoe.lifecycle.router_init import (
     METHODS,
+    document_statistics,
     embed_documents,
     hidden_rows,
     random_rows,
@@ -56,12 +57,14 @@ from flexmoe.model.arch import family_of
 from flexmoe.model.device import to_storage
 from flexmoe.model.freezing import merge_owner_params, owner_only, parametrize_bias
 from flexmoe.model.hidden import CENTROID_DOCS, centroid, hidden_layer
+from flexmoe.model.lowrank import low_rank_owner, materialize
 from flexmoe.model.moe import upcycle
 from flexmoe.model.router import routers
 from flexmoe.store.anchor_dir import load_anchor, write_anchor
 from flexmoe.store.fsutil import FILES_RECORD, guard_output, sha256_file
 from flexmoe.store.package import (
     MAX_TEXT,
+    PROTOTYPES,
     STATISTICS,
     USES,
     dp_record,
@@ -71,7 +74,13 @@ from flexmoe.store.package import (
     write_package,
 )
 from flexmoe.store.records import library_versions
-from flexmoe.train.loop import TrainConfig, make_train_config, train, unshard_for_save
+from flexmoe.train.loop import (
+    TrainConfig,
+    drop_checkpoints,
+    make_train_config,
+    train,
+    unshard_for_save,
+)
 
 
 def shards_sha256(path: Path) -> str:
@@ -217,14 +226,20 @@ def train_expert(
     overwrite: bool = False,
     restart: bool = False,
     dp: dict | None = None,
+    rank: int | None = None,
     **overrides,
 ) -> dict:
     """Train an expert (or the dense baseline) and write its package (or dense model).
 
     `public`: token shards of public text (the anchor's public corpus or any public text), needed
     by a recipe with public negatives. `dp`: {"epsilon", "delta", "max_grad_norm", "epochs"}
-    trains with DP-SGD (dp.py) instead. Every setting is checked before any work."""
+    trains with DP-SGD (dp.py) instead. `rank`: train the owner's FFN as a rank-`rank` delta on
+    the anchor's (model/lowrank.py). Every setting is checked before any work."""
     validate_name(name)
+    if rank is not None and (rank < 1 or dense or dp is not None):
+        raise FlexmoeError(
+            "--rank must be ≥ 1" if rank < 1 else "--rank trains an expert package without DP"
+        )
     if dp is not None:
         if dense:
             raise FlexmoeError("--dp-epsilon trains an expert package, not a dense model")
@@ -268,18 +283,19 @@ def train_expert(
     anchor_bpb = heldout_bpb(anchor) if heldout is not None else None
     work = Path(out).with_name(Path(out).name + ".train")
     if dense:
-        return _train_dense(
+        res = _train_dense(
             anchor_dir, anchor, tok, extras, record, stream, cfg, work, evals, tb, out,
             name, domain, resume, restart, anchor_bpb,
         )  # fmt: skip
+        if not res.get("stopped"):
+            drop_checkpoints(work)
+        return res
     if dp is None:
         # the owner's mean document embedding: router init, and request-level preselection later
         texts = sample_documents(stream, tok, router_docs, cfg.seed)
-        embedding = embed_documents(texts)
-        statistics = {
-            "domain_embedding": embedding,
-            "hidden_centroid": centroid(anchor, tok, texts[:CENTROID_DOCS]),
-        }
+        statistics = document_statistics(texts, cfg.seed)
+        embedding = statistics["domain_embedding"]
+        statistics["hidden_centroid"] = centroid(anchor, tok, texts[:CENTROID_DOCS])
         owner_rows = owner_router_rows(
             router_init, anchor, extras, tok, stream, cfg.seed, router_docs, cfg.seq_len, embedding
         )
@@ -295,6 +311,8 @@ def train_expert(
             for r in routers(m):
                 with torch.no_grad():
                     r.bias[OWNER] = rec.bias_init
+        if rank is not None:
+            low_rank_owner(m, rank, OWNER, cfg.seed)
         return m
 
     model = build()
@@ -356,6 +374,12 @@ def train_expert(
             "tokens_per_s": result.get("tokens_per_s"),
             "router_docs": router_docs,
             "train_bias": train_bias,
+            "low_rank": None
+            if rank is None
+            else {
+                "rank": rank,
+                "method": "the owner's FFN trained as anchor + B·A per matrix (model/lowrank.py)",
+            },
             "recipe": rec.describe(),
             "public_data_sha256": (
                 shards_sha256(public) if dp is None and rec.public_ratio > 0 else None
@@ -367,6 +391,13 @@ def train_expert(
             else (
                 f"mean all-MiniLM-L6-v2 embedding of {router_docs} of the owner's documents (a "
                 "statistic of the owner's data, used for request-level preselection)"
+            ),
+            "domain_prototypes": None
+            if embedding is None
+            else (
+                f"{PROTOTYPES} k-means centres (seed {cfg.seed}) of the same documents' "
+                "all-MiniLM-L6-v2 embeddings (a statistic of the owner's data, used for "
+                "request-level preselection)"
             ),
             "hidden_centroid": None
             if embedding is None
@@ -386,6 +417,7 @@ def train_expert(
             "objective": "LM loss on the owner's documents with DP-SGD (dp.py); not calibrated",
         }
     m = write_package(Path(out), tensors, manifest)
+    drop_checkpoints(work)
     return m.model_dump(mode="json")
 
 
@@ -444,6 +476,7 @@ def _train_owner(
         return result, None, model
     to_storage(model)  # post-processing and the package: CPU, float32
     merge_owner_params(model)
+    materialize(model)  # a low-rank owner: anchor + B·A in the stock tensors
     calibration = None
     if rec.calibrate:
         calibration = calibrate_gate(model, stream, TokenStream(public), rec, cfg.seq_len, cfg.seed)
@@ -490,9 +523,10 @@ def calibrate_package(
 def add_centroid(
     anchor_dir: Path, package: Path, data: Path, out: Path, overwrite: bool = False
 ) -> dict:
-    """`flexmoe expert centroid`: give a package trained before packages carried one its hidden
-    centroid (model/hidden.py), from the same documents `expert train` would have used (the
-    manifest's router_docs and seed); the weights are unchanged. Writes a new, unsigned package."""
+    """`flexmoe expert centroid`: give a package trained before packages carried them its hidden
+    centroid (model/hidden.py) and its MiniLM prototypes, from the same documents `expert train`
+    would have used (the manifest's router_docs and seed); statistics it has and the weights are
+    unchanged. Writes a new, unsigned package."""
     guard_output(out, "expert package", [anchor_dir, package, data], overwrite)
     anchor, record, extras = load_anchor(anchor_dir)
     m, tensors = verify_package(package, record, extras, anchor)
@@ -506,15 +540,27 @@ def add_centroid(
     training = m.training.model_dump()
     docs, seed = int(training.get("router_docs") or 1000), int(training.get("seed") or 0)
     tok = load_tokenizer(anchor_dir)
-    texts = sample_documents(TokenStream(data), tok, docs, seed)[:CENTROID_DOCS]
-    new = dict(tensors) | {"hidden_centroid": centroid(anchor, tok, texts).float()}
+    texts = sample_documents(TokenStream(data), tok, docs, seed)
     manifest = json.loads(m.model_dump_json(exclude={"tensors"}))
-    manifest["training"]["hidden_centroid"] = (
-        f"mean of the anchor's layer-{hidden_layer(anchor.config)} hidden states (each token "
-        f"normalised, the first left out) over {len(texts)} of the owner's documents (a statistic "
-        "of the owner's data, used for request-level preselection); added after training from "
-        f"data {shards_sha256(data)[:16]}…"
-    )
+    new = dict(tensors)
+    added = f"added after training from data {shards_sha256(data)[:16]}…"
+    if "hidden_centroid" not in tensors:
+        heads = texts[:CENTROID_DOCS]
+        new["hidden_centroid"] = centroid(anchor, tok, heads).float()
+        manifest["training"]["hidden_centroid"] = (
+            f"mean of the anchor's layer-{hidden_layer(anchor.config)} hidden states (each token "
+            f"normalised, the first left out) over {len(heads)} of the owner's documents (a "
+            f"statistic of the owner's data, used for request-level preselection); {added}"
+        )
+    if "domain_prototypes" not in tensors and "domain_embedding" in tensors:
+        new["domain_prototypes"] = document_statistics(texts, seed)["domain_prototypes"]
+        manifest["training"]["domain_prototypes"] = (
+            f"{PROTOTYPES} k-means centres (seed {seed}) of the all-MiniLM-L6-v2 embeddings of "
+            f"{len(texts)} of the owner's documents (a statistic of the owner's data, used for "
+            f"request-level preselection); {added}"
+        )
+    if new.keys() == tensors.keys():
+        raise FlexmoeError(f"{package} already stores every statistic `expert centroid` adds")
     manifest["created_with"] = library_versions()
     return write_package(Path(out), new, manifest).model_dump(mode="json")
 

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from flexmoe.errors import FlexmoeError
-from flexmoe.model.embedding import EMBED_DIM, embed_texts
+from flexmoe.model.embedding import EMBED_DIM, embed_texts, prototypes
+from flexmoe.store.package import PROTOTYPES
 
 METHODS = ("domain", "random", "hidden")
 
@@ -39,9 +40,19 @@ def row_norm(hidden_size: int, initializer_range: float = 0.02) -> float:
 
 def embed_documents(texts: Sequence[str]) -> torch.Tensor:
     """Mean of the documents' embeddings → (384,): one vector for a whole corpus."""
+    return document_statistics(texts)["domain_embedding"]
+
+
+def document_statistics(texts: Sequence[str], seed: int = 0) -> dict[str, torch.Tensor]:
+    """The owner's MiniLM statistics from one embedding pass: `domain_embedding` (the mean, the
+    router embedding) and `domain_prototypes` (k-means centres, for preselection)."""
     if not texts:
         raise FlexmoeError("no documents to embed for the router initialisation")
-    return torch.from_numpy(embed_texts(texts).astype(np.float64).mean(0)).float()
+    emb = embed_texts(texts)
+    return {
+        "domain_embedding": torch.from_numpy(emb.astype(np.float64).mean(0)).float(),
+        "domain_prototypes": prototypes(emb, PROTOTYPES, seed),
+    }
 
 
 def domain_rows(texts: Sequence[str], proj: torch.Tensor, num_layers: int) -> torch.Tensor:

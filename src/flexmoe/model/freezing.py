@@ -60,7 +60,9 @@ def owner_only(model: nn.Module, trainable: list[int]) -> None:
         for path in OWNER_TENSORS:
             owner, name = path.split(".")
             mod = getattr(layer.mlp, owner)
-            param = getattr(mod, name)
+            param = getattr(mod, name, None)
+            if not isinstance(param, nn.Parameter):
+                continue  # a low-rank owner (model/lowrank.py): its own parameters already
             parametrize.register_parametrization(mod, name, FrozenSlices(param, trainable))
 
 

@@ -42,8 +42,8 @@ MAX_EXPERTS = 256
 @dataclass
 class ExpertTable:
     """What flexmoe knows about a loaded model's experts, beside the HF object (never attributes
-    set on it): names in router order, stored manifests, domain embeddings and hidden
-    centroids (preselection), the stored
+    set on it): names in router order, stored manifests, domain embeddings, hidden centroids
+    and MiniLM prototypes (preselection), the stored
     preselection default, whether routers were tuned, and the experts withheld at load
     (name → reason: consent lapsed or revoked), which no expert choice can bring back."""
 
@@ -51,6 +51,7 @@ class ExpertTable:
     manifests: dict[str, Manifest] = field(default_factory=dict)
     domain_embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
     hidden_centroids: dict[str, torch.Tensor] = field(default_factory=dict)
+    domain_prototypes: dict[str, torch.Tensor] = field(default_factory=dict)
     preselect: int | None = None
     preselect_hidden: bool = False  # preselection also reads hidden centroids (merge option)
     router_tuned: bool = False
@@ -206,6 +207,7 @@ def load_merged(path: Path, state: Path | None = None) -> PreTrainedModel:
     shapes = optional_shapes(model.config.hidden_size)
     embeddings = _statistic(path, names, "domain_embedding", shapes["domain_embedding"])
     centroids = _statistic(path, names, "hidden_centroid", shapes["hidden_centroid"])
+    protos = _statistic(path, names, "domain_prototypes", shapes["domain_prototypes"])
     pre = meta.get("preselect")
     manifests = {k: Manifest.model_validate(v) for k, v in (meta.get("manifests") or {}).items()}
     lapsed = {n: m.consent.permits(None) for n, m in manifests.items()}
@@ -214,6 +216,7 @@ def load_merged(path: Path, state: Path | None = None) -> PreTrainedModel:
         manifests,
         embeddings,
         centroids,
+        protos,
         preselect=pre if pre and embeddings else None,
         preselect_hidden=bool(meta.get("preselect_hidden")),
         router_tuned=bool(meta.get("router_tuned")),  # RT: see lifecycle/router_tune.py
@@ -228,7 +231,7 @@ def load_merged(path: Path, state: Path | None = None) -> PreTrainedModel:
 
 
 def _statistic(path: Path, names: list[str], key: str, shape: list[int]) -> dict[str, torch.Tensor]:
-    """Each stored package's statistic `key` (domain_embedding, hidden_centroid), if any."""
+    """Each stored package's statistic `key` (package.STATISTICS), if any."""
     from safetensors import safe_open
 
     out = {}

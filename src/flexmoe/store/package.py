@@ -4,8 +4,10 @@ A package is a directory with
 - `expert.safetensors`: per layer i, `layers.{i}.gate_proj` (I,H), `layers.{i}.up_proj` (I,H),
   `layers.{i}.down_proj` (H,I), `layers.{i}.router` (H,) and `layers.{i}.bias` () ≤ 0;
   optionally `domain_embedding` (384,): the mean all-MiniLM-L6-v2 embedding of the owner's
-  documents, and `hidden_centroid` (H,): the mean of the anchor's mid-layer hidden states over
-  them (model/hidden.py); statistics of the owner's data, used for request-level preselection;
+  documents, `domain_prototypes` (8, 384): k-means centres of those embeddings (one owner's data
+  is rarely one topic: a mean can sit far from all of it), and `hidden_centroid` (H,): the mean
+  of the anchor's mid-layer hidden states over them (model/hidden.py); statistics of the owner's
+  data, used for request-level preselection;
 - `manifest.json`: who, what, under which consent, built on which anchor, how, and the sha256 of
   every tensor.
 Packages are untrusted input: `verify_package` checks everything before any tensor is used, and
@@ -15,7 +17,7 @@ file's size against the size the anchor's shapes imply (safetensors header parse
 Scale rule (finite but absurd weights make a merged model's logits NaN/Inf): every FFN matrix's
 max |w| must be ≤ MAX_FFN_SCALE × the anchor's max |w| of the same matrix in that layer (trained
 demo packages measure ≤ 1.4×); router rows |r| ≤ MAX_ROUTER_ABS; biases in [−MAX_BIAS_ABS, 0]; a
-domain embedding and a hidden centroid (means of unit vectors) have norm ≤ 1.
+domain embedding, a hidden centroid and each prototype (means of unit vectors) have norm ≤ 1.
 """
 
 from __future__ import annotations
@@ -41,12 +43,18 @@ SCHEMA_VERSION = 1
 NAME_RE = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 RESERVED_NAMES = ("public",)  # the anchor's expert in every merged model
 USES = ("research", "commercial")
-STATISTICS = ("domain_embedding", "hidden_centroid")  # optional, computed from the owner's data
+# optional, computed from the owner's data
+STATISTICS = ("domain_embedding", "domain_prototypes", "hidden_centroid")
+PROTOTYPES = 8  # rows of domain_prototypes
 
 
 def optional_shapes(hidden_size: int) -> dict[str, list[int]]:
     """The optional tensors of a package (STATISTICS) and their shapes."""
-    return {"domain_embedding": [384], "hidden_centroid": [hidden_size]}
+    return {
+        "domain_embedding": [384],
+        "domain_prototypes": [PROTOTYPES, 384],
+        "hidden_centroid": [hidden_size],
+    }
 
 
 MAX_MANIFEST_BYTES = 256 * 1024
@@ -322,8 +330,8 @@ def check_scale(pkg: Path, name: str, t: torch.Tensor, scales: dict[str, float] 
         raise FlexmoeError(
             f"{pkg}: tensor '{name}' is {float(t):g} (bias must be ≤ 0 and ≥ −{MAX_BIAS_ABS:g})"
         )
-    elif name in STATISTICS and float(t.norm()) > 1.0 + 1e-4:
-        raise FlexmoeError(f"{pkg}: {name} has norm {float(t.norm()):.3g} > 1")
+    elif name in STATISTICS and float(t.norm(dim=-1).max()) > 1.0 + 1e-4:
+        raise FlexmoeError(f"{pkg}: {name} has norm {float(t.norm(dim=-1).max()):.3g} > 1")
 
 
 def verify_package(

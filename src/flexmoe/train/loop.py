@@ -228,6 +228,13 @@ def latest_checkpoint(out: Path) -> Path | None:
     return path if path.is_dir() else None
 
 
+def drop_checkpoints(out: Path) -> None:
+    """After the run's output is written: its checkpoints can only resume a finished run (they
+    are the size of the model and its optimizer state, per run). metrics.jsonl stays."""
+    if dist_info()[0] == 0:
+        shutil.rmtree(out / CKPT_DIR, ignore_errors=True)
+
+
 def checkpoint_state(path: Path, cfg: TrainConfig) -> dict:
     """state.json of a checkpoint, refusing a resume whose settings differ from the run's."""
 
