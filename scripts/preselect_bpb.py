@@ -5,6 +5,13 @@ centroid`), so preselection adds the anchor's hidden states to MiniLM (issue 23)
     python scripts/preselect_bpb.py --run runs/results-smollm2 \
         --merged runs/results-smollm2/merged-centroid --out results/preselect/bpb.md
 
+`--against-mean`: instead of the run's row, the same merged model with its packages' MiniLM
+prototypes ignored (each expert scored by its mean document embedding, as before packages
+stored prototypes), both scored here (`--eval-tokens` may then exceed the run's):
+
+    python scripts/preselect_bpb.py --run runs/demo --merged runs/demo/merged --against-mean \
+        --eval-tokens 16384 --out results/preselect/prototypes-bpb.md
+
 Scoring as the run's report does it (its eval_tokens, seq_len, preselection context, bf16
 autocast); writes a markdown table with 95% intervals and the paired differences.
 """
@@ -23,6 +30,8 @@ def main() -> None:
     ap.add_argument("--merged", type=Path, required=True)
     ap.add_argument("--row", default="FlexOlmo merged", help="the run's row to compare with")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--against-mean", action="store_true")
+    ap.add_argument("--eval-tokens", type=int, help="with --against-mean (default: the run's)")
     args = ap.parse_args()
 
     import torch
@@ -32,25 +41,42 @@ def main() -> None:
     from flexmoe.evaluation import intervals as iv
     from flexmoe.inference.bpb import evaluate_bpb
     from flexmoe.inference.preselect import default_preselect, preselect_hook
-    from flexmoe.store.merged import load_merged
+    from flexmoe.store.merged import experts_of, load_merged
 
     t0 = time.perf_counter()
     res = json.loads((args.run / "report" / "results.json").read_text())
     cfg, base = res["config"], res["windows"][args.row]
     domains = list(base)
+    if args.eval_tokens:
+        if not args.against_mean:
+            ap.error("--eval-tokens needs --against-mean (the run's row has the run's tokens)")
+        cfg["eval_tokens"] = args.eval_tokens
     tok = load_tokenizer(args.merged)
     tb = token_byte_lengths(tok)
     model = load_merged(args.merged)
     pre = default_preselect(model)
-    new = {}
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        for d in domains:
-            s = TokenStream(args.run / "tokens" / d / "heldout")
-            hook = preselect_hook(model, tok, s, pre, cfg["preselect_context"]) if pre else None
-            new[d] = evaluate_bpb(
-                lambda ids: model(ids).logits, s, tb, cfg["seq_len"],
-                max_tokens=cfg["eval_tokens"], before_batch=hook,
-            )["windows"]  # fmt: skip
+    if args.against_mean and len(experts_of(model).domain_prototypes) < 2:
+        ap.error(f"{args.merged}: its packages store no MiniLM prototypes to compare")
+
+    def score() -> dict:
+        out = {}
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for d in domains:
+                s = TokenStream(args.run / "tokens" / d / "heldout")
+                hook = preselect_hook(model, tok, s, pre, cfg["preselect_context"]) if pre else None
+                out[d] = evaluate_bpb(
+                    lambda ids: model(ids).logits, s, tb, cfg["seq_len"],
+                    max_tokens=cfg["eval_tokens"], before_batch=hook,
+                )["windows"]  # fmt: skip
+        return out
+
+    new = score()
+    if args.against_mean:
+        args.row = f"{args.merged}, each owner scored by its mean embedding"
+        protos = dict(experts_of(model).domain_prototypes)
+        experts_of(model).domain_prototypes.clear()  # minilm_scores falls back to the means
+        base = score()
+        experts_of(model).domain_prototypes.update(protos)
 
     def cell(w) -> str:
         lo, hi = iv.bpb_ci(w)
@@ -66,6 +92,8 @@ def main() -> None:
     diffs = {d: iv.paired_diff(new[d], base[d]) for d in domains}
     diffs["mean"] = iv.paired_mean_diff(new, base)
     cols = [*domains, "mean"]
+    new_row = f"{args.merged}, closest prototype" if args.against_mean else str(args.merged)
+    delta = "prototypes − mean" if args.against_mean else "new − run's row"
     md = [
         f"# {args.merged} vs '{args.row}' of {args.run}",
         "",
@@ -75,11 +103,11 @@ def main() -> None:
         "",
         "| model | " + " | ".join(cols) + " |",
         "|---|" + "---:|" * len(cols),
-        f"| {args.row} ({args.run}) | " + " | ".join(cell(base[d]) for d in domains)
+        f"| {args.row} | " + " | ".join(cell(base[d]) for d in domains)
         + f" | {mean_cell(base)} |",
-        f"| {args.merged} | " + " | ".join(cell(new[d]) for d in domains)
+        f"| {new_row} | " + " | ".join(cell(new[d]) for d in domains)
         + f" | {mean_cell(new)} |",
-        "| Δ (new − run's row) | " + " | ".join(rel(diffs[c]) for c in cols) + " |",
+        f"| Δ ({delta}) | " + " | ".join(rel(diffs[c]) for c in cols) + " |",
         "",
         f"Mean: the new model better: {iv.verdict(diffs['mean']['lo'], diffs['mean']['hi'])}. "
         f"{time.perf_counter() - t0:.0f} s.",
