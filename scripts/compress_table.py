@@ -10,7 +10,8 @@ full expert's gain over the anchor that the compressed one keeps); --json writes
 
 `--train-ranks 32,128` also trains the domain's expert at each rank (`expert train --rank R`,
 the full package's recipe, settings, seed and data read from its manifest; `--train-lrs` to try
-other learning rates) into RUN/lowrank/, reused when present, and scores each beside the
+other learning rates; rank 0 is ordinary full-rank training, to compare learning rates on equal
+terms) into RUN/lowrank/, reused when present, and scores each beside the
 compressed ones: stored at its own rank (lossless), with the training seconds of each from its
 manifest (the full package's too; compare them only from runs on an otherwise idle machine).
 """
@@ -123,27 +124,33 @@ def main() -> None:
                 anchor_dir, tokens / args.domain / "train", t, args.domain,
                 heldout=heldout, domain=args.domain, router_docs=ft["router_docs"],
                 train_bias=ft["train_bias"], recipe=make_recipe(**rec),
-                public=tokens / "public" / "train", rank=r, restart=True, overwrite=True,
+                public=tokens / "public" / "train", rank=r or None, restart=True, overwrite=True,
                 lr=lr or hp["lr"], **{k: hp[k] for k in ("steps", "warmup", "bf16", "batch_size",
                                                          "seq_len", "seed", "eval_tokens")},
             )  # fmt: skip
         trained.append(t)
     for t in trained:
         tr = read_manifest(t).training.model_dump()
-        r = tr["low_rank"]["rank"]
-        out = tmp / f"{t.name}-r{r}"
-        c = compress_package(t, anchor_dir, out, rank=r)["compression"]
-        rows.append(
-            {
-                "package": f"trained at rank {r}, lr {tr['hyperparameters']['lr']:g}",
-                "bpb": owner_bpb(t),
-                "mb": size(out) / 1e6,
-                "energy": c["energy"],
-                "ffn_params": c["parameters_stored"],
-                "ffn_params_full": c["parameters_full"],
-                "train_s": tr.get("seconds"),
-            }
-        )
+        lr = tr["hyperparameters"]["lr"]
+        if tr.get("low_rank") is None:  # rank 0: full-rank training at another lr
+            full_rank = {"energy": 1.0, "ffn_params": 1, "ffn_params_full": 1, "mb": size(t) / 1e6}
+            rows.append({"package": f"trained at full rank, lr {lr:g}", "bpb": owner_bpb(t)})
+            rows[-1] |= full_rank | {"train_s": tr.get("seconds")}
+        else:
+            r = tr["low_rank"]["rank"]
+            out = tmp / f"{t.name}-r{r}"
+            c = compress_package(t, anchor_dir, out, rank=r)["compression"]
+            rows.append(
+                {
+                    "package": f"trained at rank {r}, lr {lr:g}",
+                    "bpb": owner_bpb(t),
+                    "mb": size(out) / 1e6,
+                    "energy": c["energy"],
+                    "ffn_params": c["parameters_stored"],
+                    "ffn_params_full": c["parameters_full"],
+                    "train_s": tr.get("seconds"),
+                }
+            )
         if args.merged:
             rows[-1]["merged_bpb"] = merged_bpb(t)
     print(f"{args.run}, expert '{args.domain}', held-out {args.tokens} tokens, owner's model\n")

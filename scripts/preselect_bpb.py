@@ -5,12 +5,15 @@ centroid`), so preselection adds the anchor's hidden states to MiniLM (issue 23)
     python scripts/preselect_bpb.py --run runs/results-smollm2 \
         --merged runs/results-smollm2/merged-centroid --out results/preselect/bpb.md
 
-`--against-mean`: instead of the run's row, the same merged model with its packages' MiniLM
+`--against mean`: instead of the run's row, the same merged model with its packages' MiniLM
 prototypes ignored (each expert scored by its mean document embedding, as before packages
 stored prototypes), both scored here (`--eval-tokens` may then exceed the run's):
 
-    python scripts/preselect_bpb.py --run runs/demo --merged runs/demo/merged --against-mean \
+    python scripts/preselect_bpb.py --run runs/demo --merged runs/demo/merged --against mean \
         --eval-tokens 16384 --out results/preselect/prototypes-bpb.md
+
+`--against no-bias`: the same merged model with every router bias set to 0 (what a stock
+transformers loader computes), both in the model's default mode (its preselection).
 
 Scoring as the run's report does it (its eval_tokens, seq_len, preselection context, bf16
 autocast); writes a markdown table with 95% intervals and the paired differences.
@@ -30,8 +33,8 @@ def main() -> None:
     ap.add_argument("--merged", type=Path, required=True)
     ap.add_argument("--row", default="FlexOlmo merged", help="the run's row to compare with")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--against-mean", action="store_true")
-    ap.add_argument("--eval-tokens", type=int, help="with --against-mean (default: the run's)")
+    ap.add_argument("--against", choices=["mean", "no-bias"], help="instead of the run's row")
+    ap.add_argument("--eval-tokens", type=int, help="with --against (default: the run's)")
     args = ap.parse_args()
 
     import torch
@@ -41,6 +44,7 @@ def main() -> None:
     from flexmoe.evaluation import intervals as iv
     from flexmoe.inference.bpb import evaluate_bpb
     from flexmoe.inference.preselect import default_preselect, preselect_hook
+    from flexmoe.model.router import routers
     from flexmoe.store.merged import experts_of, load_merged
 
     t0 = time.perf_counter()
@@ -48,14 +52,14 @@ def main() -> None:
     cfg, base = res["config"], res["windows"][args.row]
     domains = list(base)
     if args.eval_tokens:
-        if not args.against_mean:
-            ap.error("--eval-tokens needs --against-mean (the run's row has the run's tokens)")
+        if not args.against:
+            ap.error("--eval-tokens needs --against (the run's row has the run's tokens)")
         cfg["eval_tokens"] = args.eval_tokens
     tok = load_tokenizer(args.merged)
     tb = token_byte_lengths(tok)
     model = load_merged(args.merged)
     pre = default_preselect(model)
-    if args.against_mean and len(experts_of(model).domain_prototypes) < 2:
+    if args.against == "mean" and len(experts_of(model).domain_prototypes) < 2:
         ap.error(f"{args.merged}: its packages store no MiniLM prototypes to compare")
 
     def score() -> dict:
@@ -71,12 +75,18 @@ def main() -> None:
         return out
 
     new = score()
-    if args.against_mean:
+    if args.against == "mean":
         args.row = f"{args.merged}, each owner scored by its mean embedding"
         protos = dict(experts_of(model).domain_prototypes)
         experts_of(model).domain_prototypes.clear()  # minilm_scores falls back to the means
         base = score()
         experts_of(model).domain_prototypes.update(protos)
+    elif args.against == "no-bias":
+        args.row = f"{args.merged}, router biases 0"
+        with torch.no_grad():
+            for r in routers(model):
+                r.bias.zero_()
+        base = score()
 
     def cell(w) -> str:
         lo, hi = iv.bpb_ci(w)
@@ -92,8 +102,11 @@ def main() -> None:
     diffs = {d: iv.paired_diff(new[d], base[d]) for d in domains}
     diffs["mean"] = iv.paired_mean_diff(new, base)
     cols = [*domains, "mean"]
-    new_row = f"{args.merged}, closest prototype" if args.against_mean else str(args.merged)
-    delta = "prototypes − mean" if args.against_mean else "new − run's row"
+    new_row, delta = str(args.merged), "new − run's row"
+    if args.against == "mean":
+        new_row, delta = f"{args.merged}, closest prototype", "prototypes − mean"
+    elif args.against == "no-bias":
+        new_row, delta = f"{args.merged}, learned biases", "biases − 0"
     md = [
         f"# {args.merged} vs '{args.row}' of {args.run}",
         "",
