@@ -90,8 +90,27 @@ def llama_anchor(work, tok_dir):
 @pytest.fixture(scope="module")
 def merged(work, llama_anchor):
     out = work / "gguf-merged"
-    merge(llama_anchor, _packages(work, llama_anchor, "mixtral", (1, 2)), out, top_k=2, log=None)
+    pkgs = _packages(work, llama_anchor, "mixtral", (1, 2))
+    # the biases kept (the Mixtral row drops them by default): the export must say it drops them
+    merge(llama_anchor, pkgs, out, top_k=2, log=None, router_bias=True)
     return out
+
+
+def test_the_mixtral_row_merges_without_router_biases(work, llama_anchor, merged, capsys):
+    """By default a Llama-family merge has b = 0 (model.arch `router_bias`): the stock checkpoint
+    is then the whole model, and the GGUF export drops nothing."""
+    from flexmoe.model.router import routers
+    from flexmoe.store.merged import MERGED, load_merged
+
+    out = work / "gguf-merged-nobias"
+    logged = []
+    pkgs = [work / "gguf-mixtral-code", work / "gguf-mixtral-math"]  # the `merged` fixture's
+    merge(llama_anchor, pkgs, out, top_k=2, log=logged.append)
+    assert any("router biases dropped" in x for x in logged)
+    assert json.loads((out / MERGED).read_text())["router_bias"] is False
+    assert all(torch.equal(r.bias, torch.zeros_like(r.bias)) for r in routers(load_merged(out)))
+    code, _, err = run_cli(["export", "gguf", out, "-o", work / "nb.gguf", "--type", "f32"], capsys)
+    assert code == 0 and "router bias dropped" not in err, err
 
 
 def _ids(model_dir):

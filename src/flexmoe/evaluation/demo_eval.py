@@ -27,7 +27,7 @@ from flexmoe.inference.bpb import eval_windows, evaluate_bpb
 from flexmoe.inference.generate import generate
 from flexmoe.inference.preselect import PRESELECT_CONTEXT, default_preselect, preselect_hook
 from flexmoe.lifecycle.baselines import BTMEnsemble, likelihood_weights, soup
-from flexmoe.model.arch import check_dense
+from flexmoe.model.arch import check_dense, family_of
 from flexmoe.model.router import RoutingTrace, routers, routing
 from flexmoe.selection import expert_mask, expert_names
 from flexmoe.store.anchor_dir import load_anchor
@@ -303,6 +303,7 @@ def evaluate_all(
         "no_bias": selectivity[default_label]["variants"]["stock"],
         "sources": sources,
         "renormalize": bool(routers(merged)[0].norm_topk_prob),
+        "router_bias": family_of(merged.config.model_type).router_bias,
         "architecture": merged.config.model_type,
         "selectivity": selectivity,
         "topk": {str(k): v for k, v in topk.items()},

@@ -11,7 +11,8 @@ A merged directory is
 - `flexmoe_bias.safetensors`: the per-layer router bias vectors `layers.{i}.bias` (E,), ≤ 0.
   Stock transformers' MoE routers have no bias, so the stock-loadable export simply omits it:
   a stock loader runs the model with b = 0 (scripts measure what that costs);
-  `store.merged.load_merged` restores it;
+  `store.merged.load_merged` restores it. On families whose row drops the bias
+  (model.arch `router_bias`) every bias is 0 and the stock load is exact;
 - `flexmoe_merged.json`: expert names in order, anchor fingerprint, every manifest, top-k,
   router init and what was excluded and why;
 - `experts/<name>/`: a verbatim copy of each package, so a merged model can be re-verified and
@@ -36,6 +37,7 @@ from transformers import PreTrainedModel
 
 from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.errors import FlexmoeError
+from flexmoe.model.arch import family_of
 from flexmoe.model.moe import upcycle
 from flexmoe.model.router import routers, routing
 from flexmoe.selection import choose
@@ -154,6 +156,7 @@ def merge(
     overwrite: bool = False,
     trusted_keys: Path | None = None,
     max_epsilon: float | None = None,
+    router_bias: bool | None = None,
 ) -> MergeResult:
     """Copy, verify, apply the name and consent policy, build, probe and write atomically.
 
@@ -164,6 +167,7 @@ def merge(
     0/None = token routing alone; M ≥ 1 = keep public + M experts per request.
     `trusted_keys`: admit only packages signed by one of these keys (signing.py).
     `max_epsilon`: admit only packages trained with DP-SGD at ε ≤ max_epsilon (dp.py).
+    `router_bias`: keep the packages' router biases (None: the family's rule, model.arch).
     """
 
     log = log or (lambda _msg: None)
@@ -237,6 +241,14 @@ def merge(
             include_public=include_public,
         )
         expert_names = [PUBLIC] * include_public + [m.name for _, m, _ in kept]
+        fam = family_of(model.config.model_type)
+        keep_bias = fam.router_bias if router_bias is None else router_bias
+        if not keep_bias:
+            with torch.no_grad():
+                for r in routers(model):
+                    r.bias.zero_()
+            if router_bias is None and kept:
+                log(f"router biases dropped (b = 0: the {fam.name} row's rule, model/arch.py)")
         probe(model, expert_names)
         embedded = bool(kept) and all("domain_embedding" in t for _, _, t in kept)
         if preselect == -1:
@@ -256,6 +268,7 @@ def merge(
             "top_k": model.config.num_experts_per_tok,
             "preselect": preselect or None,
             "preselect_hidden": preselect_hidden,
+            "router_bias": keep_bias,
             "router_init": kept[0][1].router_init if kept else None,
             "manifests": {m.name: json.loads(m.model_dump_json()) for _, m, _ in kept},
             "signers": {n: s for n, s in signers.items() if n in expert_names},
