@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from flexmoe.errors import FlexmoeError
-from flexmoe.model.embedding import EMBED_DIM, embed_texts, prototypes
+from flexmoe.model.embedding import EMBED_DIM, embed_texts
 from flexmoe.store.package import PROTOTYPES
 
 METHODS = ("domain", "random", "hidden")
@@ -38,21 +38,45 @@ def row_norm(hidden_size: int, initializer_range: float = 0.02) -> float:
     return initializer_range * math.sqrt(hidden_size)
 
 
+def prototypes(emb: np.ndarray, k: int, seed: int = 0) -> torch.Tensor:
+    """(k, 384) unit k-means centres of unit embeddings (sklearn, seeded): an owner's data as
+    the few topics it covers. Fewer than k distinct documents: those documents, repeated (a
+    score that takes the closest prototype is unchanged by repeats)."""
+    if len(emb) == 0:
+        raise FlexmoeError("no documents to take prototypes of")
+    distinct = np.unique(emb.astype(np.float32), axis=0)
+    if len(distinct) <= k:
+        centres = distinct[np.arange(k) % len(distinct)]
+    else:
+        from sklearn.cluster import KMeans
+
+        centres = (
+            KMeans(k, n_init=4, random_state=seed).fit(emb.astype(np.float64)).cluster_centers_
+        )
+    t = torch.from_numpy(np.asarray(centres, dtype=np.float64)).float()
+    return torch.nn.functional.normalize(t, dim=-1)
+
+
+def _embedded(texts: Sequence[str]) -> np.ndarray:
+    if not texts:
+        raise FlexmoeError("no documents to embed for the router initialisation")
+    return embed_texts(texts)
+
+
+def _mean(emb: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(emb.astype(np.float64).mean(0)).float()
+
+
 def embed_documents(texts: Sequence[str]) -> torch.Tensor:
     """Mean of the documents' embeddings → (384,): one vector for a whole corpus."""
-    return document_statistics(texts)["domain_embedding"]
+    return _mean(_embedded(texts))
 
 
 def document_statistics(texts: Sequence[str], seed: int = 0) -> dict[str, torch.Tensor]:
     """The owner's MiniLM statistics from one embedding pass: `domain_embedding` (the mean, the
     router embedding) and `domain_prototypes` (k-means centres, for preselection)."""
-    if not texts:
-        raise FlexmoeError("no documents to embed for the router initialisation")
-    emb = embed_texts(texts)
-    return {
-        "domain_embedding": torch.from_numpy(emb.astype(np.float64).mean(0)).float(),
-        "domain_prototypes": prototypes(emb, PROTOTYPES, seed),
-    }
+    emb = _embedded(texts)
+    return {"domain_embedding": _mean(emb), "domain_prototypes": prototypes(emb, PROTOTYPES, seed)}
 
 
 def domain_rows(texts: Sequence[str], proj: torch.Tensor, num_layers: int) -> torch.Tensor:

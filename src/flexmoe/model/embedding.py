@@ -51,22 +51,3 @@ def embed_texts(texts: Sequence[str], batch_size: int = 32, max_length: int = 25
         emb = (h * m).sum(1) / m.sum(1).clamp(min=1)
         out.append(torch.nn.functional.normalize(emb, dim=-1).float().numpy())
     return np.concatenate(out) if out else np.zeros((0, EMBED_DIM), dtype=np.float32)
-
-
-def prototypes(emb: np.ndarray, k: int, seed: int = 0) -> torch.Tensor:
-    """(k, 384) unit k-means centres of unit embeddings (sklearn, seeded): an owner's data as
-    the few topics it covers. Fewer than k distinct documents: those documents, repeated (a
-    score that takes the closest prototype is unchanged by repeats)."""
-    if len(emb) == 0:
-        raise FlexmoeError("no documents to take prototypes of")
-    distinct = np.unique(emb.astype(np.float32), axis=0)
-    if len(distinct) <= k:
-        centres = distinct[np.arange(k) % len(distinct)]
-    else:
-        from sklearn.cluster import KMeans
-
-        centres = (
-            KMeans(k, n_init=4, random_state=seed).fit(emb.astype(np.float64)).cluster_centers_
-        )
-    t = torch.from_numpy(np.asarray(centres, dtype=np.float64)).float()
-    return torch.nn.functional.normalize(t, dim=-1)
