@@ -1,10 +1,13 @@
-"""Gate calibration on a finished demo run: none vs the default target vs "trained" (issue 23).
+"""Gate calibration on a finished demo run: none vs calibrated variants (issue 23).
 
     python scripts/calibration_table.py --run runs/demo --out results/calibration/demo-smollm2
+    python scripts/calibration_table.py --run runs/demo --variants none,lm:0,lm:1 --out DIR
 
-Each owner's package in RUN/experts is calibrated twice (`expert calibrate`, public weight 4 as in
-the flexmoe recipe): --owner-target owner (the owner's tokens pushed to its expert) and
---owner-target trained (their routing kept as trained; only public text re-routed). Where the
+Each owner's package in RUN/experts is calibrated once per variant (`expert calibrate`):
+  owner    classifier, --owner-target owner (the owner's tokens pushed to its expert),
+  trained  classifier, --owner-target trained (their routing kept; only public text re-routed),
+  lm:W     --method lm: all owner rows fitted with the LM loss in the loop, public-gate weight W;
+the classifier variants use --public-weight (4, the flexmoe recipe's). Where the
 run's packages were calibrated during training (the scratch demo: post-norm blocks), uncalibrated
 copies are trained first with the same recipe, settings and seed, and all three rows start from
 them. The three sets are
@@ -21,7 +24,19 @@ import json
 import time
 from pathlib import Path
 
-VARIANTS = ("none", "owner", "trained")
+
+def variant_recipe(v: str, public_weight: float, steps: int, lr: float) -> dict:
+    """make_recipe("flexmoe", **this) for a variant name (see the module doc)."""
+    if v in ("owner", "trained"):
+        return {"calibrate_owner_target": v, "calibrate_public_weight": public_weight}
+    if v.startswith("lm:"):
+        return {
+            "calibrate_method": "lm",
+            "calibrate_public_weight": float(v[3:]),
+            "calibrate_steps": steps,
+            "calibrate_lr": lr,
+        }
+    raise SystemExit(f"unknown variant {v!r} (none, owner, trained, lm:W)")
 
 
 def main() -> None:
@@ -30,8 +45,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--tokens", type=int, default=4096, help="held-out tokens per domain")
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--public-weight", type=float, default=4.0)
+    ap.add_argument("--public-weight", type=float, default=4.0, help="classifier variants")
+    ap.add_argument("--variants", default="none,owner,trained")
+    ap.add_argument("--lm-steps", type=int, default=60)
+    ap.add_argument("--lm-lr", type=float, default=1e-3)
     args = ap.parse_args()
+    variants = args.variants.split(",")
+    if variants[0] != "none":
+        raise SystemExit("--variants must start with none (the rows are compared with it)")
+    for v in variants[1:]:
+        variant_recipe(v, args.public_weight, args.lm_steps, args.lm_lr)
 
     import numpy as np
     import torch
@@ -94,24 +117,23 @@ def main() -> None:
                 preselect=meta["preselect"], log=None, overwrite=True,
             )  # fmt: skip
     sets = {"none": pkgs}
-    for target in VARIANTS[1:]:
+    for target in variants[1:]:
         sets[target] = {}
         for d, p in pkgs.items():
-            dst = work / target / d
+            dst = work / target.replace(":", "-") / d
             if not (dst / "manifest.json").is_file():
                 rec = make_recipe(
                     "flexmoe",
                     calibrate=True,
-                    calibrate_public_weight=args.public_weight,
-                    calibrate_owner_target=target,
+                    **variant_recipe(target, args.public_weight, args.lm_steps, args.lm_lr),
                 )
                 calibrate_package(
                     anchor, p, run / "tokens" / d / "train", run / "tokens" / "public" / "train",
                     dst, rec, seq_len=args.seq_len, seed=0, overwrite=True,
                 )  # fmt: skip
             sets[target][d] = dst
-    for target in VARIANTS[1:]:
-        dst = work / f"merged-{target}"
+    for target in variants[1:]:
+        dst = work / f"merged-{target.replace(':', '-')}"
         if not (dst / "flexmoe_merged.json").is_file():
             merge(
                 anchor, list(sets[target].values()), dst, top_k=meta["top_k"],
@@ -163,9 +185,12 @@ def main() -> None:
         return f"{100 * c['rel']:+.1f}% [{100 * c['rel_lo']:+.1f}%, {100 * c['rel_hi']:+.1f}%]"
 
     md = [
-        f"# Gate calibration: none vs target 'owner' vs target 'trained' ({run})",
+        f"# Gate calibration: {' vs '.join(variants)} ({run})",
         "",
-        f"Public weight {args.public_weight:g}; held-out BPB (lower is better) on the first "
+        f"Classifier variants (owner, trained): public weight {args.public_weight:g}. lm:W: "
+        f"`expert calibrate --method lm --public-weight W --steps {args.lm_steps} --lr "
+        f"{args.lm_lr:g}`. Merges follow the family's router-bias rule (model/arch.py). "
+        "Held-out BPB (lower is better) on the first "
         f"{args.tokens:,} tokens per domain in {args.seq_len}-token windows, bf16 autocast, "
         "each merged model in its default mode (stored preselection); 95% bootstrap intervals "
         "over windows, differences paired. Build (calibration + merges) "
@@ -177,7 +202,7 @@ def main() -> None:
         "|---|" + "---:|" * (len(all_domains) + 1),
     ]
     res: dict = {"windows_bpb": {}, "diffs": {}, "own_weight": own_weight}
-    for v in VARIANTS:
+    for v in variants:
         w = windows[f"merged ({v})"]
         mean = sum(iv.bpb_of(w[d]) for d in all_domains) / len(all_domains)
         lo, hi = iv.mean_ci(w)
@@ -186,7 +211,7 @@ def main() -> None:
             f"[{lo:.3f}, {hi:.3f}] |"
         )
         res["windows_bpb"][f"merged ({v})"] = {d: iv.bpb_of(w[d]) for d in all_domains}
-    for v in VARIANTS[1:]:
+    for v in variants[1:]:
         a, b = windows[f"merged ({v})"], windows["merged (none)"]
         m = iv.paired_mean_diff(a, b)
         md.append(
@@ -203,14 +228,14 @@ def main() -> None:
         "| calibration | " + " | ".join(f"{d} on {d} | {d} on public" for d in domains) + " |",
         "|---|" + "---:|" * (2 * len(domains)),
     ]
-    for v in VARIANTS:
+    for v in variants:
         w = windows[f"2-expert ({v})"]
         md.append(
             f"| {v} | " + " | ".join(f"{cell(w[d])} | {cell(w[f'public|{d}'])}" for d in domains)
             + " |"
         )  # fmt: skip
         res["windows_bpb"][f"2-expert ({v})"] = {k: iv.bpb_of(x) for k, x in w.items()}
-    for v in VARIANTS[1:]:
+    for v in variants[1:]:
         a, b = windows[f"2-expert ({v})"], windows["2-expert (none)"]
         md.append(
             f"| Δ {v} − none | "
@@ -225,7 +250,7 @@ def main() -> None:
         "| calibration | " + " | ".join(all_domains) + " |",
         "|---|" + "---:|" * len(all_domains),
     ]
-    for v in VARIANTS:
+    for v in variants:
         md.append(f"| {v} | " + " | ".join(f"{own_weight[v][d]:.2f}" for d in all_domains) + " |")
     md += ["", f"Total {time.perf_counter() - t0:.0f} s."]
     args.out.mkdir(parents=True, exist_ok=True)

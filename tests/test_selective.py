@@ -451,6 +451,88 @@ def test_merge_stores_preselection_only_when_every_package_can_be_scored(work, a
     assert json.loads((work / "pp-merged3" / MERGED).read_text())["preselect"] == 1
 
 
+def _lm_recipe(**kw):
+    return make_recipe(
+        "flexmoe", calibrate=True, calibrate_method="lm", calibrate_steps=12, calibrate_lr=1e-2,
+        **kw,
+    )  # fmt: skip
+
+
+def test_lm_calibration_fits_only_the_owners_gate_with_the_lm_loss_and_is_seeded(
+    anchor_dir, shards
+):
+    """Method "lm": the owner's rows (and, on a family that keeps biases, its bias) of every
+    layer are fitted together on LM loss + public-gate loss; the fit lowers that objective on
+    windows it never trained on, moves nothing else, and a rerun with the same seed is identical."""
+    import copy
+
+    from flexmoe.lifecycle.expert import calibrate_gate
+
+    _, base = _two_expert(anchor_dir)
+    owner, public = TokenStream(shards["code/train"]), TokenStream(shards["public/train"])
+    models = [copy.deepcopy(base), copy.deepcopy(base)]
+    res = [calibrate_gate(m, owner, public, _lm_recipe(), seq_len=32, seed=0) for m in models]
+    r = res[0]
+    assert r["method"] == "lm" and r["router_bias"] is True and len(r["loss"]) == 12
+
+    def objective(t):
+        return t["lm_owner"] + t["lm_public"] + r["public_weight"] * t["gate_public"]
+
+    assert objective(r["after"]) < objective(r["before"])
+    assert r["after"]["owner_gate_on_public"] < r["before"]["owner_gate_on_public"]
+    old, new, again = (m.state_dict() for m in (base, *models))
+    moved = False
+    for k, v in new.items():
+        assert torch.equal(v, again[k]), k  # seeded: the same fit twice
+        if ".mlp.gate." in k:
+            assert torch.equal(v[0], old[k][0]), k  # the public row / bias never move
+            moved |= not torch.equal(v[1], old[k][1])
+        else:
+            assert torch.equal(v, old[k]), k  # FFNs, attention, embeddings untouched
+    assert moved
+    assert all(p.grad is None for p in models[0].parameters())
+    assert [p.requires_grad for p in models[0].parameters()] == [
+        p.requires_grad for p in base.parameters()
+    ]
+
+
+def test_lm_calibration_on_the_mixtral_row_fits_with_the_bias_the_merge_will_use(shards):
+    """The Mixtral row drops router biases at merge (model.arch), so its lm fit runs with b = 0
+    and leaves the stored bias alone; the public row stays bit-identical."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import TINY_VOCAB
+    from flexmoe.lifecycle.expert import calibrate_gate
+    from flexmoe.model.moe import upcycle
+
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        )
+    ).eval()  # fmt: skip
+    model = upcycle(dense, 2, 2)
+    with torch.no_grad():
+        for r in routers(model):
+            r.weight.normal_(0, 0.1)
+            r.bias[OWNER] = -0.7
+        for n, p in model.named_parameters():
+            if ".mlp.experts." in n:
+                p[OWNER].add_(torch.randn_like(p[OWNER]) * 0.02)
+    old = {k: v.clone() for k, v in model.state_dict().items()}
+    owner, public = TokenStream(shards["code/train"]), TokenStream(shards["public/train"])
+    res = calibrate_gate(model, owner, public, _lm_recipe(), seq_len=32, seed=0)
+    assert res["router_bias"] is False and "b = 0" in res["objective"]
+    assert all(x["bias"] == 0.0 for x in res["layers"])
+    for k, v in model.state_dict().items():
+        if k.endswith(".mlp.gate.weight"):
+            assert torch.equal(v[0], old[k][0]) and not torch.equal(v[1], old[k][1]), k
+        else:
+            assert torch.equal(v, old[k]), k  # the bias included: not fitted, left as stored
+    assert all(r.use_bias for r in routers(model))
+
+
 def test_expert_calibrate_cli_writes_a_verified_package(work, anchor_dir, shards, capsys):
     from conftest import random_package
     from flexmoe.store.package import verify_package
@@ -465,16 +547,24 @@ def test_expert_calibrate_cli_writes_a_verified_package(work, anchor_dir, shards
     m, tensors = verify_package(work / "cal-out", rec, extras, anchor.config)
     assert m.training.model_dump()["gate_calibration"]["recalibrated"]
     assert "domain_embedding" in tensors
-    code, out, err = run_cli([*args, "--public-weight", 0, "-o", work / "cal-bad"], capsys)
+    code, out, err = run_cli([*args, "--method", "nobody", "-o", work / "cal-bad"], capsys)
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
-    assert code == 2 and len(lines) == 1 and "calibrate_public_weight" in lines[0], err
+    assert code == 2 and len(lines) == 1 and "calibrate_method" in lines[0], err
     assert not (work / "cal-bad").exists()
+    code, out, err = run_cli([*args, "--public-weight", -1, "-o", work / "cal-bad"], capsys)
+    assert code == 2 and "public-weight" in err and not (work / "cal-bad").exists(), err
     code, out, err = run_cli([*args, "--owner-target", "nobody", "-o", work / "cal-bad"], capsys)
     assert code == 2 and "calibrate_owner_target" in err and not (work / "cal-bad").exists()
     code, out, err = run_cli([*args, "--owner-target", "trained", "-o", work / "cal-kept"], capsys)
     assert code == 0, err
     m, _ = verify_package(work / "cal-kept", rec, extras, anchor.config)
     assert m.training.model_dump()["gate_calibration"]["owner_target"] == "trained"
+    lm = [*args, "--method", "lm", "--steps", 3, "--lr", 1e-2, "-o", work / "cal-lm"]
+    code, out, err = run_cli(lm, capsys)
+    assert code == 0, err
+    m, _ = verify_package(work / "cal-lm", rec, extras, anchor.config)
+    cal = m.training.model_dump()["gate_calibration"]
+    assert cal["method"] == "lm" and cal["steps"] == 3 and cal["recalibrated"]
 
 
 def test_expert_centroid_adds_what_training_would_have_stored(work, anchor_dir, shards, capsys):

@@ -187,6 +187,15 @@ def expert_calibrate(
             "trained (pre-norm anchors: Llama, Qwen3)."
         ),
     ] = "owner",
+    method: Annotated[
+        str,
+        typer.Option(
+            help="classifier: fit each layer's gate on its router inputs; lm: fit all layers' "
+            "owner rows with the LM loss of the owner's model in the loop (pre-norm anchors)."
+        ),
+    ] = "classifier",
+    steps: Annotated[int, typer.Option(help="lm method: Adam steps.")] = 60,
+    lr: Annotated[float, typer.Option(help="lm method: Adam learning rate.")] = 1e-3,
     seq_len: Annotated[int, typer.Option(help="Tokens per window.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed for the windows.")] = 0,
     overwrite: OverwriteOption = False,
@@ -197,9 +206,12 @@ def expert_calibrate(
     rec = make_recipe(
         "flexmoe",
         calibrate=True,
+        calibrate_method=method,
         calibrate_public_weight=public_weight,
         calibrate_windows=windows,
         calibrate_owner_target=owner_target,
+        calibrate_steps=steps,
+        calibrate_lr=lr,
     )
     m = calibrate_package(
         anchor, package, data, public, out_dir, rec, seq_len=seq_len, seed=seed, overwrite=overwrite

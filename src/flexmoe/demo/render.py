@@ -362,8 +362,10 @@ def write_report(results: dict, out: Path) -> Path:
         ]
         md += [f"| {m} | " + " | ".join(_fmt(r[n]) for n in names_s) + " |" for m, r in src.items()]
         md.append("")
-    if "renormalize" in results:
+    rn = None
+    if "renormalize" in results:  # the section only where the other rule was measured
         rn = results["selectivity"][next(iter(results["selectivity"]))]["variants"].get("renorm")
+    if rn:
         rule = "renormalises" if results["renormalize"] else "does not renormalise"
         md += [
             "## Top-k renormalisation",
@@ -384,14 +386,11 @@ def write_report(results: dict, out: Path) -> Path:
                 for c in cols
             )
             + " |",
+            f"| {'not renormalised' if results['renormalize'] else 'renormalised'} | "
+            + " | ".join(_fmt(rn[c]) for c in cols)
+            + " |",
+            "",
         ]
-        if rn:
-            md.append(
-                f"| {'not renormalised' if results['renormalize'] else 'renormalised'} | "
-                + " | ".join(_fmt(rn[c]) for c in cols)
-                + " |"
-            )
-        md.append("")
     if results["topk"]:
         md += [
             "## Active experts (top-k)",

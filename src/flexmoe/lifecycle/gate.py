@@ -7,7 +7,10 @@ claims generic text. Public data is public, so an owner may use it to learn the 
 - `PublicNegatives`: during training, public batches on which only the owner's router row and
   bias learn (LM loss + −log p_public); the owner's FFN gets no gradient from them;
 - `calibrate_gate`: after training, each layer's owner row and bias are fitted as a classifier
-  "owner's text vs public text" on what that router sees.
+  "owner's text vs public text" on what that router sees (method "classifier"), or all layers'
+  owner rows together with the language-modelling loss of the owner's model in the loop
+  (method "lm"): on a pre-norm block the gate scales what the FFN adds to the residual stream,
+  so only a fit that sees the LM loss can tell a useful re-weighting from a harmful one.
 Nothing of any other owner is read, so the exact opt-out guarantee is unchanged.
 """
 
@@ -45,10 +48,20 @@ class Recipe(BaseModel):
     router_z_loss: float = Field(0.0, ge=0)
     router_lr_scale: float = Field(1.0, gt=0, description="router rows and biases: lr × this")
     calibrate: bool = Field(False, description="fit the gate after training (calibrate_gate)")
+    calibrate_method: Literal["classifier", "lm"] = Field(
+        "classifier",
+        description="per-layer classifier on the router inputs | all owner rows fitted with the "
+        "LM loss of the owner's model in the loop",
+    )
     calibrate_windows: int = Field(32, gt=0, description="owner and public windows each")
     calibrate_public_weight: float = Field(
-        1.0, gt=0, description="calibration: cost of a public token routed to the owner"
+        1.0,
+        ge=0,
+        description="calibration: cost of a public token routed to the owner (classifier: "
+        "relative to an owner token; lm: weight of −log p_public beside the LM loss)",
     )
+    calibrate_steps: int = Field(60, gt=0, description="lm calibration: Adam steps")
+    calibrate_lr: float = Field(1e-3, gt=0, description="lm calibration: Adam learning rate")
     calibrate_owner_target: Literal["owner", "trained"] = Field(
         "owner",
         description="calibration on the owner's tokens: push them to the owner's expert | keep "
@@ -215,6 +228,153 @@ def _fit_gate(x_own, x_pub, w_pub, w0, b0: float, rec: Recipe):
 def calibrate_gate(
     model, owner: TokenStream, public: TokenStream, rec: Recipe, seq_len: int, seed: int
 ) -> dict:
+    """Owner-side gate calibration after training, by the recipe's method: "classifier"
+    (`calibrate_gate_classifier`) or "lm" (`calibrate_gate_lm`)."""
+    if rec.calibrate_method == "lm":
+        return calibrate_gate_lm(model, owner, public, rec, seq_len, seed)
+    return calibrate_gate_classifier(model, owner, public, rec, seq_len, seed)
+
+
+LM_ROWS = 4  # lm calibration: owner windows and public windows per step
+LM_PROBE = 8  # lm calibration: owner and public windows scored before and after the fit
+
+
+def _lm_windows(stream: TokenStream, rng: np.random.Generator, n: int, seq_len: int):
+    starts = rng.integers(0, len(stream) - seq_len - 1, size=n)
+    return torch.from_numpy(np.stack([stream.window(int(s), seq_len + 1) for s in starts]))
+
+
+def _lm_terms(model, own: torch.Tensor, pub: torch.Tensor, autocast) -> dict:
+    """One forward of the owner's model over owner and public windows: LM loss on each, the
+    public-gate cross-entropy on public tokens, and per layer the owner's mean gate on each."""
+    ids = torch.cat([own, pub])
+    with capture_router_logits(model) as captured, autocast:
+        logits = model(ids[:, :-1]).logits
+    lm = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+    cut = len(own) * (ids.shape[1] - 1)  # router rows are (batch · time) in row-major order
+    logits_by_layer = [torch.cat(c) for c in captured]
+    gate = torch.stack(
+        [F.cross_entropy(c[cut:], torch.full_like(c[cut:, 0], PUBLIC, dtype=torch.long))
+         for c in logits_by_layer]
+    ).mean()  # fmt: skip
+    p = [c.detach().softmax(-1)[:, OWNER] for c in logits_by_layer]
+    return {
+        "lm_owner": lm[: len(own)].mean(),
+        "lm_public": lm[len(own) :].mean(),
+        "gate_public": gate,
+        "owner_gate_on_owner": [float(x[:cut].mean()) for x in p],
+        "owner_gate_on_public": [float(x[cut:].mean()) for x in p],
+    }
+
+
+def calibrate_gate_lm(
+    model, owner: TokenStream, public: TokenStream, rec: Recipe, seq_len: int, seed: int
+) -> dict:
+    """Fit every layer's owner router row (and bias, where the family keeps router biases) with
+    the owner's 2-expert model's language-modelling loss in the loop:
+      LM(owner windows) + LM(public windows) + calibrate_public_weight · mean_layers[−log p_public
+      on public tokens]
+    by Adam (calibrate_steps, calibrate_lr), LM_ROWS fresh seeded windows of each per step, bf16
+    autocast. Unlike the classifier, a re-weighting that rescales what the FFN adds to the
+    residual stream (pre-norm blocks) is paid for in the loss, and layers are fitted together, so
+    each sees the routing of the layers below as it will be. Where the family drops router biases
+    at merge (model.arch `router_bias`), the fit runs with b = 0, as the merged model will. The
+    FFNs and the public row are untouched (checked); only the owner's data and public data are
+    read, so opt-out stays exact."""
+    from torch.nn.utils import parametrize
+
+    from flexmoe.model.arch import family_of
+
+    rs = routers(model)
+    keep_bias = family_of(model.config.model_type).router_bias
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in flags:
+        p.requires_grad_(False)
+    leaves = [r.weight for r in rs]
+    if keep_bias:
+        leaves += [
+            r.parametrizations.bias.original if parametrize.is_parametrized(r, "bias") else r.bias
+            for r in rs
+        ]
+    public_rows = [leaf.detach()[PUBLIC].clone() for leaf in leaves]
+    used = [r.use_bias for r in rs]
+    rng = np.random.default_rng([seed, 0xCA1, 1])
+    probe = _lm_windows(owner, rng, LM_PROBE, seq_len), _lm_windows(public, rng, LM_PROBE, seq_len)
+    history = []
+    try:
+        for r in rs:
+            r.use_bias = keep_bias
+        for leaf in leaves:
+            leaf.requires_grad_(True)
+        with torch.no_grad():
+            before = _lm_terms(model, *probe, autocast)
+        opt = torch.optim.Adam(leaves, lr=rec.calibrate_lr, betas=(0.9, 0.95))
+        for step in range(rec.calibrate_steps):
+            g = np.random.default_rng([seed, 0xCA1, 2, step])
+            t = _lm_terms(
+                model,
+                _lm_windows(owner, g, LM_ROWS, seq_len),
+                _lm_windows(public, g, LM_ROWS, seq_len),
+                autocast,
+            )
+            loss = t["lm_owner"] + t["lm_public"] + rec.calibrate_public_weight * t["gate_public"]
+            opt.zero_grad(set_to_none=False)
+            loss.backward()
+            for leaf in leaves:
+                if leaf.grad is not None:
+                    leaf.grad[PUBLIC] = 0.0  # the public row (and bias) never move
+            opt.step()
+            history.append(round(float(loss.detach()), 4))
+        with torch.no_grad():
+            for leaf, row in zip(leaves, public_rows, strict=True):
+                if not torch.equal(leaf[PUBLIC], row):
+                    raise FlexmoeError("gate calibration moved the public router row")
+            after = _lm_terms(model, *probe, autocast)
+    finally:
+        for r, u in zip(rs, used, strict=True):
+            r.use_bias = u
+        for p, f in flags.items():
+            p.grad = None
+            p.requires_grad_(f)
+
+    def summary(t: dict) -> dict:
+        return {k: round(float(t[k]), 4) for k in ("lm_owner", "lm_public", "gate_public")} | {
+            "owner_gate_on_owner": round(float(np.mean(t["owner_gate_on_owner"])), 4),
+            "owner_gate_on_public": round(float(np.mean(t["owner_gate_on_public"])), 4),
+        }
+
+    return {
+        "method": "lm",
+        "objective": "LM(owner windows) + LM(public windows) + public_weight · mean over layers "
+        "of −log p_public on public tokens, the owner's 2-expert model, Adam over every layer's "
+        "owner router row" + (" and bias" if keep_bias else " (b = 0: the family drops biases)"),
+        "steps": rec.calibrate_steps,
+        "lr": rec.calibrate_lr,
+        "rows_per_step": LM_ROWS,
+        "seq_len": seq_len,
+        "public_weight": rec.calibrate_public_weight,
+        "router_bias": keep_bias,
+        "probe_windows": LM_PROBE,
+        "before": summary(before),
+        "after": summary(after),
+        "loss": history,
+        "layers": [
+            {
+                "layer": i,
+                "owner_gate_on_owner": after["owner_gate_on_owner"][i],
+                "owner_gate_on_public": after["owner_gate_on_public"][i],
+                "bias": float(r.bias[OWNER].detach()) if keep_bias else 0.0,
+            }
+            for i, r in enumerate(rs)
+        ],
+    }
+
+
+def calibrate_gate_classifier(
+    model, owner: TokenStream, public: TokenStream, rec: Recipe, seq_len: int, seed: int
+) -> dict:
     """Owner-side gate calibration: after training, fit each layer's owner router row and bias
     as a classifier "owner's text vs public text" on what that router sees.
 
@@ -263,6 +423,7 @@ def calibrate_gate(
             }
         )
     return {
+        "method": "classifier",
         "objective": "per layer: mean_owner[cross-entropy(target, p)] + public_weight · "
         "mean_public[−log p_public] + 1e-3·‖r − r_trained‖², full-batch L-BFGS over the owner's "
         "row and β; target: the owner's expert (owner_target 'owner') or the trained gate's p "
