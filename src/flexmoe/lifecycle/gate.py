@@ -253,15 +253,11 @@ def _lm_terms(model, own: torch.Tensor, pub: torch.Tensor, autocast) -> dict:
     lm = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
     cut = len(own) * (ids.shape[1] - 1)  # router rows are (batch · time) in row-major order
     logits_by_layer = [torch.cat(c) for c in captured]
-    gate = torch.stack(
-        [F.cross_entropy(c[cut:], torch.full_like(c[cut:, 0], PUBLIC, dtype=torch.long))
-         for c in logits_by_layer]
-    ).mean()  # fmt: skip
     p = [c.detach().softmax(-1)[:, OWNER] for c in logits_by_layer]
     return {
         "lm_owner": lm[: len(own)].mean(),
         "lm_public": lm[len(own) :].mean(),
-        "gate_public": gate,
+        "gate_public": gate_loss([[c[cut:]] for c in logits_by_layer], PUBLIC),
         "owner_gate_on_owner": [float(x[:cut].mean()) for x in p],
         "owner_gate_on_public": [float(x[cut:].mean()) for x in p],
     }
