@@ -9,12 +9,16 @@ an overfit positive control (the anchor trained densely for 1000 steps on 50 of 
 documents). Columns: extraction % (the paper's protocol, 95% Wilson CI), MIA ROC AUC (loss and
 loss/anchor reference attacks), and in-domain held-out BPB. Writes RUN/privacy/privacy.json,
 privacy.md and privacy_utility.png (BPB vs ε). DP experts and the control are trained once and
-reused.
+reused, and each row's audit is kept in RUN/privacy/rows/ (reused while its model and the audit
+settings are unchanged), so an interrupted run resumes. Audits and BPB run under bf16 autocast
+(as the demo's evaluation) unless --fp32.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -34,6 +38,7 @@ def main() -> None:
     )
     ap.add_argument("--control-steps", type=int, default=1000)
     ap.add_argument("--control-lr", type=float, default=3e-3)
+    ap.add_argument("--fp32", action="store_true", help="audit in float32 (default bf16 autocast)")
     args = ap.parse_args()
 
     from flexmoe.data.shards import TokenStream
@@ -100,8 +105,40 @@ def main() -> None:
     ref = rows["public anchor"]
     tb = token_byte_lengths(tok)
     stream = TokenStream(held)
-    results = {}
-    for label, a in rows.items():
+    import torch
+
+    def numerics():
+        if args.fp32:
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    settings = {"docs": args.docs, "eval_tokens": args.eval_tokens, "fp32": args.fp32}
+    paths = {
+        "public anchor": anchor_dir,
+        f"dense expert ({d})": run / "dense" / d,
+        **{f"merged, DP ε={e:g}": p for e, p in dp_models.items()},
+    }
+
+    def stamp(path: Path) -> str:
+        """Identity of a model directory's weights: their names, sizes and mtimes."""
+        files = sorted(f for f in path.iterdir() if f.suffix in (".safetensors", ".json"))
+        st = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+        return hashlib.sha256(json.dumps(st).encode()).hexdigest()[:16]
+
+    def cached(label: str, path: Path, compute) -> dict:
+        """The row's audit, from RUN/privacy/rows/ when its model and settings are unchanged."""
+        key = settings | {"model": stamp(path)}
+        f = out / "rows" / (hashlib.sha256(label.encode()).hexdigest()[:12] + ".json")
+        if f.is_file() and (old := json.loads(f.read_text()))["key"] == key:
+            return old["row"]
+        r = compute()
+        f.parent.mkdir(exist_ok=True)
+        tmp = f.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"label": label, "key": key, "row": r}, default=str))
+        tmp.replace(f)
+        return r
+
+    def row(label: str, a) -> dict:
         r = audit([a], tok, members, non, ref, n_docs=args.docs, seq_len=128)[a.label]
         pre = experts_of(a.model).preselect
         with a.ctx():
@@ -113,14 +150,27 @@ def main() -> None:
                 max_tokens=args.eval_tokens,
                 before_batch=preselect_hook(a.model, tok, stream, pre) if pre else None,
             )["bpb"]
-        results[label] = r
+        return r
+
+    results = {}
+    for label, a in rows.items():
+        with torch.no_grad(), numerics():
+            results[label] = cached(
+                label, paths.get(label, run / "merged"), lambda label=label, a=a: row(label, a)
+            )
+        r = results[label]
         print(label, json.dumps({k: v for k, v in r.items() if k != "mia"}), flush=True)
-    ctrl = Audited("control", load_model(control_dir))
-    r = audit([ctrl], tok, control_docs, non, ref, n_docs=args.docs, seq_len=128)["control"]
-    r["bpb"] = evaluate_bpb(
-        lambda ids: ctrl.model(ids).logits, stream, tb, 256, max_tokens=args.eval_tokens
-    )["bpb"]
-    results["overfit control (50 docs)"] = r
+
+    def control_row() -> dict:
+        ctrl = Audited("control", load_model(control_dir))
+        r = audit([ctrl], tok, control_docs, non, ref, n_docs=args.docs, seq_len=128)["control"]
+        r["bpb"] = evaluate_bpb(
+            lambda ids: ctrl.model(ids).logits, stream, tb, 256, max_tokens=args.eval_tokens
+        )["bpb"]
+        return r
+
+    with torch.no_grad(), numerics():
+        results["overfit control (50 docs)"] = cached("control", control_dir, control_row)
     for eps in args.eps:
         results[f"merged, DP ε={eps:g}"]["dp"] = json.loads(
             (out / f"dp-eps{eps:g}" / "manifest.json").read_text()
@@ -134,7 +184,8 @@ def main() -> None:
         f"{dp_lr:g}, clip 1.0. Overfit control: the anchor trained densely for "
         f"{args.control_steps} steps (batch 8, lr {args.control_lr:g}) on 50 of the owner's "
         f"documents. Audit on {args.docs} member / non-member documents; BPB on the first "
-        f"{args.eval_tokens:,} held-out {d} tokens.",
+        f"{args.eval_tokens:,} held-out {d} tokens; "
+        f"{'float32' if args.fp32 else 'bf16 autocast'} for every model.",
         "",
         f"| model ({d} owner) | extraction % (95% CI) | MIA AUC loss | MIA AUC ref | {d} BPB |",
         "|---|---:|---:|---:|---:|",
