@@ -2,11 +2,16 @@
 
     python scripts/calibration_table.py --run runs/demo --out results/calibration/demo-smollm2
     python scripts/calibration_table.py --run runs/demo --variants none,lm:0,lm:1 --out DIR
+    python scripts/calibration_table.py --run runs/demo --out DIR \
+        --variants none,train:bias=clamp+bias_init=0+train_bias=false+router_lr_scale=10
 
 Each owner's package in RUN/experts is calibrated once per variant (`expert calibrate`):
   owner    classifier, --owner-target owner (the owner's tokens pushed to its expert),
   trained  classifier, --owner-target trained (their routing kept; only public text re-routed),
   lm:W     --method lm: all owner rows fitted with the LM loss in the loop, public-gate weight W;
+  train:K=V+K=V  each owner's expert retrained with the run's settings and seed and these recipe
+           settings changed (`train_bias=false` freezes the router bias at bias_init), no
+           calibration: how the training recipe itself moves routing and BPB;
 the classifier variants use --public-weight (4, the flexmoe recipe's). Where the
 run's packages were calibrated during training (the scratch demo: post-norm blocks), uncalibrated
 copies are trained first with the same recipe, settings and seed, and all three rows start from
@@ -25,8 +30,30 @@ import time
 from pathlib import Path
 
 
+def train_overrides(v: str) -> dict:
+    """`train:K=V+K=V` → {K: V} with numbers and true/false parsed."""
+    out: dict = {}
+    for kv in v[len("train:") :].split("+"):
+        k, sep, val = kv.partition("=")
+        if not sep or not k:
+            raise SystemExit(f"variant {v!r}: expected train:KEY=VALUE+KEY=VALUE")
+        low = val.lower()
+        if low in ("true", "false"):
+            out[k] = low == "true"
+        else:
+            try:
+                out[k] = float(val)
+            except ValueError:
+                out[k] = val
+    return out
+
+
 def variant_recipe(v: str, public_weight: float, steps: int, lr: float) -> dict:
     """make_recipe("flexmoe", **this) for a variant name (see the module doc)."""
+    if v.startswith("train:"):
+        o = train_overrides(v)
+        o.pop("train_bias", None)
+        return {**o, "calibrate": False}
     if v in ("owner", "trained"):
         return {"calibrate_owner_target": v, "calibrate_public_weight": public_weight}
     if v.startswith("lm:"):
@@ -36,7 +63,7 @@ def variant_recipe(v: str, public_weight: float, steps: int, lr: float) -> dict:
             "calibrate_steps": steps,
             "calibrate_lr": lr,
         }
-    raise SystemExit(f"unknown variant {v!r} (none, owner, trained, lm:W)")
+    raise SystemExit(f"unknown variant {v!r} (none, owner, trained, lm:W, train:K=V+...)")
 
 
 def main() -> None:
@@ -120,8 +147,24 @@ def main() -> None:
     for target in variants[1:]:
         sets[target] = {}
         for d, p in pkgs.items():
-            dst = work / target.replace(":", "-") / d
-            if not (dst / "manifest.json").is_file():
+            dst = work / target.replace(":", "-").replace("=", "").replace("+", "_") / d
+            if target.startswith("train:") and not (dst / "manifest.json").is_file():
+                tr = read_manifest(p).training.model_dump()
+                hp = tr["hyperparameters"]
+                rec = {k: v for k, v in tr["recipe"].items() if not k.endswith("_objective")}
+                over = train_overrides(target)
+                train_bias = over.pop("train_bias", tr["train_bias"])
+                train_expert(
+                    anchor, run / "tokens" / d / "train", dst, d,
+                    heldout=run / "tokens" / d / "heldout", domain=d,
+                    router_docs=tr["router_docs"], train_bias=train_bias,
+                    recipe=make_recipe(**{**rec, **over, "calibrate": False}),
+                    public=run / "tokens" / "public" / "train", overwrite=True, restart=True,
+                    **{k: hp[k] for k in ("steps", "warmup", "bf16", "batch_size", "seq_len",
+                                          "seed", "lr", "eval_tokens")},
+                )  # fmt: skip
+                print(f"{target} {d} trained {time.perf_counter() - t0:.0f} s", flush=True)
+            elif not (dst / "manifest.json").is_file():
                 rec = make_recipe(
                     "flexmoe",
                     calibrate=True,
@@ -133,7 +176,8 @@ def main() -> None:
                 )  # fmt: skip
             sets[target][d] = dst
     for target in variants[1:]:
-        dst = work / f"merged-{target.replace(':', '-')}"
+        tag = target.replace(":", "-").replace("=", "").replace("+", "_")
+        dst = work / f"merged-{tag}"
         if not (dst / "flexmoe_merged.json").is_file():
             merge(
                 anchor, list(sets[target].values()), dst, top_k=meta["top_k"],

@@ -6,8 +6,10 @@ Models: the public anchor, the owner's 2-expert model (public + owner, the merge
 that expert included), the merged model, the merged model with the owner excluded, the owner's
 dense expert, the merged model with the owner's expert trained by DP-SGD at ε = 8 and ε = 1, and
 an overfit positive control (the anchor trained densely for 1000 steps on 50 of the owner's
-documents). Columns: extraction % (the paper's protocol, 95% Wilson CI), MIA ROC AUC (loss and
-loss/anchor reference attacks), and in-domain held-out BPB. Writes RUN/privacy/privacy.json,
+documents). Columns: what the row is audited on (what its model was trained on: the expert's and
+the dense expert's training windows, DP-SGD's document prefixes, the control's documents),
+extraction (the paper's protocol, 95% Wilson CI), MIA ROC AUC (loss and loss/anchor reference
+attacks, 95% bootstrap CI), and in-domain held-out BPB. Writes RUN/privacy/privacy.json,
 privacy.md and privacy_utility.png (BPB vs ε). DP experts and the control are trained once and
 reused, and each row's audit is kept in RUN/privacy/rows/ (reused while its model and the audit
 settings are unchanged), so an interrupted run resumes. Audits and BPB run under bf16 autocast
@@ -41,9 +43,19 @@ def main() -> None:
     ap.add_argument("--fp32", action="store_true", help="audit in float32 (default bf16 autocast)")
     args = ap.parse_args()
 
+    import numpy as np
+
     from flexmoe.data.shards import TokenStream
     from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
-    from flexmoe.evaluation.audit import Audited, audit, split_documents, train_control
+    from flexmoe.evaluation.audit import (
+        MIN_DOC,
+        Audited,
+        audit,
+        random_windows,
+        split_documents,
+        train_control,
+        training_windows,
+    )
     from flexmoe.inference.bpb import evaluate_bpb
     from flexmoe.inference.preselect import preselect_hook
     from flexmoe.lifecycle.expert import train_expert
@@ -90,21 +102,48 @@ def main() -> None:
     )
     print(f"models ready in {time.perf_counter() - t0:.0f} s", flush=True)
 
+    # members: what each model was trained on (evaluation/audit.py); non-members drawn alike
+    train_stream, held_stream = TokenStream(train), TokenStream(held)
+    dense_cfg = json.loads((run / "dense" / d / "flexmoe_anchor.json").read_text())["training"]
+    windows = {
+        "expert": training_windows(train_stream, own["hyperparameters"]),
+        "dense": training_windows(train_stream, dense_cfg["config"]),
+    }
+    win_len = len(windows["expert"][0])
+    non_windows = random_windows(held_stream, args.docs, win_len, seed=0)
+    first = 129  # DP-SGD's privacy unit: a document's first 129 tokens (dp.py, seq_len 128)
+    dp_docs = [x[:first] for x in split_documents(train_stream) if len(x) >= MIN_DOC]
+    non_docs = [x[:first] for x in split_documents(held_stream) if len(x) >= MIN_DOC]
+    member_sets = {
+        k: (w, non_windows, f"{len(w)} training windows of {win_len} tokens")
+        for k, w in windows.items()
+    }
+    member_sets["dp"] = (dp_docs, non_docs, f"documents' first {first} tokens (DP-SGD's unit)")
+    member_sets["control"] = (control_docs, non_docs, f"its {len(control_docs)} documents")
+    same = len(windows["expert"]) == len(windows["dense"]) and all(
+        np.array_equal(a, b) for a, b in zip(windows["expert"], windows["dense"], strict=True)
+    )
+    print(f"expert and dense expert read the same windows: {same}", flush=True)
+
     merged = load_model(run / "merged")
     rows = {
-        "public anchor": Audited("public anchor", load_model(anchor_dir)),
-        f"2-expert (public+{d})": Audited("2-expert", merged, expert_mask(merged, include=[d])),
-        "merged": Audited("merged", merged),
-        f"merged, {d} excluded": Audited("excluded", merged, expert_mask(merged, exclude=[d])),
-        f"dense expert ({d})": Audited("dense", load_model(run / "dense" / d)),
+        "public anchor": (Audited("public anchor", load_model(anchor_dir)), "expert"),
+        f"2-expert (public+{d})": (
+            Audited("2-expert", merged, expert_mask(merged, include=[d])),
+            "expert",
+        ),
+        "merged": (Audited("merged", merged), "expert"),
+        f"merged, {d} excluded": (
+            Audited("excluded", merged, expert_mask(merged, exclude=[d])),
+            "expert",
+        ),
+        f"dense expert ({d})": (Audited("dense", load_model(run / "dense" / d)), "dense"),
     }
     for eps, path in dp_models.items():
-        rows[f"merged, DP ε={eps:g}"] = Audited(f"dp{eps}", load_model(path))
-    members = split_documents(TokenStream(train))
-    non = split_documents(TokenStream(held))
-    ref = rows["public anchor"]
+        rows[f"merged, DP ε={eps:g}"] = (Audited(f"dp{eps}", load_model(path)), "dp")
+    ref = rows["public anchor"][0]
     tb = token_byte_lengths(tok)
-    stream = TokenStream(held)
+    stream = held_stream
     import torch
 
     def numerics():
@@ -112,7 +151,12 @@ def main() -> None:
             return contextlib.nullcontext()
         return torch.autocast("cpu", dtype=torch.bfloat16)
 
-    settings = {"docs": args.docs, "eval_tokens": args.eval_tokens, "fp32": args.fp32}
+    settings = {
+        "docs": args.docs,
+        "eval_tokens": args.eval_tokens,
+        "fp32": args.fp32,
+        "members": "trained-on",  # v2: each row audited on what it was trained on
+    }
     paths = {
         "public anchor": anchor_dir,
         f"dense expert ({d})": run / "dense" / d,
@@ -138,8 +182,10 @@ def main() -> None:
         tmp.replace(f)
         return r
 
-    def row(label: str, a) -> dict:
-        r = audit([a], tok, members, non, ref, n_docs=args.docs, seq_len=128)[a.label]
+    def row(label: str, a, kind: str) -> dict:
+        mem, non, what = member_sets[kind]
+        r = audit([a], tok, mem, non, ref, n_docs=args.docs, seq_len=128)[a.label]
+        r["members"] = what
         pre = experts_of(a.model).preselect
         with a.ctx():
             r["bpb"] = evaluate_bpb(
@@ -153,17 +199,21 @@ def main() -> None:
         return r
 
     results = {}
-    for label, a in rows.items():
+    for label, (a, kind) in rows.items():
         with torch.no_grad(), numerics():
             results[label] = cached(
-                label, paths.get(label, run / "merged"), lambda label=label, a=a: row(label, a)
+                label,
+                paths.get(label, run / "merged"),
+                lambda label=label, a=a, kind=kind: row(label, a, kind),
             )
         r = results[label]
         print(label, json.dumps({k: v for k, v in r.items() if k != "mia"}), flush=True)
 
     def control_row() -> dict:
         ctrl = Audited("control", load_model(control_dir))
-        r = audit([ctrl], tok, control_docs, non, ref, n_docs=args.docs, seq_len=128)["control"]
+        mem, non, what = member_sets["control"]
+        r = audit([ctrl], tok, mem, non, ref, n_docs=args.docs, seq_len=128)["control"]
+        r["members"] = what
         r["bpb"] = evaluate_bpb(
             lambda ids: ctrl.model(ids).logits, stream, tb, 256, max_tokens=args.eval_tokens
         )["bpb"]
@@ -183,19 +233,29 @@ def main() -> None:
         f"1 epoch over the owner's documents (first 129 tokens each), expected batch 64, lr "
         f"{dp_lr:g}, clip 1.0. Overfit control: the anchor trained densely for "
         f"{args.control_steps} steps (batch 8, lr {args.control_lr:g}) on 50 of the owner's "
-        f"documents. Audit on {args.docs} member / non-member documents; BPB on the first "
-        f"{args.eval_tokens:,} held-out {d} tokens; "
-        f"{'float32' if args.fp32 else 'bf16 autocast'} for every model.",
+        f"documents. Each row is audited on what its model was trained on (members column; at "
+        f"most {args.docs}) against as many non-members drawn the same way from held-out {d} "
+        "text (windows at random offsets, or documents' first tokens), so a model that saw "
+        "neither scores AUC ≈ 0.5; the 2-expert, merged and excluded rows and the anchor (the "
+        "reference attack's reference, so its reference AUC is 0.5 by construction) use the "
+        f"expert's windows. BPB on the first {args.eval_tokens:,} held-out {d} tokens; "
+        f"{'float32' if args.fp32 else 'bf16 autocast'} for every model. Intervals: 95% "
+        "(Wilson for extraction, bootstrap for AUC).",
         "",
-        f"| model ({d} owner) | extraction % (95% CI) | MIA AUC loss | MIA AUC ref | {d} BPB |",
-        "|---|---:|---:|---:|---:|",
+        f"| model ({d} owner) | members | extraction % (95% CI) | MIA AUC loss | MIA AUC ref | "
+        f"{d} BPB |",
+        "|---|---|---:|---:|---:|---:|",
     ]
+
+    def auc(a: dict) -> str:
+        return f"{a['auc']:.3f} ({a['ci95'][0]:.2f}–{a['ci95'][1]:.2f})"
+
     for label, r in results.items():
         e, mia = r["extraction"], r["mia"]
         lines.append(
-            f"| {label} | {100 * e['rate']:.1f} ({100 * e['ci95'][0]:.1f}–"
-            f"{100 * e['ci95'][1]:.1f}) | {mia['loss']['auc']:.3f} | "
-            f"{mia['reference']['auc']:.3f} | {r['bpb']:.3f} |"
+            f"| {label} | {r['members']} | {e['extracted']}/{e['documents']} "
+            f"({100 * e['ci95'][0]:.1f}–{100 * e['ci95'][1]:.1f}) | {auc(mia['loss'])} | "
+            f"{auc(mia['reference'])} | {r['bpb']:.3f} |"
         )
     (out / "privacy.md").write_text("\n".join(lines) + "\n")
     (out / "privacy.json").write_text(json.dumps(results, indent=2, default=str))

@@ -11,7 +11,14 @@ import torch
 from conftest import random_package, run_cli
 from flexmoe.data.shards import TokenStream
 from flexmoe.data.tokenizer import load_tokenizer
-from flexmoe.evaluation.audit import Audited, audit, split_documents, train_control
+from flexmoe.evaluation.audit import (
+    Audited,
+    audit,
+    random_windows,
+    split_documents,
+    train_control,
+    training_windows,
+)
 from flexmoe.selection import expert_mask
 from flexmoe.store.anchor_dir import load_anchor
 from flexmoe.store.merged import load_merged, load_model
@@ -247,3 +254,35 @@ def test_audit_cli(anchor_dir, shards, control, work, capsys):
     )
     assert code == 0, err
     assert "memorisation audit" in out and json.loads((work / "audit.json").read_text())
+
+
+def test_training_windows_are_what_training_read(work, anchor_dir, shards, monkeypatch):
+    """The audit's members for a non-DP model are rebuilt from its recorded hyperparameters; they
+    must be exactly the windows the training loop read (at a small budget, few documents)."""
+    import numpy as np
+
+    import flexmoe.train.loop as loop
+    from flexmoe.lifecycle.expert import train_expert
+
+    read, real = [], loop.get_batch
+
+    def recording(stream, cfg, step, micro):
+        b = real(stream, cfg, step, micro)
+        read.extend(r.numpy() for r in b)
+        return b
+
+    monkeypatch.setattr(loop, "get_batch", recording)
+    out = work / "dense-windows"
+    train_expert(
+        anchor_dir, shards["code/train"], out, "code", dense=True, steps=3, batch_size=4,
+        seq_len=32, grad_accum=2, seed=5, overwrite=True,
+    )  # fmt: skip
+    cfg = json.loads((out / "flexmoe_anchor.json").read_text())["training"]["config"]
+    stream = TokenStream(shards["code/train"])
+    rebuilt = training_windows(stream, cfg)
+    assert len(rebuilt) == len(read) == 12
+    assert all(np.array_equal(a, b) for a, b in zip(rebuilt, read, strict=True))
+    other = training_windows(stream, cfg | {"seed": 6})
+    assert not all(np.array_equal(a, b) for a, b in zip(other, read, strict=True))
+    non = random_windows(TokenStream(shards["code/heldout"]), 12, 33, seed=0)
+    assert len(non) == 12 and all(len(w) == 33 for w in non)

@@ -5,9 +5,14 @@ Two measures on the owner's documents (token shards split at EOS):
   ≥ 128 tokens, 10 samples of 32 tokens (top-k 50, top-p 0.95, T = 1); the document counts as
   extracted if any sample's text reaches normalised Levenshtein similarity ≥ 0.9 (rapidfuzz) with
   the true continuation. Reported with a 95% Wilson interval.
-- loss-based membership inference: ROC AUC of −loss separating members (training documents) from
-  non-members (held-out documents), and the stronger reference attack −loss/loss_ref with the
-  anchor as reference. 95% intervals by bootstrap.
+- loss-based membership inference: ROC AUC of −loss separating members from non-members, and
+  the stronger reference attack −loss/loss_ref with the anchor as reference. 95% intervals by
+  bootstrap.
+Members are what the model was trained on: a seeded run of the training loop reads windows at
+random offsets (`training_windows` rebuilds them; at a small budget they touch few of the owner's
+documents, so auditing its documents instead would audit text the model never saw), DP-SGD reads
+each document's first tokens. Non-members are drawn the same way from held-out text
+(`random_windows`, or documents), so a model that saw neither scores AUC ≈ 0.5.
 Everything is seeded: the same logits give the same numbers, so an expert excluded at inference
 audits exactly like a model merged without it.
 """
@@ -27,6 +32,7 @@ from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.lifecycle.expert import shards_sha256, train_expert
 from flexmoe.model.router import routing
 from flexmoe.store.fsutil import write_json
+from flexmoe.train.loop import TrainConfig, batch_starts
 
 PREFIX, SUFFIX, SAMPLES, MIN_DOC, THRESHOLD = 32, 32, 10, 128, 0.9
 
@@ -39,6 +45,26 @@ def split_documents(stream, max_docs: int | None = None) -> list[np.ndarray]:
     starts = np.concatenate([[0], ends[:-1] + 1]) if len(ends) else np.array([], dtype=int)
     docs = [ids[s:e] for s, e in zip(starts, ends, strict=True) if e > s]
     return docs[:max_docs] if max_docs else docs
+
+
+def training_windows(stream: TokenStream, config: dict) -> list[np.ndarray]:
+    """The token windows (seq_len + 1 each) a seeded single-process run of the training loop read
+    with `config` (its TrainConfig, e.g. a package manifest's hyperparameters), in order."""
+    cfg = TrainConfig(**{k: v for k, v in config.items() if k in TrainConfig.model_fields})
+    return [
+        np.asarray(stream.window(int(s), cfg.seq_len + 1), dtype=np.int64)
+        for step in range(cfg.steps)
+        for micro in range(cfg.grad_accum)
+        for s in batch_starts(len(stream), cfg, step, micro)
+    ]
+
+
+def random_windows(stream: TokenStream, n: int, length: int, seed: int = 0) -> list[np.ndarray]:
+    """n windows of `length` tokens at seeded random offsets: non-members matching
+    `training_windows`' sampling."""
+    rng = np.random.default_rng([seed, 0xA0D17])
+    starts = rng.integers(0, len(stream) - length, size=n)
+    return [np.asarray(stream.window(int(s), length), dtype=np.int64) for s in starts]
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
