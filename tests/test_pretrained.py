@@ -220,6 +220,13 @@ def test_lifecycle_on_a_pretrained_llama(work, llama_dir, public_raw, capsys):
     assert code == 0, err
     manifest = json.loads((pkg / "manifest.json").read_text())
     assert manifest["architecture"]["model_type"] == "mixtral"
+    # the Mixtral row's merge drops router biases, so the owner trains with b ≡ 0 (bias "auto")
+    tr = manifest["training"]
+    assert tr["recipe"]["bias"] == "none" and tr["train_bias"] is False, tr["recipe"]
+    from safetensors.torch import load_file
+
+    biases = [t for k, t in load_file(pkg / "expert.safetensors").items() if k.endswith(".bias")]
+    assert biases and all(float(b) == 0.0 for b in biases)
     merged = work / "merged-llama"
     code, _, err = run_cli(["merge", "--anchor", anchor, "--experts", pkg, "-o", merged], capsys)
     assert code == 0, err

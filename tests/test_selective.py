@@ -602,3 +602,23 @@ def test_expert_centroid_adds_what_training_would_have_stored(work, anchor_dir, 
     code, _, err = run_cli([*args[:2], small, *args[3:], "-o", work / "hc-bad"], capsys)
     assert code == 2 and "compressed" in err and len(err.strip().splitlines()) == 1
     assert not (work / "hc-bad").exists()
+
+
+def test_bias_auto_follows_the_familys_merge():
+    """flexmoe's bias: softplus where the merge keeps owners' biases (OLMo-2, Qwen3), b ≡ 0 where
+    it drops them (Mixtral row); explicit settings and the paper's recipe are left alone."""
+    from flexmoe.errors import FlexmoeError
+    from flexmoe.lifecycle.gate import for_family
+    from flexmoe.model.arch import family_of
+
+    rec = make_recipe("flexmoe")
+    assert rec.bias == "auto"
+    kept = for_family(rec, family_of("olmo2").router_bias)
+    dropped = for_family(rec, family_of("llama").router_bias)
+    assert (kept.bias, kept.bias_init) == ("softplus", rec.bias_init)
+    assert (dropped.bias, dropped.bias_init) == ("none", 0.0)
+    paper = make_recipe("paper")
+    assert for_family(paper, False) == paper
+    assert for_family(make_recipe("flexmoe", bias="clamp", bias_init=0.0), False).bias == "clamp"
+    with pytest.raises(FlexmoeError, match="bias-init"):
+        make_recipe("flexmoe", bias="none", bias_init=-1.0)

@@ -40,6 +40,7 @@ from flexmoe.lifecycle.gate import (
     PublicNegatives,
     Recipe,
     calibrate_gate,
+    for_family,
     gate_loss,
     make_recipe,
 )
@@ -268,6 +269,8 @@ def train_expert(
             raise FlexmoeError(f"unknown use '{use}' (choose from {', '.join(USES)})")
     anchor, record, extras = load_anchor(anchor_dir)
     tok = load_tokenizer(anchor_dir)
+    rec = for_family(rec, family_of(anchor.config.model_type).router_bias)
+    train_bias = train_bias and rec.bias != "none"
     if not dense:
         overrides.setdefault("router_z_loss", rec.router_z_loss)
         overrides.setdefault("router_lr_scale", rec.router_lr_scale)
