@@ -85,7 +85,13 @@ def expert_train(
     router_lr_scale: Annotated[
         float | None, typer.Option(help="Learning rate of router rows and biases: lr × this.")
     ] = None,
-    bias_init: Annotated[float | None, typer.Option(help="Router bias at step 0 (≤ 0).")] = None,
+    bias_init: Annotated[
+        float | None,
+        typer.Option(
+            help="Router bias at step 0 (≤ 0); unused where the family's merge drops the bias "
+            "(Llama/SmolLM/Mistral: trained with b ≡ 0)."
+        ),
+    ] = None,
     router_z_loss: Annotated[
         float | None, typer.Option(help="Router z-loss weight (AI2: 1e-3).")
     ] = None,

@@ -12,8 +12,10 @@ Two recipes (`--recipe`):
   owner mixes public batches into training (`PublicNegatives`): on them only the owner's router row
   and bias learn, from the LM loss plus a gate objective −log p_public (cross-entropy of every
   layer's routing softmax toward the public expert); the owner's FFN gets no gradient from public
-  text. The bias is b = −softplus(β), started negative, so it can never die at 0. Nothing of any
-  other owner is used, so opt-out stays exact.
+  text. The router rows learn at 30× the FFN's rate. Where the family's merge keeps owners'
+  biases the bias is b = −softplus(β), started negative, so it can never die at 0; where the
+  merge drops them (the Mixtral row) b ≡ 0, so the FFN trains under the gate it is served with.
+  Nothing of any other owner is used, so opt-out stays exact.
 
 `--dense` instead continues pretraining the whole anchor on the owner's data: the "individual
 expert" baseline needed for model soup, BTM and the no-coordination ablation.
