@@ -229,7 +229,7 @@ def main() -> None:
         return f"{100 * c['rel']:+.1f}% [{100 * c['rel_lo']:+.1f}%, {100 * c['rel_hi']:+.1f}%]"
 
     md = [
-        f"# Gate calibration: {' vs '.join(variants)} ({run})",
+        f"# Gate calibration and training variants: {' vs '.join(variants)} ({run})",
         "",
         f"Classifier variants (owner, trained): public weight {args.public_weight:g}. lm:W: "
         f"`expert calibrate --method lm --public-weight W --steps {args.lm_steps} --lr "

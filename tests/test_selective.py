@@ -496,9 +496,10 @@ def test_lm_calibration_fits_only_the_owners_gate_with_the_lm_loss_and_is_seeded
     ]
 
 
-def test_lm_calibration_on_the_mixtral_row_fits_with_the_bias_the_merge_will_use(shards):
-    """The Mixtral row drops router biases at merge (model.arch), so its lm fit runs with b = 0
-    and leaves the stored bias alone; the public row stays bit-identical."""
+@pytest.mark.parametrize("method", ["lm", "classifier"])
+def test_calibration_on_the_mixtral_row_fits_with_the_bias_the_merge_will_use(shards, method):
+    """The Mixtral row drops router biases at merge (model.arch), so both calibrations fit with
+    b = 0 and leave the stored bias alone; the public row stays bit-identical."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from conftest import TINY_VOCAB
@@ -522,8 +523,14 @@ def test_lm_calibration_on_the_mixtral_row_fits_with_the_bias_the_merge_will_use
                 p[OWNER].add_(torch.randn_like(p[OWNER]) * 0.02)
     old = {k: v.clone() for k, v in model.state_dict().items()}
     owner, public = TokenStream(shards["code/train"]), TokenStream(shards["public/train"])
-    res = calibrate_gate(model, owner, public, _lm_recipe(), seq_len=32, seed=0)
-    assert res["router_bias"] is False and "b = 0" in res["objective"]
+    rec = (
+        _lm_recipe()
+        if method == "lm"
+        else make_recipe("flexmoe", calibrate=True, calibrate_windows=4)
+    )
+    res = calibrate_gate(model, owner, public, rec, seq_len=32, seed=0)
+    assert res["method"] == method and res["router_bias"] is False
+    assert method != "lm" or "b = 0" in res["objective"]
     assert all(x["bias"] == 0.0 for x in res["layers"])
     for k, v in model.state_dict().items():
         if k.endswith(".mlp.gate.weight"):

@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from flexmoe.data.shards import TokenStream
 from flexmoe.errors import FlexmoeError
+from flexmoe.model.arch import family_of
 from flexmoe.model.router import capture_router_logits, routers
 from flexmoe.train.loop import dist_info
 
@@ -211,27 +212,34 @@ def _router_inputs(model, ids: torch.Tensor, batch: int = 8) -> list[torch.Tenso
     return [torch.cat(x) for x in seen]
 
 
-def _fit_gate(x_own, x_pub, w_pub, w0, b0: float, rec: Recipe):
-    """One layer of calibrate_gate: (row, β, objective before, objective after)."""
+def _fit_gate(x_own, x_pub, w_pub, w0, b0: float, rec: Recipe, fit_bias: bool = True):
+    """One layer of calibrate_gate: (row, β, objective before, objective after). Without
+    fit_bias the gate is fitted at b = 0 (β = −∞, as the merge will serve it) and β is None."""
     w = w0.clone().requires_grad_(True)
-    beta = torch.tensor(float(np.log(np.expm1(max(-b0, 1e-4)))), requires_grad=True)
+    beta = torch.tensor(float(np.log(np.expm1(max(-b0, 1e-4)))), requires_grad=fit_bias)
+
+    def bias() -> torch.Tensor:
+        return -F.softplus(beta) if fit_bias else torch.zeros(())
 
     def logp(x, w, b):
         return torch.stack([x @ w_pub, x @ w + b], -1).log_softmax(-1)
 
     if rec.calibrate_owner_target == "trained":
-        target = logp(x_own, w0, b0).exp()  # the trained gate's mixing on the owner's tokens
+        # the trained gate's mixing on the owner's tokens (as served)
+        target = logp(x_own, w0, b0 if fit_bias else 0.0).exp()
     else:
         target = torch.zeros(len(x_own), 2).index_fill_(1, torch.tensor(OWNER), 1.0)
 
     def objective() -> torch.Tensor:
         return (
-            -(target * logp(x_own, w, -F.softplus(beta))).sum(-1).mean()
-            - rec.calibrate_public_weight * logp(x_pub, w, -F.softplus(beta))[:, PUBLIC].mean()
+            -(target * logp(x_own, w, bias())).sum(-1).mean()
+            - rec.calibrate_public_weight * logp(x_pub, w, bias())[:, PUBLIC].mean()
             + 1e-3 * (w - w0).square().sum()
         )
 
-    opt = torch.optim.LBFGS([w, beta], max_iter=100, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [w, beta] if fit_bias else [w], max_iter=100, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         opt.zero_grad()
@@ -241,7 +249,7 @@ def _fit_gate(x_own, x_pub, w_pub, w0, b0: float, rec: Recipe):
 
     before = float(objective().detach())
     opt.step(closure)
-    return w.detach(), beta.detach(), before, float(objective().detach())
+    return w.detach(), beta.detach() if fit_bias else None, before, float(objective().detach())
 
 
 def calibrate_gate(
@@ -297,8 +305,6 @@ def calibrate_gate_lm(
     FFNs and the public row are untouched (checked); only the owner's data and public data are
     read, so opt-out stays exact."""
     from torch.nn.utils import parametrize
-
-    from flexmoe.model.arch import family_of
 
     rs = routers(model)
     keep_bias = family_of(model.config.model_type).router_bias
@@ -400,9 +406,13 @@ def calibrate_gate_classifier(
     where p = softmax(r_public·x, r·x + b). With calibrate_owner_target = "trained" the owner
     term is the cross-entropy to the trained gate's own p instead: the owner's FFN was trained
     under that mixing weight, and on a pre-norm block (Llama, Qwen3) moving it rescales what the
-    FFN adds to the residual stream on the owner's own text. The FFNs and the public row are
-    untouched; only the owner's data and public data are read, so opt-out stays exact."""
+    FFN adds to the residual stream on the owner's own text. Where the family's merge drops the
+    bias (model.arch `router_bias`) the row is fitted at b = 0 and the stored bias is left alone.
+    The FFNs and the public row are untouched; only the owner's data and public data are read,
+    so opt-out stays exact."""
     from torch.nn.utils import parametrize
+
+    keep_bias = family_of(model.config.model_type).router_bias
 
     rng = np.random.default_rng([seed, 0xCA1])
 
@@ -416,12 +426,14 @@ def calibrate_gate_classifier(
         w_pub = r.weight[PUBLIC].detach().float()
         w0 = r.weight[OWNER].detach().float()
         w, beta, before, after = _fit_gate(
-            x_own, x_pub, w_pub, w0, float(r.bias[OWNER].detach()), rec
+            x_own, x_pub, w_pub, w0, float(r.bias[OWNER].detach()), rec, keep_bias
         )
-        b = -F.softplus(beta)
+        b = -F.softplus(beta) if keep_bias else torch.zeros(())
         with torch.no_grad():
             r.weight[OWNER] = w.to(r.weight.dtype)
-            if parametrize.is_parametrized(r, "bias"):
+            if not keep_bias:
+                pass  # served at b = 0: the stored bias is not the calibration's to change
+            elif parametrize.is_parametrized(r, "bias"):
                 r.parametrizations.bias.original[OWNER] = beta
             else:
                 r.bias[OWNER] = b
@@ -447,5 +459,6 @@ def calibrate_gate_classifier(
         "seq_len": seq_len,
         "public_weight": rec.calibrate_public_weight,
         "owner_target": rec.calibrate_owner_target,
+        "router_bias": keep_bias,
         "layers": report,
     }
