@@ -17,7 +17,9 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -419,8 +421,18 @@ def _tenant(r) -> TenantRow:
 def _sqlite_connect(dbapi_conn, _record) -> None:
     dbapi_conn.isolation_level = None  # SQLAlchemy's `begin` event issues BEGIN itself
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA busy_timeout=30000")
+    # switching to WAL needs an exclusive lock and SQLite may refuse it at once, without the busy
+    # handler, while another replica opens the same file: retry for as long as busy_timeout
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
     cur.execute("PRAGMA synchronous=FULL")  # a committed ledger row survives a power cut
     cur.close()
 
