@@ -108,6 +108,25 @@ def main() -> None:
         if p.is_dir() and not p.name.endswith(".train")
     }
     domains = list(pkgs)
+
+    def retrain(pkg: Path, d: str, dst: Path, over: dict) -> None:
+        """Train owner d's expert again with the package's settings and seed, the recipe
+        changed by `over` (train_bias included), uncalibrated."""
+        tr = read_manifest(pkg).training.model_dump()
+        hp = tr["hyperparameters"]
+        rec = {k: v for k, v in tr["recipe"].items() if not k.endswith("_objective")}
+        over = dict(over)
+        train_bias = over.pop("train_bias", tr["train_bias"])
+        train_expert(
+            anchor, run / "tokens" / d / "train", dst, d,
+            heldout=run / "tokens" / d / "heldout", domain=d,
+            router_docs=tr["router_docs"], train_bias=train_bias,
+            recipe=make_recipe(**{**rec, **over, "calibrate": False}),
+            public=run / "tokens" / "public" / "train", overwrite=True, restart=True,
+            **{k: hp[k] for k in ("steps", "warmup", "bf16", "batch_size", "seq_len",
+                                  "seed", "lr", "eval_tokens")},
+        )  # fmt: skip
+
     calibrated = {
         d: read_manifest(p).training.model_dump().get("gate_calibration") is not None
         for d, p in pkgs.items()
@@ -123,18 +142,7 @@ def main() -> None:
         for d, p in pkgs.items():
             dst = work / "uncalibrated" / d
             if not (dst / "manifest.json").is_file():
-                tr = read_manifest(p).training.model_dump()
-                hp = tr["hyperparameters"]
-                rec = {k: v for k, v in tr["recipe"].items() if not k.endswith("_objective")}
-                train_expert(
-                    anchor, run / "tokens" / d / "train", dst, d,
-                    heldout=run / "tokens" / d / "heldout", domain=d,
-                    router_docs=tr["router_docs"], train_bias=tr["train_bias"],
-                    recipe=make_recipe(**{**rec, "calibrate": False}),
-                    public=run / "tokens" / "public" / "train", overwrite=True, restart=True,
-                    **{k: hp[k] for k in ("steps", "warmup", "bf16", "batch_size", "seq_len",
-                                          "seed", "lr", "eval_tokens")},
-                )  # fmt: skip
+                retrain(p, d, dst, {})
             copies[d] = dst
         pkgs = copies
         merged_dirs["none"] = work / "merged-none"
@@ -149,20 +157,7 @@ def main() -> None:
         for d, p in pkgs.items():
             dst = work / target.replace(":", "-").replace("=", "").replace("+", "_") / d
             if target.startswith("train:") and not (dst / "manifest.json").is_file():
-                tr = read_manifest(p).training.model_dump()
-                hp = tr["hyperparameters"]
-                rec = {k: v for k, v in tr["recipe"].items() if not k.endswith("_objective")}
-                over = train_overrides(target)
-                train_bias = over.pop("train_bias", tr["train_bias"])
-                train_expert(
-                    anchor, run / "tokens" / d / "train", dst, d,
-                    heldout=run / "tokens" / d / "heldout", domain=d,
-                    router_docs=tr["router_docs"], train_bias=train_bias,
-                    recipe=make_recipe(**{**rec, **over, "calibrate": False}),
-                    public=run / "tokens" / "public" / "train", overwrite=True, restart=True,
-                    **{k: hp[k] for k in ("steps", "warmup", "bf16", "batch_size", "seq_len",
-                                          "seed", "lr", "eval_tokens")},
-                )  # fmt: skip
+                retrain(p, d, dst, train_overrides(target))
                 print(f"{target} {d} trained {time.perf_counter() - t0:.0f} s", flush=True)
             elif not (dst / "manifest.json").is_file():
                 rec = make_recipe(

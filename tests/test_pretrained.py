@@ -223,6 +223,8 @@ def test_lifecycle_on_a_pretrained_llama(work, llama_dir, public_raw, capsys):
     # the Mixtral row's merge drops router biases, so the owner trains with b ≡ 0 (bias "auto")
     tr = manifest["training"]
     assert tr["recipe"]["bias"] == "none" and tr["train_bias"] is False, tr["recipe"]
+    # and, a pre-norm block, is not calibrated after training (calibrate "auto")
+    assert tr["recipe"]["calibrate"] is False and tr["gate_calibration"] is None, tr["recipe"]
     from safetensors.torch import load_file
 
     biases = [t for k, t in load_file(pkg / "expert.safetensors").items() if k.endswith(".bias")]

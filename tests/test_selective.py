@@ -611,21 +611,25 @@ def test_expert_centroid_adds_what_training_would_have_stored(work, anchor_dir, 
     assert not (work / "hc-bad").exists()
 
 
-def test_bias_auto_follows_the_familys_merge():
+def test_recipe_auto_follows_the_family():
     """flexmoe's bias: softplus where the merge keeps owners' biases (OLMo-2, Qwen3), b ≡ 0 where
-    it drops them (Mixtral row); explicit settings and the paper's recipe are left alone."""
+    it drops them (Mixtral row); its calibration: only on post-norm blocks (OLMo-2); explicit
+    settings and the paper's recipe are left alone."""
     from flexmoe.errors import FlexmoeError
     from flexmoe.lifecycle.gate import for_family
     from flexmoe.model.arch import family_of
 
     rec = make_recipe("flexmoe")
-    assert rec.bias == "auto"
-    kept = for_family(rec, family_of("olmo2").router_bias)
-    dropped = for_family(rec, family_of("llama").router_bias)
-    assert (kept.bias, kept.bias_init) == ("softplus", rec.bias_init)
-    assert (dropped.bias, dropped.bias_init) == ("none", 0.0)
+    assert (rec.bias, rec.calibrate) == ("auto", "auto")
+    olmo, llama, qwen = (for_family(rec, family_of(t)) for t in ("olmo2", "llama", "qwen3"))
+    assert (olmo.bias, olmo.bias_init, olmo.calibrate) == ("softplus", rec.bias_init, True)
+    assert (llama.bias, llama.bias_init, llama.calibrate) == ("none", 0.0, False)
+    assert (qwen.bias, qwen.bias_init, qwen.calibrate) == ("softplus", rec.bias_init, False)
     paper = make_recipe("paper")
-    assert for_family(paper, False) == paper
-    assert for_family(make_recipe("flexmoe", bias="clamp", bias_init=0.0), False).bias == "clamp"
+    assert for_family(paper, family_of("llama")) == paper
+    explicit = make_recipe("flexmoe", bias="clamp", bias_init=0.0, calibrate=True)
+    assert for_family(explicit, family_of("llama")) == explicit
+    with pytest.raises(FlexmoeError, match="calibrate"):
+        make_recipe("flexmoe", calibrate="sometimes")
     with pytest.raises(FlexmoeError, match="bias-init"):
         make_recipe("flexmoe", bias="none", bias_init=-1.0)

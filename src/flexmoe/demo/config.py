@@ -109,10 +109,6 @@ class DemoConfig:
             anchor_source="smollm2",
             # 2-core CPU, bf16 autocast (measured): owner training ≈ 130 tok/s (+25% public
             # negatives), dense training ≈ 190 tok/s, forward ≈ 780 tok/s → 16 steps × 4 × 256
-            # gate calibration re-weights the owner's FFN after training; on a pre-norm anchor
-            # (no norm on the MoE output) that rescales what the FFN learned: measured on code,
-            # 2-expert held-out BPB 1.021 before calibration, 1.081 after (anchor 1.063)
-            recipe_overrides={"calibrate": False},
             expert_steps=16,
             expert_warmup=2,
             expert_lr=3e-4,
@@ -175,7 +171,6 @@ class DemoConfig:
         return cls(
             out=out,
             anchor_source="smollm2",
-            recipe_overrides={"calibrate": False},  # see pretrained()
             expert_lr=2e-4,
             dense_lr=1e-4,
             batch_size=8,

@@ -271,7 +271,7 @@ def train_expert(
             raise FlexmoeError(f"unknown use '{use}' (choose from {', '.join(USES)})")
     anchor, record, extras = load_anchor(anchor_dir)
     tok = load_tokenizer(anchor_dir)
-    rec = for_family(rec, family_of(anchor.config.model_type).router_bias)
+    rec = for_family(rec, family_of(anchor.config.model_type))
     train_bias = train_bias and rec.bias != "none"
     if not dense:
         overrides.setdefault("router_z_loss", rec.router_z_loss)

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from flexmoe.data.shards import TokenStream
 from flexmoe.errors import FlexmoeError
-from flexmoe.model.arch import family_of
+from flexmoe.model.arch import Family, family_of
 from flexmoe.model.router import capture_router_logits, routers
 from flexmoe.train.loop import dist_info
 
@@ -49,7 +49,11 @@ class Recipe(BaseModel):
     )
     router_z_loss: float = Field(0.0, ge=0)
     router_lr_scale: float = Field(1.0, gt=0, description="router rows and biases: lr × this")
-    calibrate: bool = Field(False, description="fit the gate after training (calibrate_gate)")
+    calibrate: bool | Literal["auto"] = Field(
+        False,
+        description="fit the gate after training (calibrate_gate) | auto: where the family's "
+        "block normalises the FFN output (model/arch.py `post_norm`), not on pre-norm blocks",
+    )
     calibrate_method: Literal["classifier", "lm"] = Field(
         "classifier",
         description="per-layer classifier on the router inputs | all owner rows fitted with the "
@@ -95,8 +99,9 @@ def gate_loss(captured: list[list[torch.Tensor]], target: int) -> torch.Tensor:
 
 
 RECIPES: dict[str, Recipe] = {
-    # flexmoe's default: negatives during training, then the gate calibrated with a public token
-    # routed to the owner costing 4× an owner token routed to the public expert (README)
+    # flexmoe's default: negatives during training, then (post-norm blocks: model/arch.py) the
+    # gate calibrated with a public token routed to the owner costing 4× an owner token routed to
+    # the public expert (README)
     # router_lr_scale 30: at 16 steps × lr 3e-4 the router rows barely move otherwise; with the
     # owner's FFN trained under the gate it is served with (bias "auto": b ≡ 0 on the Mixtral
     # row), SmolLM2's merged model is 1.7% [1.1, 2.4] better on the mean and each domain gives
@@ -109,7 +114,7 @@ RECIPES: dict[str, Recipe] = {
         public_ratio=0.25,
         gate_weight=1.0,
         owner_gate_weight=1.0,
-        calibrate=True,
+        calibrate="auto",
         calibrate_public_weight=4.0,
     ),
     "paper": Recipe(name="paper", bias="clamp", bias_init=0.0, public_ratio=0.0, gate_weight=0.0),
@@ -133,15 +138,17 @@ def make_recipe(name: str, **overrides) -> Recipe:
     return r
 
 
-def for_family(r: Recipe, merge_keeps_bias: bool) -> Recipe:
-    """The recipe an owner trains with on a family: bias "auto" becomes softplus where the merge
-    keeps the owners' biases and b ≡ 0 where it drops them, so the FFN learns under the gate it
-    will be served with (model/arch.py's `router_bias` owns which)."""
-    if r.bias != "auto":
-        return r
-    if merge_keeps_bias:
-        return r.model_copy(update={"bias": "softplus"})
-    return r.model_copy(update={"bias": "none", "bias_init": 0.0})
+def for_family(r: Recipe, family: Family) -> Recipe:
+    """The recipe an owner trains with on a family, the same recipe name on every family:
+    bias "auto" becomes softplus where the merge keeps the owners' biases and b ≡ 0 where it drops
+    them, so the FFN learns under the gate it will be served with (the row's `router_bias`);
+    calibrate "auto" calibrates only where the block normalises the FFN output (`post_norm`)."""
+    update: dict = {}
+    if r.bias == "auto":
+        update = {"bias": "softplus"} if family.router_bias else {"bias": "none", "bias_init": 0.0}
+    if r.calibrate == "auto":
+        update["calibrate"] = family.post_norm
+    return r.model_copy(update=update) if update else r
 
 
 class PublicNegatives:
@@ -431,11 +438,10 @@ def calibrate_gate_classifier(
         b = -F.softplus(beta) if keep_bias else torch.zeros(())
         with torch.no_grad():
             r.weight[OWNER] = w.to(r.weight.dtype)
-            if not keep_bias:
-                pass  # served at b = 0: the stored bias is not the calibration's to change
-            elif parametrize.is_parametrized(r, "bias"):
+            # where the family serves b = 0 the stored bias is not the calibration's to change
+            if keep_bias and parametrize.is_parametrized(r, "bias"):
                 r.parametrizations.bias.original[OWNER] = beta
-            else:
+            elif keep_bias:
                 r.bias[OWNER] = b
             z_own = torch.stack([x_own @ w_pub, x_own @ w + b], -1).softmax(-1)
             z_pub = torch.stack([x_pub @ w_pub, x_pub @ w + b], -1).softmax(-1)

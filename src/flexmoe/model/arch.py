@@ -23,6 +23,15 @@ layer. A row says:
   (public text 4.5%; results/preselect/bias-bpb-scratch.md). Kept on the Qwen3 row (the paper's
   design; not measured). Packages still train and ship the bias: only the merge drops it
   (`merge(router_bias=True)` keeps it).
+- `post_norm`: the block normalises the FFN's output before adding it to the residual stream
+  (OLMo-2's `post_feedforward_layernorm`). flexmoe's recipe calibrates the gate after training
+  (calibration "auto") only on such rows: re-weighting the gate of a pre-norm block changes what
+  the FFN adds to the residual stream, and it measured harmful there (SmolLM2 demo, the classifier
+  calibration: mean held-out BPB +4.5% [+3.5, +5.7]; keeping the owner's own routing: +1.5%
+  [+1.2, +1.9]; the LM-in-the-loop fit: −0.1% [−0.3, +0.2], results/calibration/demo-smollm2*),
+  while on the post-norm scratch anchor it moved public text to the public expert (0.63 → 0.88)
+  and public BPB −3.4% [−4.8, −2.1] at a mean of −0.3% [−0.7, +0.0]
+  (results/calibration/demo-scratch). Qwen3 is pre-norm like Llama (not measured).
 """
 
 from __future__ import annotations
@@ -90,6 +99,7 @@ class Family:
     moe_config: Callable[[PretrainedConfig, int, int], PretrainedConfig]
     renormalize: bool
     router_bias: bool = True
+    post_norm: bool = False
     unsupported: Callable[[PretrainedConfig], str | None] = lambda c: None
     keys: KeyMap = field(default_factory=KeyMap)
 
@@ -165,6 +175,7 @@ FAMILIES: tuple[Family, ...] = (
         FlexOlmoForCausalLM,
         _flexolmo,
         renormalize=False,
+        post_norm=True,
     ),
     Family(
         "Llama / SmolLM / Mistral",
