@@ -286,3 +286,52 @@ def test_training_windows_are_what_training_read(work, anchor_dir, shards, monke
     assert not all(np.array_equal(a, b) for a, b in zip(other, read, strict=True))
     non = random_windows(TokenStream(shards["code/heldout"]), 12, 33, seed=0)
     assert len(non) == 12 and all(len(w) == 33 for w in non)
+
+
+def test_audit_trained_by_rebuilds_what_the_package_read(work, anchor_dir, shards, dp_pkg, capsys):
+    """`audit --trained-by PKG`: members are the windows the package's seeded training read from
+    DATA (checked against the manifest's fingerprint of its training data), or DP-SGD's document
+    prefixes; other data, or a package without the fingerprint, is refused with nothing written."""
+    import shutil
+
+    from flexmoe.lifecycle.expert import shards_sha256, train_expert
+
+    pkg = work / "trained-by"
+    train_expert(
+        anchor_dir, shards["code/train"], pkg, "code", recipe="paper", steps=3, batch_size=4,
+        seq_len=32, seed=5, router_docs=8, overwrite=True,
+    )  # fmt: skip
+    manifest = json.loads((pkg / MANIFEST).read_text())
+    assert manifest["training"]["data_sha256"] == shards_sha256(shards["code/train"])
+    held = shards["code/heldout"]
+    base = ["audit", shards["code/train"], "--model", anchor_dir, "--heldout", held, "--docs", "4"]
+    code, out, err = run_cli([*base, "--trained-by", pkg, "--json", work / "tb.json"], capsys)
+    assert code == 0, err
+    got = json.loads((work / "tb.json").read_text())
+    assert got["members"] == "12 training windows of 33 tokens" and "training windows" in out
+    mem = training_windows(
+        TokenStream(shards["code/train"]), manifest["training"]["hyperparameters"]
+    )
+    non = random_windows(TokenStream(held), 12, 33, seed=0)
+    tok = load_tokenizer(anchor_dir)
+    direct = audit([Audited(str(anchor_dir), load_model(anchor_dir))], tok, mem, non, None, 4)
+    row = got["models"][str(anchor_dir)]
+    assert row["member_loss"] == pytest.approx(direct[str(anchor_dir)]["member_loss"], abs=1e-6)
+    assert row["mia"]["loss"]["auc"] == pytest.approx(direct[str(anchor_dir)]["mia"]["loss"]["auc"])
+
+    code, _, err = run_cli([*base, "--trained-by", dp_pkg, "--json", work / "tb-dp.json"], capsys)
+    assert code == 0, err
+    assert json.loads((work / "tb-dp.json").read_text())["members"].startswith(
+        "documents' first 33"
+    )
+
+    bad = ["audit", shards["public/train"], *base[2:], "--trained-by", pkg, "--json", work / "x"]
+    code, _, err = run_cli(bad, capsys)
+    assert code == 2 and "not the data the package was trained on" in err
+    assert len(err.strip().splitlines()) == 1 and not (work / "x").exists()
+    old = work / "trained-by-old"
+    shutil.copytree(pkg, old, dirs_exist_ok=True)
+    del manifest["training"]["data_sha256"]
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    code, _, err = run_cli([*base, "--trained-by", old, "--json", work / "x"], capsys)
+    assert code == 2 and "no fingerprint of its training data" in err and not (work / "x").exists()

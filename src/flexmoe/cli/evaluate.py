@@ -179,6 +179,14 @@ def report(
 
 def audit_cmd(
     data: Annotated[Path, typer.Argument(help="The owner's training token shards (members).")],
+    trained_by: Annotated[
+        Path | None,
+        typer.Option(
+            help="An expert package trained on DATA: audit on what its training read (the "
+            "seeded run's windows; DP-SGD: documents' first tokens), checked against the "
+            "package's fingerprint of its training data, instead of DATA's documents."
+        ),
+    ] = None,
     models: Annotated[
         list[Path] | None, typer.Option("--model", help="Model dirs to audit (repeatable).")
     ] = None,
@@ -206,10 +214,17 @@ def audit_cmd(
     """Memorisation audit: extraction (the paper's protocol) and membership inference."""
     from flexmoe.data.shards import TokenStream
     from flexmoe.data.tokenizer import load_tokenizer
-    from flexmoe.evaluation.audit import Audited, audit, split_documents, train_control
+    from flexmoe.evaluation.audit import (
+        Audited,
+        audit,
+        split_documents,
+        train_control,
+        trained_on,
+    )
     from flexmoe.selection import expert_mask
     from flexmoe.store.fsutil import guard_file, write_json
     from flexmoe.store.merged import is_merged, load_model
+    from flexmoe.store.package import read_manifest
 
     if not models and not control:
         raise FlexmoeError("give --model (repeatable) and/or --control")
@@ -219,8 +234,13 @@ def audit_cmd(
         raise FlexmoeError("--control needs --reference ANCHOR (the control is trained on it)")
     first = Path((models or [reference])[0])
     tok = load_tokenizer(first)
-    members = split_documents(TokenStream(data))
-    non = split_documents(TokenStream(heldout)) if heldout else None
+    if trained_by is not None:
+        training = read_manifest(trained_by).training.model_dump()
+        members, non, what = trained_on(training, data, heldout, seed)
+    else:
+        members = split_documents(TokenStream(data))
+        non = split_documents(TokenStream(heldout)) if heldout else None
+        what = "its documents"
     targets = []
     for path in models or []:
         m = load_model(path)
@@ -235,14 +255,14 @@ def audit_cmd(
         res |= audit(
             [Audited("overfit control", load_model(merged))],
             tok,
-            ctrl_docs,
-            non,
+            ctrl_docs,  # its members are documents: non-members are held-out documents
+            split_documents(TokenStream(heldout)) if heldout else None,
             ref,
             n_docs=docs,
             seq_len=seq_len,
             seed=seed,
         )
-    table = Table(title=f"memorisation audit: {data}")
+    table = Table(title=f"memorisation audit: {clean(str(data))}; members: {what}")
     for c in ("model", "extracted", "95% CI", "MIA AUC (loss)", "MIA AUC (ref)", "member loss"):
         table.add_column(c, justify="left" if c == "model" else "right")
     for label, r in res.items():
@@ -258,4 +278,4 @@ def audit_cmd(
         )
     out.print(table)
     if json_out is not None:
-        write_json(json_out, {"format": AUDIT_FORMAT, "models": res})
+        write_json(json_out, {"format": AUDIT_FORMAT, "members": what, "models": res})

@@ -22,13 +22,16 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 
 from flexmoe.data.shards import TokenStream, tokenize_to_shards
 from flexmoe.data.tokenizer import load_tokenizer
+from flexmoe.errors import FlexmoeError
 from flexmoe.lifecycle.expert import shards_sha256, train_expert
 from flexmoe.model.router import routing
 from flexmoe.store.fsutil import write_json
@@ -57,6 +60,48 @@ def training_windows(stream: TokenStream, config: dict) -> list[np.ndarray]:
         for micro in range(cfg.grad_accum)
         for s in batch_starts(len(stream), cfg, step, micro)
     ]
+
+
+MAX_WINDOWS = 1 << 20  # what --trained-by rebuilds from a manifest's steps × batch, at most
+
+
+def trained_on(
+    training: dict, data: Path, heldout: Path | None, seed: int = 0
+) -> tuple[list[np.ndarray], list[np.ndarray] | None, str]:
+    """(members, non-members, description) to audit an expert package on what its training read
+    from `data`: the seeded run's windows (DP-SGD: each document's first seq_len + 1 tokens, its
+    privacy unit), after checking `data` is the data it was trained on (the manifest's
+    `data_sha256`); non-members drawn the same way from `heldout` (None without it)."""
+    want = training.get("data_sha256")
+    if not isinstance(want, str):
+        raise FlexmoeError(
+            "--trained-by: the package records no fingerprint of its training data (trained "
+            "before flexmoe recorded one); audit its documents instead (drop --trained-by)"
+        )
+    if shards_sha256(data) != want:
+        raise FlexmoeError(
+            f"--trained-by: {data} is not the data the package was trained on (its sha256 differs "
+            "from the manifest's data_sha256)"
+        )
+    hp = training.get("hyperparameters")
+    try:
+        cfg = TrainConfig(**{k: v for k, v in hp.items() if k in TrainConfig.model_fields})
+    except (AttributeError, TypeError, ValidationError):
+        raise FlexmoeError("--trained-by: the manifest's hyperparameters are not a training "
+                           "configuration") from None  # fmt: skip
+    stream = TokenStream(data)
+    held = TokenStream(heldout) if heldout is not None else None
+    if "dp" in training:
+        first = cfg.seq_len + 1
+        mem = [x[:first] for x in split_documents(stream) if len(x) >= MIN_DOC]
+        non = [x[:first] for x in split_documents(held) if len(x) >= MIN_DOC] if held else None
+        return mem, non, f"documents' first {first} tokens (DP-SGD's privacy unit)"
+    if cfg.steps * cfg.grad_accum * cfg.batch_size > MAX_WINDOWS:
+        raise FlexmoeError(f"--trained-by: the package's training read more than {MAX_WINDOWS:,} "
+                           "windows; too many to rebuild")  # fmt: skip
+    mem = training_windows(stream, cfg.model_dump())
+    non = random_windows(held, len(mem), cfg.seq_len + 1, seed) if held else None
+    return mem, non, f"{len(mem)} training windows of {cfg.seq_len + 1} tokens"
 
 
 def random_windows(stream: TokenStream, n: int, length: int, seed: int = 0) -> list[np.ndarray]:
@@ -210,7 +255,6 @@ def train_control(
     `out` holds one already. Returns (model dir, the member documents)."""
     import json
     import tempfile
-    from pathlib import Path
 
     out = Path(out)
     tok = load_tokenizer(anchor_dir)

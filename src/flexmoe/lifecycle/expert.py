@@ -386,6 +386,9 @@ def train_expert(
                 "method": "the owner's FFN trained as anchor + B·A per matrix (model/lowrank.py)",
             },
             "recipe": rec.describe(),
+            # a fingerprint, not data: lets whoever holds the shards rebuild what training read
+            # (`flexmoe audit --trained-by`), and nobody else learn anything from it
+            "data_sha256": shards_sha256(data),
             "public_data_sha256": (
                 shards_sha256(public) if dp is None and rec.public_ratio > 0 else None
             ),
