@@ -231,6 +231,12 @@ CASES = [
         [*TRAIN, "-o", "{d}/p", "--lr", "nan"],
         "--lr",
     ),
+    Case("expert train without --public", [*TRAIN, "-o", "{d}/p"], "pass --public"),
+    Case(
+        "audit --trained-by, other data",
+        ["audit", "{shards}/public/train", "--model", "{merged}", "--trained-by", "{pkg}"],
+        "--trained-by",
+    ),
     Case(
         "expert train --dp-epsilon 0",
         [*TRAIN, "-o", "{d}/p", "--dp-epsilon", "0"],

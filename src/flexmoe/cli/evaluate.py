@@ -235,8 +235,7 @@ def audit_cmd(
     first = Path((models or [reference])[0])
     tok = load_tokenizer(first)
     if trained_by is not None:
-        training = read_manifest(trained_by).training.model_dump()
-        members, non, what = trained_on(training, data, heldout, seed)
+        members, non, what = trained_on(read_manifest(trained_by), data, heldout, seed)
     else:
         members = split_documents(TokenStream(data))
         non = split_documents(TokenStream(heldout)) if heldout else None
@@ -269,10 +268,11 @@ def audit_cmd(
         e = r["extraction"]
         mia = r.get("mia", {})
 
+        measured = e["documents"] > 0  # members shorter than MIN_DOC: no extraction test
         table.add_row(
             clean(label),
-            f"{e['extracted']}/{e['documents']} ({100 * e['rate']:.1f}%)",
-            f"{100 * e['ci95'][0]:.1f}–{100 * e['ci95'][1]:.1f}%",
+            f"{e['extracted']}/{e['documents']} ({100 * e['rate']:.1f}%)" if measured else "-",
+            f"{100 * e['ci95'][0]:.1f}–{100 * e['ci95'][1]:.1f}%" if measured else "-",
             *(f"{mia[k]['auc']:.3f}" if k in mia else "-" for k in ("loss", "reference")),
             f"{r['member_loss']:.3f}",
         )

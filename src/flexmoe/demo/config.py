@@ -181,15 +181,9 @@ class DemoConfig:
             router_docs=500,
             ablations=True,
             router_tuning=True,
-            ablation_variants=(
-                "random",
-                "hidden",
-                "no-bias",
-                "no-negatives",
-                "no-calibration",
-                "clamp-bias",
-                "z-loss",
-            ),
+            # no "no-bias" / "no-calibration": on this family the recipe already trains with
+            # b ≡ 0 and skips calibration (model/arch.py), so both would repeat the default
+            ablation_variants=("random", "hidden", "no-negatives", "clamp-bias", "z-loss"),
             unrestricted=True,
             eval_tokens=8192,
             eval_bf16=True,

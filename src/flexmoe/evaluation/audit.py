@@ -35,6 +35,7 @@ from flexmoe.errors import FlexmoeError
 from flexmoe.lifecycle.expert import shards_sha256, train_expert
 from flexmoe.model.router import routing
 from flexmoe.store.fsutil import write_json
+from flexmoe.store.package import Manifest, dp_record
 from flexmoe.train.loop import TrainConfig, batch_starts
 
 PREFIX, SUFFIX, SAMPLES, MIN_DOC, THRESHOLD = 32, 32, 10, 128, 0.9
@@ -62,16 +63,17 @@ def training_windows(stream: TokenStream, config: dict) -> list[np.ndarray]:
     ]
 
 
-MAX_WINDOWS = 1 << 20  # what --trained-by rebuilds from a manifest's steps × batch, at most
+MAX_TOKENS = 1 << 27  # what --trained-by rebuilds from a manifest's steps × batch × seq_len
 
 
 def trained_on(
-    training: dict, data: Path, heldout: Path | None, seed: int = 0
+    m: Manifest, data: Path, heldout: Path | None, seed: int = 0
 ) -> tuple[list[np.ndarray], list[np.ndarray] | None, str]:
     """(members, non-members, description) to audit an expert package on what its training read
     from `data`: the seeded run's windows (DP-SGD: each document's first seq_len + 1 tokens, its
     privacy unit), after checking `data` is the data it was trained on (the manifest's
     `data_sha256`); non-members drawn the same way from `heldout` (None without it)."""
+    training = m.training.model_dump()
     want = training.get("data_sha256")
     if not isinstance(want, str):
         raise FlexmoeError(
@@ -89,19 +91,23 @@ def trained_on(
     except (AttributeError, TypeError, ValidationError):
         raise FlexmoeError("--trained-by: the manifest's hyperparameters are not a training "
                            "configuration") from None  # fmt: skip
+    n = cfg.seq_len + 1
     stream = TokenStream(data)
     held = TokenStream(heldout) if heldout is not None else None
-    if "dp" in training:
-        first = cfg.seq_len + 1
-        mem = [x[:first] for x in split_documents(stream) if len(x) >= MIN_DOC]
-        non = [x[:first] for x in split_documents(held) if len(x) >= MIN_DOC] if held else None
-        return mem, non, f"documents' first {first} tokens (DP-SGD's privacy unit)"
-    if cfg.steps * cfg.grad_accum * cfg.batch_size > MAX_WINDOWS:
-        raise FlexmoeError(f"--trained-by: the package's training read more than {MAX_WINDOWS:,} "
-                           "windows; too many to rebuild")  # fmt: skip
+    if dp_record(m) is not None:
+        mem = [x[:n] for x in split_documents(stream) if len(x) >= MIN_DOC]
+        non = [x[:n] for x in split_documents(held) if len(x) >= MIN_DOC] if held else None
+        return mem, non, f"documents' first {n} tokens (DP-SGD's privacy unit)"
+    if cfg.steps * cfg.batch_size * n > MAX_TOKENS:
+        raise FlexmoeError(f"--trained-by: the package's training read more than {MAX_TOKENS:,} "
+                           "tokens; too many to rebuild")  # fmt: skip
+    for what, s in (("DATA", stream), ("--heldout", held)):
+        if s is not None and len(s) <= n:
+            raise FlexmoeError(f"--trained-by: {what} has {len(s)} tokens, fewer than one "
+                               f"training window ({n})")  # fmt: skip
     mem = training_windows(stream, cfg.model_dump())
-    non = random_windows(held, len(mem), cfg.seq_len + 1, seed) if held else None
-    return mem, non, f"{len(mem)} training windows of {cfg.seq_len + 1} tokens"
+    non = random_windows(held, len(mem), n, seed) if held else None
+    return mem, non, f"{len(mem)} training windows of {n} tokens"
 
 
 def random_windows(stream: TokenStream, n: int, length: int, seed: int = 0) -> list[np.ndarray]:

@@ -261,17 +261,17 @@ def train_expert(
     if expires is not None and expires < dt.date.today():
         raise FlexmoeError(f"--consent-expires {expires.isoformat()} is already in the past")
     rec = recipe if isinstance(recipe, Recipe) else make_recipe(recipe)
-    if dp is None and not dense and (rec.public_ratio > 0 or rec.calibrate) and public is None:
-        raise FlexmoeError(
-            f"recipe '{rec.name}' trains the gate on public negatives: pass --public "
-            "(public token shards), or use --recipe paper"
-        )
     for use in allowed_uses or []:
         if use not in USES:
             raise FlexmoeError(f"unknown use '{use}' (choose from {', '.join(USES)})")
     anchor, record, extras = load_anchor(anchor_dir)
     tok = load_tokenizer(anchor_dir)
     rec = for_family(rec, family_of(anchor.config.model_type))
+    if dp is None and not dense and (rec.public_ratio > 0 or rec.calibrate) and public is None:
+        raise FlexmoeError(
+            f"recipe '{rec.name}' trains the gate on public negatives: pass --public "
+            "(public token shards), or use --recipe paper"
+        )
     train_bias = train_bias and rec.bias != "none"
     if not dense:
         overrides.setdefault("router_z_loss", rec.router_z_loss)
