@@ -110,8 +110,9 @@ def test_public_ffn_swaps_the_public_expert_only_and_restores_it(anchor_dir, mer
 
 
 def test_export_keeps_small_files_and_records_the_commit_and_every_stage(tmp_path):
-    """results/ gets the report's small files and RUN.md with the commit read when the run
-    started (passed in) and the wall time of every stage, the ones after the evaluation too."""
+    """results/ gets the report's small files (and the privacy table's), and RUN.md with the
+    commit read when the run started (passed in) and the wall time of every stage, the ones
+    after the evaluation too."""
     from flexmoe.demo.export import export_results
 
     run = tmp_path / "run"
@@ -120,10 +121,15 @@ def test_export_keeps_small_files_and_records_the_commit_and_every_stage(tmp_pat
     (run / "report" / "results.json").write_text(json.dumps({"config": {"out": str(run)}}))
     (run / "report" / "tasks.md").write_text("# tasks\n")
     (run / "report" / "scratch.bin").write_bytes(b"x")
+    (run / "privacy" / "control").mkdir(parents=True)
+    (run / "privacy" / "privacy.md").write_text("# privacy\n")
+    (run / "privacy" / "control" / "model.safetensors").write_bytes(b"x")
     (run / ".anchor.json").write_text(json.dumps({"seconds": 95.0}))
     (run / "tasks" / ".btm.json").write_text(json.dumps({"seconds": 5515.2}))
     dest = export_results(run / "report", tmp_path / "results", "make results PART=3", 60.0, "abc")
     assert (dest / "tasks.md").read_text() == "# tasks\n" and not (dest / "scratch.bin").exists()
+    assert (dest / "privacy" / "privacy.md").read_text() == "# privacy\n"  # the table, no weights
+    assert [p.name for p in (dest / "privacy").iterdir()] == ["privacy.md"]
     md = (dest / "RUN.md").read_text()
     assert "commit abc." in md and "`make results PART=3`" in md and "1.0 min" in md
     assert "| .anchor.json | 95 |" in md and "| tasks/.btm.json | 5,515 |" in md

@@ -14,6 +14,8 @@ from flexmoe.store.fsutil import atomic_dir
 
 # plus every plot (*.png)
 KEPT = ("report.md", "results.json", "tasks.md", "tasks.json", "preselect.md", "preselect.json")
+# the privacy table (scripts/privacy_table.py writes it under <run>/privacy/), when it has run
+PRIVACY = ("privacy.md", "privacy.json", "privacy_utility.png")
 
 
 def code_commit() -> str:
@@ -77,13 +79,20 @@ def export_results(
     total_seconds: float | None = None,
     commit: str | None = None,
 ) -> Path:
-    """Replace dest with report_dir's small files and a RUN.md (atomically; dest is flexmoe's
-    own output, recorded like every other). `commit`: code_commit() from the run's start."""
+    """Replace dest with report_dir's small files, the run's privacy table when it has one, and
+    a RUN.md (atomically; dest is flexmoe's own output, recorded like every other). `commit`:
+    code_commit() from the run's start."""
     results = json.loads((report_dir / "results.json").read_text())
     with atomic_dir(dest, overwrite=True) as tmp:
         for p in sorted(report_dir.iterdir()):
             if p.name in KEPT or p.suffix == ".png":
                 shutil.copy2(p, tmp / p.name)
+        privacy = report_dir.parent / "privacy"
+        if (privacy / "privacy.md").is_file():
+            (tmp / "privacy").mkdir()
+            for name in PRIVACY:
+                if (privacy / name).is_file():
+                    shutil.copy2(privacy / name, tmp / "privacy" / name)
         results["stage_seconds"] = stage_seconds(report_dir.parent)  # the stages after the
         run = run_md(results, command, total_seconds, commit or code_commit())  # evaluation too
         (tmp / "RUN.md").write_text(run)
