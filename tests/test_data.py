@@ -25,6 +25,7 @@ from flexmoe.data.shards import (
     MIN_SHARD_TOKENS,
     TokenStream,
     open_regular,
+    shards_sha256,
     split_text,
     tokenize_to_shards,
 )
@@ -140,6 +141,32 @@ def test_tokenize_streams_across_shards(tmp_path, tok_dir):
     assert np.array_equal(one.window(0, len(one)), many.window(0, len(many)))
     edge = MIN_SHARD_TOKENS - 10
     assert np.array_equal(one.window(edge, 50), many.window(edge, 50))
+
+
+def test_data_fingerprint_is_the_tokens_not_where_they_were_made(tmp_path, tok_dir):
+    """A package's training.data_sha256 (`audit --trained-by` checks it): the same tokens,
+    tokenized from a copy of the raw file in another directory or cut into other shard files,
+    fingerprint alike; one changed token does not."""
+    texts = sample_texts("news", "train", 60) * 5
+    src = write_jsonl(tmp_path / "a" / "n.jsonl", texts)
+    copy = tmp_path / "b" / "elsewhere.jsonl"
+    copy.parent.mkdir()
+    copy.write_bytes(src.read_bytes())
+    tokenize_to_shards([src], tmp_path / "one", tok_dir)
+    tokenize_to_shards([copy], tmp_path / "moved", tok_dir)
+    tokenize_to_shards([src], tmp_path / "many", tok_dir, shard_tokens=MIN_SHARD_TOKENS)
+    assert (tmp_path / "one" / "index.json").read_bytes() != (
+        tmp_path / "moved" / "index.json"
+    ).read_bytes()  # the index records the source's path
+    fp = shards_sha256(tmp_path / "one")
+    assert shards_sha256(tmp_path / "moved") == fp == shards_sha256(tmp_path / "many")
+    shard = tmp_path / "moved" / "shard_00000.bin"
+    raw = bytearray(shard.read_bytes())
+    raw[100] ^= 1
+    shard.write_bytes(bytes(raw))
+    assert shards_sha256(tmp_path / "moved") != fp
+    with pytest.raises(FlexmoeError, match="not a token-shard directory"):
+        shards_sha256(tmp_path / "a")
 
 
 def _long_text() -> str:

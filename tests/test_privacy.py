@@ -294,7 +294,8 @@ def test_audit_trained_by_rebuilds_what_the_package_read(work, anchor_dir, shard
     prefixes; other data, or a package without the fingerprint, is refused with nothing written."""
     import shutil
 
-    from flexmoe.lifecycle.expert import shards_sha256, train_expert
+    from flexmoe.data.shards import shards_sha256
+    from flexmoe.lifecycle.expert import train_expert
 
     pkg = work / "trained-by"
     train_expert(

@@ -516,6 +516,25 @@ def _check_index(path: Path, index: object) -> dict:
     return index
 
 
+def shards_sha256(path: str | Path) -> str:
+    """The fingerprint of what training reads from a token-shard directory: the token stream
+    (every shard's bytes, in order) and the index fields that decide how it is read (dtype, EOS,
+    vocabulary, tokenizer). Not where the raw text lived when it was tokenized nor how the stream
+    is cut into shard files: the same tokens fingerprint alike wherever they were made."""
+    path = Path(path)
+    idx_path = path / INDEX
+    if not idx_path.is_file():
+        raise FlexmoeError(f"not a token-shard directory (no {INDEX}): {path}")
+    index = _check_index(path, read_json(idx_path, f"token-shard index {idx_path}"))
+    head = {k: index[k] for k in ("dtype", "eos_token_id", "vocab_size", "tokenizer_sha256")}
+    h = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
+    for sh in index["shards"]:
+        with open(path / sh["file"], "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
 class TokenStream:
     """Read-only view of a shard directory as one long token array (documents joined by EOS)."""
 

@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from flexmoe.data.shards import TokenStream, tokenize_to_shards
+from flexmoe.data.shards import TokenStream, shards_sha256, tokenize_to_shards
 from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.errors import FlexmoeError
-from flexmoe.lifecycle.expert import shards_sha256, train_expert
+from flexmoe.lifecycle.expert import train_expert
 from flexmoe.model.router import routing
 from flexmoe.store.fsutil import write_json
 from flexmoe.store.package import Manifest, dp_record

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flexmoe.data.shards import TokenStream
+from flexmoe.data.shards import TokenStream, shards_sha256
 from flexmoe.data.tokenizer import load_tokenizer, token_byte_lengths
 from flexmoe.errors import FlexmoeError
 from flexmoe.inference.bpb import evaluate_bpb
@@ -64,7 +64,7 @@ from flexmoe.model.lowrank import low_rank_owner, materialize
 from flexmoe.model.moe import upcycle
 from flexmoe.model.router import routers
 from flexmoe.store.anchor_dir import load_anchor, write_anchor
-from flexmoe.store.fsutil import FILES_RECORD, guard_output, sha256_file
+from flexmoe.store.fsutil import guard_output
 from flexmoe.store.package import (
     MAX_TEXT,
     PROTOTYPES,
@@ -84,18 +84,6 @@ from flexmoe.train.loop import (
     train,
     unshard_for_save,
 )
-
-
-def shards_sha256(path: Path) -> str:
-    """One sha256 over a token-shard directory's files (names and contents)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    files = (p for p in Path(path).rglob("*") if p.is_file() and p.name != FILES_RECORD)
-    for f in sorted(files):
-        h.update(str(f.relative_to(path)).encode())
-        h.update(sha256_file(f).encode())
-    return h.hexdigest()
 
 
 def expert_train_config(**overrides) -> TrainConfig:
