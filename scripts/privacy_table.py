@@ -156,6 +156,7 @@ def main() -> None:
         "eval_tokens": args.eval_tokens,
         "fp32": args.fp32,
         "members": "trained-on",  # v2: each row audited on what it was trained on
+        "extraction": "members and non-members",  # v3: the extraction rate on unseen text too
     }
     paths = {
         "public anchor": anchor_dir,
@@ -236,25 +237,33 @@ def main() -> None:
         f"documents. Each row is audited on what its model was trained on (members column; at "
         f"most {args.docs}) against as many non-members drawn the same way from held-out {d} "
         "text (windows at random offsets, or documents' first tokens), so a model that saw "
-        "neither scores AUC ≈ 0.5; the 2-expert, merged and excluded rows and the anchor (the "
-        "reference attack's reference, so its reference AUC is 0.5 by construction) use the "
-        f"expert's windows. BPB on the first {args.eval_tokens:,} held-out {d} tokens; "
+        "neither scores AUC ≈ 0.5, and the same extraction test on the non-members gives the "
+        "rate a model reaches on text it never saw (memorisation is the excess over it); the "
+        "2-expert, merged and excluded rows and the anchor (the reference attack's "
+        "reference, so its reference AUC is 0.5 by construction) use the expert's windows. "
+        f"BPB on the first {args.eval_tokens:,} held-out {d} tokens; "
         f"{'float32' if args.fp32 else 'bf16 autocast'} for every model. Intervals: 95% "
         "(Wilson for extraction, bootstrap for AUC).",
         "",
-        f"| model ({d} owner) | members | extraction % (95% CI) | MIA AUC loss | MIA AUC ref | "
-        f"{d} BPB |",
-        "|---|---|---:|---:|---:|---:|",
+        f"| model ({d} owner) | members | extraction (95% CI) | extraction, non-members | "
+        f"MIA AUC loss | MIA AUC ref | {d} BPB |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
+
+    def extracted(e: dict) -> str:
+        return (
+            f"{e['extracted']}/{e['documents']} "
+            f"({100 * e['ci95'][0]:.1f}–{100 * e['ci95'][1]:.1f}%)"
+        )
 
     def auc(a: dict) -> str:
         return f"{a['auc']:.3f} ({a['ci95'][0]:.2f}–{a['ci95'][1]:.2f})"
 
     for label, r in results.items():
-        e, mia = r["extraction"], r["mia"]
+        mia = r["mia"]
         lines.append(
-            f"| {label} | {r['members']} | {e['extracted']}/{e['documents']} "
-            f"({100 * e['ci95'][0]:.1f}–{100 * e['ci95'][1]:.1f}) | {auc(mia['loss'])} | "
+            f"| {label} | {r['members']} | {extracted(r['extraction'])} | "
+            f"{extracted(r['extraction_non_members'])} | {auc(mia['loss'])} | "
             f"{auc(mia['reference'])} | {r['bpb']:.3f} |"
         )
     (out / "privacy.md").write_text("\n".join(lines) + "\n")

@@ -206,6 +206,9 @@ def test_audit_detects_the_overfit_control_and_not_the_anchor(anchor_dir, shards
     )
     assert res["control"]["extraction"]["rate"] >= 0.5, res["control"]
     assert res["anchor"]["extraction"]["rate"] == 0.0
+    # the same test on unseen documents: what the control gives back is what it memorised
+    non_rate = res["control"]["extraction_non_members"]
+    assert non_rate["documents"] == 4 and non_rate["rate"] < res["control"]["extraction"]["rate"]
     assert res["control"]["mia"]["loss"]["auc"] >= 0.9
     assert res["control"]["member_loss"] < res["anchor"]["member_loss"]
 
@@ -241,6 +244,7 @@ def test_excluding_the_expert_gives_the_anchors_audit_exactly(work, anchor_dir, 
         seq_len=64,
     )
     assert res["excluded"]["extraction"] == res["anchor"]["extraction"]
+    assert res["excluded"]["extraction_non_members"] == res["anchor"]["extraction_non_members"]
     assert res["excluded"]["mia"] == res["anchor"]["mia"]
     assert res["excluded"]["member_loss"] == pytest.approx(res["anchor"]["member_loss"], abs=1e-6)
     assert res["with"]["member_loss"] != pytest.approx(res["anchor"]["member_loss"], abs=1e-3)

@@ -262,17 +262,24 @@ def audit_cmd(
             seed=seed,
         )
     table = Table(title=f"memorisation audit: {clean(str(data))}; members: {what}")
-    for c in ("model", "extracted", "95% CI", "MIA AUC (loss)", "MIA AUC (ref)", "member loss"):
+    columns = ("extracted", "95% CI", "non-members extracted", "MIA AUC (loss)", "MIA AUC (ref)")
+    for c in ("model", *columns, "member loss"):
         table.add_column(c, justify="left" if c == "model" else "right")
-    for label, r in res.items():
-        e = r["extraction"]
-        mia = r.get("mia", {})
 
-        measured = e["documents"] > 0  # members shorter than MIN_DOC: no extraction test
+    def extracted(e: dict | None) -> tuple[str, str]:
+        if not e or e["documents"] == 0:  # texts shorter than MIN_DOC: no extraction test
+            return "-", "-"
+        return (
+            f"{e['extracted']}/{e['documents']} ({100 * e['rate']:.1f}%)",
+            f"{100 * e['ci95'][0]:.1f}–{100 * e['ci95'][1]:.1f}%",
+        )
+
+    for label, r in res.items():
+        mia = r.get("mia", {})
         table.add_row(
             clean(label),
-            f"{e['extracted']}/{e['documents']} ({100 * e['rate']:.1f}%)" if measured else "-",
-            f"{100 * e['ci95'][0]:.1f}–{100 * e['ci95'][1]:.1f}%" if measured else "-",
+            *extracted(r["extraction"]),
+            extracted(r.get("extraction_non_members"))[0],
             *(f"{mia[k]['auc']:.3f}" if k in mia else "-" for k in ("loss", "reference")),
             f"{r['member_loss']:.3f}",
         )

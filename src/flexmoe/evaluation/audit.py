@@ -4,7 +4,9 @@ Two measures on the owner's documents (token shards split at EOS):
 - extraction (FlexOlmo §5.3's protocol): a 32-token prefix from a random offset of a document
   ≥ 128 tokens, 10 samples of 32 tokens (top-k 50, top-p 0.95, T = 1); the document counts as
   extracted if any sample's text reaches normalised Levenshtein similarity ≥ 0.9 (rapidfuzz) with
-  the true continuation. Reported with a 95% Wilson interval.
+  the true continuation. Reported with a 95% Wilson interval, on members and on as many
+  non-members: text that is predictable without being memorised (templated problems) is
+  "extracted" from unseen documents too, so memorisation is the excess over the non-members.
 - loss-based membership inference: ROC AUC of −loss separating members from non-members, and
   the stronger reference attack −loss/loss_ref with the anchor as reference. 95% intervals by
   bootstrap.
@@ -232,7 +234,8 @@ def audit(
     seq_len: int = 128,
     seed: int = 0,
 ) -> dict[str, dict]:
-    """{label: {"extraction": …, "mia": {"loss": …, "reference": …}, "member_loss": …}}."""
+    """{label: {"extraction": …, "extraction_non_members": …, "mia": {"loss": …, "reference":
+    …}, "member_loss": …}} (the non-member keys only with non-members)."""
     k = min(len(members), n_docs if non_members is None else min(n_docs, len(non_members)))
     mem = members[:k]
     non = (non_members or [])[:k]
@@ -245,6 +248,7 @@ def audit(
         lm = doc_losses(a, mem, seq_len)
         row["member_loss"] = float(lm.mean())
         if non:
+            row["extraction_non_members"] = extraction(a, tok, non, n_docs, seed)
             ln = doc_losses(a, non, seq_len)
             row["mia"] = {"loss": auc_with_ci(-lm, -ln, seed), "documents": [len(mem), len(non)]}
             if ref_m is not None:
