@@ -251,6 +251,8 @@ def main() -> None:
     ]
 
     def extracted(e: dict) -> str:
+        if e["documents"] == 0:  # no text of ≥ MIN_DOC tokens: no extraction test
+            return "-"
         return (
             f"{e['extracted']}/{e['documents']} "
             f"({100 * e['ci95'][0]:.1f}–{100 * e['ci95'][1]:.1f}%)"

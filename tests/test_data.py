@@ -167,6 +167,9 @@ def test_data_fingerprint_is_the_tokens_not_where_they_were_made(tmp_path, tok_d
     assert shards_sha256(tmp_path / "moved") != fp
     with pytest.raises(FlexmoeError, match="not a token-shard directory"):
         shards_sha256(tmp_path / "a")
+    shard.write_bytes(bytes(raw) + b"\0\0")  # bytes past the declared tokens: a bad index
+    with pytest.raises(FlexmoeError, match="does not match"):
+        shards_sha256(tmp_path / "moved")
 
 
 def _long_text() -> str:

@@ -340,3 +340,7 @@ def test_audit_trained_by_rebuilds_what_the_package_read(work, anchor_dir, shard
     (old / MANIFEST).write_text(json.dumps(manifest))
     code, _, err = run_cli([*base, "--trained-by", old, "--json", work / "x"], capsys)
     assert code == 2 and "no fingerprint of its training data" in err and not (work / "x").exists()
+    manifest["training"]["data_sha256"] = "0" * 64  # the format before "tokens-v1:"
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    code, _, err = run_cli([*base, "--trained-by", old, "--json", work / "x"], capsys)
+    assert code == 2 and "older format" in err and not (work / "x").exists()

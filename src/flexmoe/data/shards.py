@@ -516,11 +516,15 @@ def _check_index(path: Path, index: object) -> dict:
     return index
 
 
+FINGERPRINT = "tokens-v1:"  # shards_sha256's format; an earlier one hashed the index file
+
+
 def shards_sha256(path: str | Path) -> str:
-    """The fingerprint of what training reads from a token-shard directory: the token stream
-    (every shard's bytes, in order) and the index fields that decide how it is read (dtype, EOS,
-    vocabulary, tokenizer). Not where the raw text lived when it was tokenized nor how the stream
-    is cut into shard files: the same tokens fingerprint alike wherever they were made."""
+    """The fingerprint of what training reads from a token-shard directory ("tokens-v1:" + a
+    sha256): the token stream (every shard's declared tokens, in order) and the index fields that
+    decide how it is read (dtype, EOS, vocabulary, tokenizer). Not where the raw text lived when
+    it was tokenized nor how the stream is cut into shard files: the same tokens fingerprint
+    alike wherever they were made."""
     path = Path(path)
     idx_path = path / INDEX
     if not idx_path.is_file():
@@ -528,11 +532,19 @@ def shards_sha256(path: str | Path) -> str:
     index = _check_index(path, read_json(idx_path, f"token-shard index {idx_path}"))
     head = {k: index[k] for k in ("dtype", "eos_token_id", "vocab_size", "tokenizer_sha256")}
     h = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
+    itemsize = np.dtype(index["dtype"]).itemsize
     for sh in index["shards"]:
-        with open(path / sh["file"], "rb") as f:
-            while block := f.read(1 << 20):
-                h.update(block)
-    return h.hexdigest()
+        f, left = path / sh["file"], sh["tokens"] * itemsize
+        try:
+            with open_regular(f) as fh:
+                while left and (block := fh.read(min(left, 1 << 20))):
+                    h.update(block)
+                    left -= len(block)
+        except OSError as e:
+            raise FlexmoeError(f"{f}: cannot read ({e.strerror or e})") from None
+        if left:
+            raise FlexmoeError(f"{f}: shorter than its {sh['tokens']} tokens")
+    return FINGERPRINT + h.hexdigest()
 
 
 class TokenStream:

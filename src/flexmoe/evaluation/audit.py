@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from flexmoe.data.shards import TokenStream, shards_sha256, tokenize_to_shards
+from flexmoe.data.shards import FINGERPRINT, TokenStream, shards_sha256, tokenize_to_shards
 from flexmoe.data.tokenizer import load_tokenizer
 from flexmoe.errors import FlexmoeError
 from flexmoe.lifecycle.expert import train_expert
@@ -81,6 +81,11 @@ def trained_on(
         raise FlexmoeError(
             "--trained-by: the package records no fingerprint of its training data (trained "
             "before flexmoe recorded one); audit its documents instead (drop --trained-by)"
+        )
+    if not want.startswith(FINGERPRINT):
+        raise FlexmoeError(
+            "--trained-by: the package records its training data's fingerprint in an older "
+            "format; audit its documents instead (drop --trained-by) or retrain it"
         )
     if shards_sha256(data) != want:
         raise FlexmoeError(
@@ -248,7 +253,7 @@ def audit(
         lm = doc_losses(a, mem, seq_len)
         row["member_loss"] = float(lm.mean())
         if non:
-            row["extraction_non_members"] = extraction(a, tok, non, n_docs, seed)
+            row["extraction_non_members"] = extraction(a, tok, non_members, n_docs, seed)
             ln = doc_losses(a, non, seq_len)
             row["mia"] = {"loss": auc_with_ci(-lm, -ln, seed), "documents": [len(mem), len(non)]}
             if ref_m is not None:
