@@ -526,10 +526,7 @@ def shards_sha256(path: str | Path) -> str:
     it was tokenized nor how the stream is cut into shard files: the same tokens fingerprint
     alike wherever they were made."""
     path = Path(path)
-    idx_path = path / INDEX
-    if not idx_path.is_file():
-        raise FlexmoeError(f"not a token-shard directory (no {INDEX}): {path}")
-    index = _check_index(path, read_json(idx_path, f"token-shard index {idx_path}"))
+    index = TokenStream(path).index  # the index checked against the shard files' sizes
     head = {k: index[k] for k in ("dtype", "eos_token_id", "vocab_size", "tokenizer_sha256")}
     h = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
     itemsize = np.dtype(index["dtype"]).itemsize
