@@ -184,3 +184,25 @@ def test_unrestricted_moe_and_no_coordination_package(work, anchor_dir, shards):
     package_from_dense(anchor_dir, dense, shards["code/train"], pkg, "code", router_docs=4)
     man, _ = verify_package(pkg, rec, extras, anchor.config)
     assert man.router_init == "domain"
+
+
+def test_unrestricted_moe_resumes_where_it_stopped(work, anchor_dir, shards):
+    """The results run's longest stage spans sessions: stopped after a checkpoint, the same call
+    continues from it and writes what the uninterrupted run writes; the checkpoints go after."""
+    from safetensors.torch import load_file
+
+    from flexmoe.lifecycle.baselines import train_unrestricted
+
+    kw = dict(router_docs=4, steps=4, batch_size=4, seq_len=32, warmup=1, ckpt_every=2)
+    data = {"code": shards["code/train"]}
+    whole, parts = work / "u-whole", work / "u-parts"
+    assert train_unrestricted(anchor_dir, data, whole, **kw)["resumed_from_step"] == 0
+    res = train_unrestricted(anchor_dir, data, parts, stop_after=3, **kw)
+    assert res.get("stopped") and not parts.exists()  # nothing half-trained is written
+    assert (work / "u-parts.train" / "checkpoints").is_dir()
+    assert train_unrestricted(anchor_dir, data, parts, **kw)["resumed_from_step"] == 2
+    a, b = load_file(whole / "model.safetensors"), load_file(parts / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (work / "u-parts.train" / "checkpoints").exists()
+    meta = json.loads((parts / "flexmoe_merged.json").read_text())
+    assert "stop_after" not in meta["unrestricted"]["config"]

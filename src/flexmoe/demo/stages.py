@@ -351,12 +351,13 @@ def train_ablations(cfg: DemoConfig, paths: dict[str, Path], tokens: Path) -> di
     run_stage(
         root / ".unrestricted.json",
         {"anchor": anchor_fp, "domains": cfg.domains, **u_common, "v": 1},
-        lambda: train_unrestricted(
+        lambda: train_unrestricted(  # a checkpoint per expert's worth of steps: it resumes
             anchor,
             {d: tokens / d / "train" for d in cfg.domains},
             root / "unrestricted",
             router_docs=cfg.router_docs,
             lr=cfg.expert_lr,
+            ckpt_every=cfg.expert_steps,
             **u_common,
         ),
         f"reference 'unrestricted MoE': all {n} closed sets pooled, {n}× an expert's tokens",

@@ -30,7 +30,13 @@ from flexmoe.store.anchor_dir import load_anchor
 from flexmoe.store.merged import save_merged
 from flexmoe.store.package import tensor_sha256, write_package
 from flexmoe.store.records import library_versions
-from flexmoe.train.loop import train
+from flexmoe.train.loop import (
+    can_resume,
+    checkpoint_state,
+    drop_checkpoints,
+    latest_checkpoint,
+    train,
+)
 
 
 @torch.no_grad()
@@ -157,12 +163,12 @@ def package_from_dense(anchor_dir, dense_dir, data, out, name: str, router_docs:
     return write_package(Path(out), tensors, manifest)
 
 
-def train_unrestricted(
-    anchor_dir, data: dict, out, router_docs: int = 200, restart: bool = True, **overrides
-):
+def train_unrestricted(anchor_dir, data: dict, out, router_docs: int = 200, **overrides):
     """Unrestricted MoE: the anchor upcycled to 1+N experts (domain-initialised router rows) and
     trained on ALL data jointly, every parameter free. The real setting forbids it (data would
-    have to be pooled); it is the upper-bound reference. `data` maps expert name → shard dir."""
+    have to be pooled); it is the upper-bound reference. `data` maps expert name → shard dir.
+    It is the longest stage of a results run: with `ckpt_every` set, a run stopped part-way
+    continues from its last checkpoint when the settings are the same (else it starts again)."""
     from pathlib import Path
 
     anchor, record, extras = load_anchor(anchor_dir)
@@ -179,16 +185,22 @@ def train_unrestricted(
     model.requires_grad_(True)
     cfg = expert_train_config(**overrides)
     stream = TokenStream.concat(list(data.values()))
+    train_dir = Path(str(out) + ".train")
+    resume = can_resume(train_dir, cfg)
+    start = checkpoint_state(latest_checkpoint(train_dir), cfg)["step"] if resume else 0
     result = train(
         model,
         stream,
         cfg,
-        Path(str(out) + ".train"),
+        train_dir,
         post_step=project_bias,
         token_bytes=token_byte_lengths(tok),
         progress_label="unrestricted MoE",
-        restart=restart,
+        resume=resume,
+        restart=not resume,
     )
+    if result.get("stopped"):
+        return result
     meta = {
         "format": "flexmoe-merged",
         "schema_version": 1,
@@ -200,9 +212,10 @@ def train_unrestricted(
         "unrestricted": {
             "tokens": result["tokens"],
             "steps": result["step"],
-            "config": cfg.model_dump(),
+            "config": cfg.model_dump(exclude={"stop_after"}),
         },
         "libraries": library_versions(),
     }
     save_merged(Path(out), model, tok, meta, [])
-    return result
+    drop_checkpoints(train_dir)
+    return {**result, "resumed_from_step": start}

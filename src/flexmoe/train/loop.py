@@ -235,6 +235,19 @@ def drop_checkpoints(out: Path) -> None:
         shutil.rmtree(out / CKPT_DIR, ignore_errors=True)
 
 
+def can_resume(out: str | Path, cfg: TrainConfig) -> bool:
+    """Whether `out` holds a checkpoint that a run with `cfg` may continue (same settings): a
+    long stage of a multi-session run resumes instead of starting again."""
+    ckpt = latest_checkpoint(Path(out))
+    if ckpt is None:
+        return False
+    try:
+        checkpoint_state(ckpt, cfg)
+    except FlexmoeError:
+        return False
+    return True
+
+
 def checkpoint_state(path: Path, cfg: TrainConfig) -> dict:
     """state.json of a checkpoint, refusing a resume whose settings differ from the run's."""
 
