@@ -206,3 +206,23 @@ def test_unrestricted_moe_resumes_where_it_stopped(work, anchor_dir, shards):
     assert not (work / "u-parts.train" / "checkpoints").exists()
     meta = json.loads((parts / "flexmoe_merged.json").read_text())
     assert "stop_after" not in meta["unrestricted"]["config"]
+
+
+def test_unrestricted_moe_in_the_papers_form_pools_public_data(work, anchor_dir, shards):
+    """The paper pools all data, the public split included, without adding an expert for it:
+    the experts stay public + owners, the data differ, so the weights do."""
+    from safetensors.torch import load_file
+
+    from flexmoe.lifecycle.baselines import train_unrestricted
+    from flexmoe.store.merged import load_merged
+
+    kw = dict(router_docs=4, steps=2, batch_size=4, seq_len=32, warmup=1)
+    data = {"code": shards["code/train"]}
+    owners, everything = work / "u-owners", work / "u-all"
+    train_unrestricted(anchor_dir, data, owners, **kw)
+    train_unrestricted(anchor_dir, data, everything, pool={"public": shards["public/train"]}, **kw)
+    assert experts_of(load_merged(everything)).names == ["public", "code"]
+    meta = json.loads((everything / "flexmoe_merged.json").read_text())
+    assert meta["unrestricted"]["pool"] == ["code", "public"]
+    a, b = load_file(owners / "model.safetensors"), load_file(everything / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)

@@ -42,7 +42,7 @@ class DemoConfig:
     rt_steps: int = 40
     rt_selection: str = "relevance"  # proxy selection (router_tune.SELECTIONS)
     ablation_variants: tuple[str, ...] = ("random", "hidden")  # + "no-bias" in --full
-    unrestricted: bool = False  # the unrestricted-MoE reference (--full)
+    unrestricted: bool = False  # the unrestricted-MoE references, both pools (--full)
     control: bool = False  # the anchor continued on the public split with one expert's budget
     prompt: str = "def fibonacci(n):"
     gen_exclude: str | None = None  # the expert excluded in the report's second generation
@@ -134,7 +134,8 @@ class DemoConfig:
         (their stages and evaluation rows are reused):
           1: flexmoe-recipe experts, dense experts, control, merge, held-out evaluation;
           2: + the paper recipe's experts, the unrestricted MoE (same training tokens as all
-             experts together), the no-coordination ablation and router tuning;
+             experts together; the owners' data pooled, and in the paper's form with the public
+             split pooled too), the no-coordination ablation and router tuning;
           3: + downstream tasks (the paper's Table-1 form) for the anchor, the merged model, the
              soup and BTM, 64 documents per task, bf16 autocast like the held-out evaluation;
           4: + the tasks of the merged model with each expert excluded."""

@@ -152,7 +152,12 @@ CLAIMS = {
     ),
     iv.UNRESTRICTED: (
         "The merged model beats a standard MoE trained on the pooled data without restrictions "
-        "(the unrestricted MoE: the same training tokens as all experts together)"
+        "(the unrestricted MoE: the owners' data pooled, the same training tokens as all "
+        "experts together)"
+    ),
+    iv.UNRESTRICTED_ALL: (
+        "The merged model beats the unrestricted MoE in the paper's form (all data pooled, the "
+        "public split included; the same training tokens as all experts together)"
     ),
     iv.PAPER: (
         "flexmoe's recipe beats the paper's (the merged model of the paper recipe's experts, "

@@ -281,7 +281,8 @@ def merge_stage(
 def train_ablations(cfg: DemoConfig, paths: dict[str, Path], tokens: Path) -> dict[str, Path]:
     """Merged models of the ablations, each from the same anchor and data budget: random or
     hidden-state router init, experts trained without the bias, no coordinated training
-    (dense experts' FFNs), and the unrestricted MoE trained on all closed data jointly."""
+    (dense experts' FFNs), and the unrestricted MoE trained on all closed data jointly (with and
+    without the public split in its pool)."""
     root = cfg.out / "ablations"
     anchor = paths["anchor"]
     anchor_fp = json.loads((anchor / "flexmoe_anchor.json").read_text())["fingerprint"]
@@ -346,22 +347,35 @@ def train_ablations(cfg: DemoConfig, paths: dict[str, Path], tokens: Path) -> di
     if not cfg.unrestricted:
         return merged
     n = len(cfg.domains)
-    merged["unrestricted MoE (joint data)"] = root / "unrestricted"
     u_common = {**common, "steps": cfg.expert_steps * n, "warmup": cfg.expert_warmup * n}
-    run_stage(
-        root / ".unrestricted.json",
-        {"anchor": anchor_fp, "domains": cfg.domains, **u_common, "v": 1},
-        lambda: train_unrestricted(  # a checkpoint per expert's worth of steps: it resumes
-            anchor,
-            {d: tokens / d / "train" for d in cfg.domains},
-            root / "unrestricted",
-            router_docs=cfg.router_docs,
-            lr=cfg.expert_lr,
-            ckpt_every=cfg.expert_steps,
-            **u_common,
+    owners = {d: tokens / d / "train" for d in cfg.domains}
+    # flexmoe's: the owners' data pooled; the paper's: all data, the public split included
+    for label, v, pool, what in (
+        ("unrestricted MoE (joint data)", "", {}, f"all {n} closed sets pooled"),
+        (
+            "unrestricted MoE (joint data + public)",
+            "-public",
+            {PUBLIC: tokens / PUBLIC / "train"},
+            f"the public split and all {n} closed sets pooled (the paper's)",
         ),
-        f"reference 'unrestricted MoE': all {n} closed sets pooled, {n}× an expert's tokens",
-    )
+    ):
+        merged[label] = root / f"unrestricted{v}"
+        run_stage(
+            root / f".unrestricted{v}.json",
+            {"anchor": anchor_fp, "domains": cfg.domains, **u_common, "v": 1}
+            | ({"pool": list(pool)} if pool else {}),  # the first one's marker is unchanged
+            lambda out=merged[label], pool=pool: train_unrestricted(
+                anchor,  # a checkpoint per expert's worth of steps: a stopped run resumes
+                owners,
+                out,
+                router_docs=cfg.router_docs,
+                pool=pool,
+                lr=cfg.expert_lr,
+                ckpt_every=cfg.expert_steps,
+                **u_common,
+            ),
+            f"reference 'unrestricted MoE': {what}, {n}× an expert's tokens",
+        )
     return merged
 
 

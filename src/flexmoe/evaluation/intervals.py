@@ -190,6 +190,7 @@ CONTROL = "control: anchor continued on public"
 CONTROL_MERGED = "FlexOlmo merged, public expert = control"
 PAPER = "FlexOlmo merged (paper recipe)"
 UNRESTRICTED = "ablation: unrestricted MoE (joint data)"
+UNRESTRICTED_ALL = "ablation: unrestricted MoE (joint data + public)"
 BASELINES = (
     ANCHOR,
     "model soup (uniform)",
@@ -197,6 +198,7 @@ BASELINES = (
     "BTM (top-2 ensemble)",
     CONTROL,
     UNRESTRICTED,
+    UNRESTRICTED_ALL,
     PAPER,
 )
 PAIRS = ((CONTROL_MERGED, CONTROL),)  # other paired comparisons the report reads: A − B

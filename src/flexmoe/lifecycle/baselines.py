@@ -163,10 +163,14 @@ def package_from_dense(anchor_dir, dense_dir, data, out, name: str, router_docs:
     return write_package(Path(out), tensors, manifest)
 
 
-def train_unrestricted(anchor_dir, data: dict, out, router_docs: int = 200, **overrides):
+def train_unrestricted(
+    anchor_dir, data: dict, out, router_docs: int = 200, pool: dict | None = None, **overrides
+):
     """Unrestricted MoE: the anchor upcycled to 1+N experts (domain-initialised router rows) and
     trained on ALL data jointly, every parameter free. The real setting forbids it (data would
-    have to be pooled); it is the upper-bound reference. `data` maps expert name → shard dir.
+    have to be pooled); it is the upper-bound reference. `data` maps expert name → shard dir;
+    `pool` (name → shard dir) adds data to the training stream without an expert of its own
+    (the public data, whose expert is the anchor's FFN: the paper pools it too).
     It is the longest stage of a results run: with `ckpt_every` set, a run stopped part-way
     continues from its last checkpoint when the settings are the same (else it starts again)."""
     from pathlib import Path
@@ -184,7 +188,8 @@ def train_unrestricted(anchor_dir, data: dict, out, router_docs: int = 200, **ov
             r.weight.copy_(torch.stack([x[i] for x in rows]))
     model.requires_grad_(True)
     cfg = expert_train_config(**overrides)
-    stream = TokenStream.concat(list(data.values()))
+    pool = pool or {}
+    stream = TokenStream.concat([*data.values(), *pool.values()])
     train_dir = Path(str(out) + ".train")
     resume = can_resume(train_dir, cfg)
     start = checkpoint_state(latest_checkpoint(train_dir), cfg)["step"] if resume else 0
@@ -212,6 +217,7 @@ def train_unrestricted(anchor_dir, data: dict, out, router_docs: int = 200, **ov
         "unrestricted": {
             "tokens": result["tokens"],
             "steps": result["step"],
+            "pool": [*data, *pool],
             "config": cfg.model_dump(exclude={"stop_after"}),
         },
         "libraries": library_versions(),
