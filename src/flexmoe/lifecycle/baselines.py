@@ -30,13 +30,7 @@ from flexmoe.store.anchor_dir import load_anchor
 from flexmoe.store.merged import save_merged
 from flexmoe.store.package import tensor_sha256, write_package
 from flexmoe.store.records import library_versions
-from flexmoe.train.loop import (
-    can_resume,
-    checkpoint_state,
-    drop_checkpoints,
-    latest_checkpoint,
-    train,
-)
+from flexmoe.train.loop import drop_checkpoints, resumable_step, train
 
 
 @torch.no_grad()
@@ -191,8 +185,8 @@ def train_unrestricted(
     pool = pool or {}
     stream = TokenStream.concat([*data.values(), *pool.values()])
     train_dir = Path(str(out) + ".train")
-    resume = can_resume(train_dir, cfg)
-    start = checkpoint_state(latest_checkpoint(train_dir), cfg)["step"] if resume else 0
+    start = resumable_step(train_dir, cfg)
+    resume = start is not None
     result = train(
         model,
         stream,
@@ -224,4 +218,4 @@ def train_unrestricted(
     }
     save_merged(Path(out), model, tok, meta, [])
     drop_checkpoints(train_dir)
-    return {**result, "resumed_from_step": start}
+    return {**result, "resumed_from_step": start or 0}

@@ -235,17 +235,17 @@ def drop_checkpoints(out: Path) -> None:
         shutil.rmtree(out / CKPT_DIR, ignore_errors=True)
 
 
-def can_resume(out: str | Path, cfg: TrainConfig) -> bool:
-    """Whether `out` holds a checkpoint that a run with `cfg` may continue (same settings): a
-    long stage of a multi-session run resumes instead of starting again."""
+def resumable_step(out: str | Path, cfg: TrainConfig) -> int | None:
+    """The step of the checkpoint under `out` that a run with `cfg` may continue (same
+    settings), else None: a long stage of a multi-session run resumes instead of starting
+    again."""
     ckpt = latest_checkpoint(Path(out))
     if ckpt is None:
-        return False
+        return None
     try:
-        checkpoint_state(ckpt, cfg)
+        return checkpoint_state(ckpt, cfg)["step"]
     except FlexmoeError:
-        return False
-    return True
+        return None
 
 
 def checkpoint_state(path: Path, cfg: TrainConfig) -> dict:
